@@ -1,0 +1,225 @@
+"""Base direction rules: the d_t that CAM-HD's learned step size multiplies (spec §2).
+
+A base rule owns the base optimizer's state (moments, momentum buffers) and turns gradients into a
+direction ``d_t``; the CAM-HD layer (:mod:`hf_camhd.optim.camhd`) then moves
+``θ_t = θ_{t-1} − s_t κ_t ⊙ d_t``. Adding another base (RAdam, AdaBound, Lion) means writing one
+:class:`BaseRule` subclass with a reference (per-tensor) and a foreach (multi-tensor) method that
+agree, and one optimizer class that picks it.
+
+* SGD: ``d = g`` (+ ``λθ`` with L2 weight decay); momentum ``b = μ b + (1 − dampening) g``, ``d = b``;
+  Nesterov ``d = g + μ b``. Matches ``torch.optim.SGD``.
+* Adam: ``m̂ / (sqrt(v̂) + ε)`` with L2 decay folded into ``g`` (``torch.optim.Adam``);
+  AdamW adds ``λθ_{t-1}`` to ``d`` (decoupled decay; ``torch.optim.AdamW``). ``amsgrad`` as in torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Directions:
+    """What a base rule returns: one direction per tensor, and whether each is a fresh tensor the
+    optimizer may keep (``False`` when it aliases a gradient or a state buffer).
+
+    ``scale`` (foreach rules only) says the true direction is ``scale[i] · d[i]`` — a per-tensor
+    constant such as Adam's bias correction, folded into the step size instead of costing a pass.
+    With decoupled weight decay the true direction is ``scale · q + decay · θ`` (and ``d`` holds it
+    divided by ``scale``), so the update can apply the decay multiplicatively,
+    ``θ ← θ (1 − sκλ) − sκ · scale · q``, rounded as torch's AdamW.
+    """
+
+    d: list[Tensor]
+    owned: list[bool]
+    q: list[Tensor] | None = None
+    decay: float = 0.0
+    scale: list[float] | None = None
+
+
+class BaseRule:
+    """Interface of a base direction rule. Subclasses set ``name`` and ``state_keys``."""
+
+    name: str = "base"
+    state_keys: tuple[str, ...] = ()
+
+    def init_state(self, p: Tensor, state: dict, group: dict) -> None:
+        """Create the rule's per-parameter state if absent (called lazily, at the first step)."""
+
+    def directions(self, params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
+                   *, foreach: bool, out: list[Tensor | None] | None = None) -> Directions:
+        """Update the base state and return the directions ``d_t`` (in the parameters' dtype).
+
+        ``out`` (foreach only) offers a free buffer per tensor (``None`` where there is none) that the
+        rule writes ``d`` into instead of allocating — no model-sized temporaries in the step.
+        """
+        if foreach:
+            return self.directions_foreach(params, grads, states, group, out)
+        out = [self.direction_reference(p, g, s, group) for p, g, s in zip(params, grads, states)]
+        decay = self.decoupled_decay(group)
+        if decay:
+            q = [d for d, _ in out]
+            return Directions([d.add(p, alpha=decay) for d, p in zip(q, params)], [True] * len(q), q, decay)
+        return Directions([d for d, _ in out], [o for _, o in out])
+
+    def decoupled_decay(self, group: dict) -> float:
+        """λ of a decay term ``λθ`` that is part of ``d`` but not of the reference direction (AdamW)."""
+        return 0.0
+
+    def direction_reference(self, p: Tensor, g: Tensor, state: dict, group: dict) -> tuple[Tensor, bool]:
+        """One tensor's direction (without any decoupled decay) and whether it is a fresh tensor."""
+        raise NotImplementedError
+
+    def directions_foreach(self, params, grads, states, group, out=None) -> Directions:
+        raise NotImplementedError
+
+
+class SGDRule(BaseRule):
+    """``torch.optim.SGD``'s direction: plain, momentum (with dampening) or Nesterov, L2 decay."""
+
+    name = "sgd"
+    state_keys = ("momentum_buffer",)
+
+    def direction_reference(self, p, g, state, group):
+        wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
+        owned = False
+        if wd != 0:
+            g, owned = g.add(p, alpha=wd), True
+        if mu == 0:
+            return g, owned
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = torch.clone(g).detach()
+        else:
+            buf.mul_(mu).add_(g, alpha=1 - damp)
+        if group["nesterov"]:
+            return g.add(buf, alpha=mu), True
+        return buf, False
+
+    def directions_foreach(self, params, grads, states, group, out=None):
+        wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
+        owned = False
+        if wd != 0:
+            grads, owned = torch._foreach_add(grads, params, alpha=wd), True
+        if mu == 0:
+            return _into(out, list(grads), owned)
+        bufs = [s.get("momentum_buffer") for s in states]
+        if all(b is not None for b in bufs):
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads, alpha=1 - damp)
+        else:
+            for i, (b, g, s) in enumerate(zip(bufs, grads, states)):
+                if b is None:
+                    bufs[i] = s["momentum_buffer"] = torch.clone(g).detach()
+                else:
+                    b.mul_(mu).add_(g, alpha=1 - damp)
+        if group["nesterov"]:
+            d = _into(out, list(grads), owned)
+            torch._foreach_add_(d.d, bufs, alpha=mu)  # d = g + μ b (d is a copy, never p.grad)
+            return d
+        return _into(out, bufs, False)
+
+
+def _into(out: list[Tensor | None] | None, d: list[Tensor], owned: bool) -> Directions:
+    """Directions ``d``, copied into the offered buffers where possible (so the caller owns them)."""
+    if out is None:
+        out = [None] * len(d)
+    res, res_owned = [], []
+    for o, x in zip(out, d):
+        if o is not None and o.dtype == x.dtype and o.shape == x.shape:
+            res.append(o.copy_(x))
+            res_owned.append(True)
+        elif owned:
+            res.append(x)
+            res_owned.append(True)
+        else:
+            res.append(x.clone())
+            res_owned.append(True)
+    return Directions(res, res_owned)
+
+
+class AdamRule(BaseRule):
+    """Adam's direction ``m̂ / (sqrt(v̂) + ε)``; ``decoupled=True`` adds ``λθ`` (AdamW)."""
+
+    name = "adam"
+    state_keys = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def __init__(self, decoupled: bool = False):
+        self.decoupled = decoupled
+        self.name = "adamw" if decoupled else "adam"
+
+    def init_state(self, p, state, group):
+        if "exp_avg" in state:
+            return
+        # note: like torch.optim.Adam, `step` is a CPU float tensor, so reading it never syncs a device
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def direction_reference(self, p, g, state, group):
+        beta1, beta2 = group["betas"]
+        wd, eps = group["weight_decay"], group["eps"]
+        state["step"] += 1
+        step = float(state["step"])
+        if wd != 0 and not self.decoupled:
+            g = g.add(p, alpha=wd)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if group["amsgrad"]:
+            torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
+            v = state["max_exp_avg_sq"]
+        bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+        return (m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps), True
+
+    def decoupled_decay(self, group):
+        return group["weight_decay"] if self.decoupled else 0.0
+
+    def directions_foreach(self, params, grads, states, group, out=None):
+        beta1, beta2 = group["betas"]
+        wd, eps = group["weight_decay"], group["eps"]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        # one host read of all CPU step counters (no device sync); bias corrections in Python floats
+        step_vals = torch.stack(steps).tolist()
+        if wd != 0 and not self.decoupled:
+            grads = torch._foreach_add(grads, params, alpha=wd)
+        ms = [s["exp_avg"] for s in states]
+        vs = [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(ms, grads, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, 1 - beta2)
+        if group["amsgrad"]:
+            vmax = [s["max_exp_avg_sq"] for s in states]
+            torch._foreach_maximum_(vmax, vs)
+            vs = vmax
+        bc1 = [1 - beta1 ** s for s in step_vals]
+        bc2_sqrt = [math.sqrt(1 - beta2 ** s) for s in step_vals]
+        # note: d = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) = c · m / (sqrt(v) + eps·sqrt(bc2)) with
+        # c = sqrt(bc2) / bc1 returned as `scale` (folded into the step size); the quotient is written into
+        # the offered buffers when there are some, so the step allocates nothing model-sized
+        scale = [b2 / b1 for b1, b2 in zip(bc1, bc2_sqrt)]
+        shift = [eps * b2 for b2 in bc2_sqrt]
+        usable = out is not None and all(o is not None and o.dtype == m.dtype and o.shape == m.shape
+                                         for o, m in zip(out, ms))
+        if usable:
+            q = list(out)
+            for o, v in zip(q, vs):
+                torch.sqrt(v, out=o)
+            torch._foreach_add_(q, shift)
+            for o, m in zip(q, ms):
+                torch.div(m, o, out=o)
+        else:
+            den = torch._foreach_sqrt(vs)
+            torch._foreach_add_(den, shift)
+            q = list(torch._foreach_div(ms, den))
+            del den
+        if wd != 0 and self.decoupled:
+            d = [torch.add(x, p, alpha=wd / c) for x, p, c in zip(q, params, scale)]
+            return Directions(d, [True] * len(q), q, wd, scale)
+        return Directions(q, [True] * len(q), scale=scale)

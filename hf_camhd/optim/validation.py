@@ -1,0 +1,108 @@
+"""Argument checks shared by every CAM-HD optimizer, worded like torch.optim's.
+
+Each check raises ``ValueError`` naming the argument and the value (and the fix where there is one),
+e.g. ``Invalid hypergrad_lr value: -1.0``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+GAMMA_UPDATES = ("clamp", "softmax")
+HYPERGRAD_SCALINGS = ("equal", "sum")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_nonnegative(name: str, value, *, label: str | None = None) -> float:
+    """``value`` must be a finite number ≥ 0."""
+    if isinstance(value, torch.Tensor):
+        raise ValueError(f"Invalid {label or name}: {name} must be a Python float, got a Tensor "
+                         "(tensor learning rates are not supported)")
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"Invalid {label or (name + ' value')}: {value}")
+    return float(value)
+
+
+def check_lr(lr) -> float:
+    """The initial learning rate α₀ must be > 0: it is the starting value of every α."""
+    lr = check_nonnegative("lr", lr, label="learning rate")
+    if lr == 0:
+        raise ValueError("Invalid learning rate: 0.0 (CAM-HD needs lr > 0: it is the initial value α₀ of every "
+                         "learned rate; scale steps to zero with a scheduler instead)")
+    return lr
+
+
+def check_betas(betas) -> tuple[float, float]:
+    if not isinstance(betas, Sequence) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        if not _is_number(b) or not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+    return float(betas[0]), float(betas[1])
+
+
+def check_eps(eps) -> float:
+    if not _is_number(eps) or not eps >= 0.0:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    return float(eps)
+
+
+def check_momentum(momentum, dampening, nesterov) -> None:
+    check_nonnegative("momentum", momentum)
+    check_nonnegative("dampening", dampening)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Invalid nesterov: Nesterov momentum requires a momentum and zero dampening "
+                         f"(got momentum={momentum}, dampening={dampening})")
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r}; expected one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_gamma(gamma, levels: Sequence[str], gamma_update: str) -> list[float]:
+    """Initial combination weights: one per level, ≥ 0, not all 0; normalised to sum to 1.
+
+    ``None`` gives uniform weights. With ``gamma_update="softmax"`` every weight must be > 0
+    (the logits are ``log γ``).
+    """
+    n = len(levels)
+    if gamma is None:
+        return [1.0 / n] * n
+    if isinstance(gamma, torch.Tensor):
+        gamma = gamma.detach().flatten().tolist()
+    if _is_number(gamma):
+        gamma = [gamma]
+    gamma = list(gamma)
+    if len(gamma) != n:
+        raise ValueError(f"Invalid gamma: must have one weight per level ({n} levels: {', '.join(levels)}), "
+                         f"got {len(gamma)}")
+    for j, g in enumerate(gamma):
+        if not _is_number(g) or not math.isfinite(g) or g < 0:
+            raise ValueError(f"Invalid gamma: weight {j} (level {levels[j]!r}) is {g}; weights must be finite and ≥ 0")
+        if gamma_update == "softmax" and g == 0:
+            raise ValueError(f"Invalid gamma: weight {j} (level {levels[j]!r}) is 0, but gamma_update='softmax' "
+                             "needs every weight > 0 (the logits are log(gamma))")
+    total = float(sum(gamma))
+    if total <= 0:
+        raise ValueError(f"Invalid gamma: {gamma} sums to 0; at least one weight must be > 0")
+    return [float(g) / total for g in gamma]
+
+
+def check_alpha_bounds(alpha_min, alpha_max, lr: float) -> tuple[float, float]:
+    """Floor and ceiling of every learned rate; ``alpha_max=None`` means ``1000 * lr``."""
+    alpha_min = check_nonnegative("alpha_min", alpha_min)
+    if alpha_max is None:
+        alpha_max = 1000.0 * lr
+    if not _is_number(alpha_max) or math.isnan(alpha_max) or alpha_max <= alpha_min:
+        raise ValueError(f"Invalid alpha_max value: {alpha_max} (must be > alpha_min={alpha_min})")
+    if not alpha_min <= lr <= alpha_max:
+        raise ValueError(f"Invalid learning rate: {lr} is outside [alpha_min, alpha_max] = [{alpha_min}, {alpha_max}]")
+    return alpha_min, float(alpha_max)

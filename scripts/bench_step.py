@@ -1,0 +1,117 @@
+"""Time ``optimizer.step()`` of CAM-HD against torch's foreach Adam / SGD in the same run.
+
+Parameter sets: the shapes of a timm ResNet-18 and of a BERT-base-sized transformer (both built from
+config, no weights). Trees: global; global+layer; global+layer+unit; global+layer+parameter. Steps are
+interleaved round-robin across optimizers (so machine noise hits all of them alike) and each ratio is
+median(step time) / median(step time of the torch baseline) over ``--steps`` steps after ``--warmup``.
+State bytes count every tensor the optimizer holds (per-parameter state and group tensors) divided by
+the parameter bytes.
+
+    python scripts/bench_step.py                 # both models, markdown table
+    python scripts/bench_step.py --models resnet18 --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import torch
+
+from hf_camhd import CAMHDAdam, CAMHDSGD, build_hierarchy
+
+TREES = {
+    "global": ("global",),
+    "global+layer": ("global", "layer"),
+    "global+layer+unit": ("global", "layer", "unit"),
+    "global+layer+parameter": ("global", "layer", "parameter"),
+}
+
+
+def build_model(name: str) -> torch.nn.Module:
+    if name == "resnet18":
+        import timm
+        return timm.create_model("resnet18", pretrained=False, num_classes=1000)
+    if name == "bert-base":
+        from transformers import BertConfig, BertForSequenceClassification
+        return BertForSequenceClassification(BertConfig())  # 12 layers, hidden 768: ~110M parameters
+    raise ValueError(f"Unknown model {name!r}")
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen and t.numel() > 0:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    for st in opt.state.values():
+        for v in st.values():
+            add(v)
+    for g in opt.param_groups:
+        for k, v in g.items():
+            if k != "params":
+                add(v)
+    return total
+
+
+def bench_model(name: str, steps: int, warmup: int, gamma_lr: float) -> list[dict]:
+    torch.manual_seed(0)
+    model = build_model(name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-2
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    trees = {k: build_hierarchy(model, v) for k, v in TREES.items()}
+    rows = []
+    for base in ("adam", "sgd"):
+        opts = {}
+        if base == "adam":
+            opts["torch.optim.Adam(foreach=True)"] = torch.optim.Adam(params, lr=1e-3, foreach=True)
+            for k, tree in trees.items():
+                opts[k] = CAMHDAdam(model, lr=1e-3, tree=tree, hypergrad_lr=1e-8, gamma_lr=gamma_lr)
+        else:
+            opts["torch.optim.SGD(foreach=True)"] = torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=True)
+            for k, tree in trees.items():
+                opts[k] = CAMHDSGD(model, lr=0.1, momentum=0.9, tree=tree, hypergrad_lr=1e-6, gamma_lr=gamma_lr)
+        times = {k: [] for k in opts}
+        for r in range(warmup + steps):
+            for k, opt in opts.items():
+                t0 = time.perf_counter()
+                opt.step()
+                dt = time.perf_counter() - t0
+                if r >= warmup:
+                    times[k].append(dt)
+        ref = next(iter(opts))
+        ref_med = statistics.median(times[ref])
+        for k, opt in opts.items():
+            med = statistics.median(times[k])
+            rows.append(dict(model=name, base=base, tree=k if k != ref else "(torch baseline)", ms=med * 1e3,
+                             ratio=med / ref_med, state=state_bytes(opt) / param_bytes))
+        del opts
+        gc.collect()
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet18,bert-base")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--gamma-lr", type=float, default=0.01, help="δ used by the CAM-HD runs (0 = fixed γ)")
+    args = ap.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.steps} steps after "
+          f"{args.warmup} warm-up, gamma_lr={args.gamma_lr}\n")
+    print("| parameters | base | tree | step (ms) | × torch foreach | state bytes / param bytes |")
+    print("|---|---|---|---:|---:|---:|")
+    for name in args.models.split(","):
+        for r in bench_model(name, args.steps, args.warmup, args.gamma_lr):
+            print(f"| {r['model']} | {r['base']} | {r['tree']} | {r['ms']:.1f} | {r['ratio']:.2f} | {r['state']:.2f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
