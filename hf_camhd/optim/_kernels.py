@@ -14,6 +14,7 @@ Both run in two phases around the base rule:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -53,7 +54,7 @@ class StepInputs:
     lr_scales: list[float]           # s_t = group["lr"] / lr of the tensor's group
     unit_groups: list[int] = field(default_factory=list)     # unit group of each tensor
     unit_alphas: dict[int, Tensor] = field(default_factory=dict)  # α vector of each touched unit group
-    param_alphas: list[Tensor | None] = field(default_factory=list)
+    param_offsets: list[Tensor | None] = field(default_factory=list)  # α_parameter − α₀ per element
 
 
 @dataclass
@@ -142,6 +143,18 @@ def unit_view_shape(shape: torch.Size | tuple, unit_dim: int, count: int) -> tup
     out = [1] * len(shape)
     out[unit_dim] = count
     return tuple(out)
+
+
+def offset_bounds(cfg: HyperConfig, dtype: torch.dtype) -> tuple[float, float]:
+    """Bounds of a stored offset α − α₀ such that α₀ + offset, evaluated in ``dtype``, stays within
+    [alpha_min, alpha_max] (α₀ rounded to ``dtype`` first, so α = alpha_min is exact)."""
+    return _offset_bounds(cfg.lr, cfg.alpha_min, cfg.alpha_max, dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _offset_bounds(lr: float, lo: float, hi: float, dtype: torch.dtype) -> tuple[float, float]:
+    a0 = torch.tensor(lr, dtype=dtype)
+    return float(torch.tensor(lo, dtype=dtype) - a0), float(torch.tensor(hi, dtype=dtype) - a0)
 
 
 def tau_at(cfg: HyperConfig, step: int) -> float:
@@ -242,9 +255,10 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
         if has_unit:
             parts.append(torch.stack([(inp.unit_alphas[gi] * u).sum() for gi, u in unit_tot.items()]).sum())
         if has_param:
-            gp = [_vdot(local(a), x) for a, x in zip(inp.param_alphas, dirs)]
+            # Σ α h with α = α₀ + offset: α₀ Σh + Σ offset·h
+            gp = [_vdot(local(a), x) for a, x in zip(inp.param_offsets, dirs)]
             gp = torch._foreach_mul(gp, inp.dir_scales)
-            parts.append(torch.stack([x.to(home) for x in gp]).sum())
+            parts.append(torch.stack([x.to(home) for x in gp]).sum() + cfg.lr * sums["global"][0])
         G = torch.stack([x.to(device=home, dtype=hd).reshape(()) for x in parts])
         G = torch.where(torch.isfinite(G), G, torch.zeros_like(G))
 
@@ -258,7 +272,7 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
             new = (alpha - (tix.beta_unit[gi] * g_u) * u.to(alpha.device)).clamp_(lo, hi)
             alpha.copy_(torch.where(finite.to(alpha.device), new, alpha))
     if has_param:
-        alphas = [local(a) for a in inp.param_alphas]
+        alphas = [local(a) for a in inp.param_offsets]
         if host:
             scales = torch.stack(inp.dir_scales).tolist()
             coefs = [-tix.beta_param * gamma_old[pos["parameter"]] * sc for sc in scales]
@@ -274,7 +288,7 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
             coefs = torch._foreach_mul([coef] * len(dirs), inp.dir_scales)
             torch._foreach_addcmul_(alphas, dirs, [c.to(a.device) for c, a in zip(coefs, alphas)])
         for a in alphas:
-            a.clamp_(lo, hi)
+            a.clamp_(*offset_bounds(cfg, a.dtype))
     if G is not None:
         _update_gamma(hs, G, finite, cfg)
     if diag is not None:
@@ -288,6 +302,7 @@ def rates_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: HyperCon
 
     note: α* is formed as α₀ + Σ_j γ_j (α_j − α₀) (equal since Σ γ_j = 1): exactly α₀ while nothing has
     adapted, so hypergrad_lr = gamma_lr = 0 reproduces the base optimizer to the last bit of the rate.
+    The parameter level is stored as offsets α − α₀ for the same reason (and for precision).
     """
     levels = cfg.levels
     has_unit, has_param = "unit" in levels, "parameter" in levels
@@ -302,10 +317,6 @@ def rates_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: HyperCon
         dev = dev + gamma[pos["block"]] * (hs.coarse["block"][block_of] - a0)
     if "layer" in hs.coarse:
         dev = dev + gamma[pos["layer"]] * (hs.coarse["layer"][layer_of] - a0)
-    if has_unit or has_param:
-        # the fine levels add b·α per unit / element; fold their −b·α₀ into the per-tensor constant
-        g_fine = (gamma[pos["unit"]] if has_unit else 0.0) + (gamma[pos["parameter"]] if has_param else 0.0)
-        dev = dev - g_fine * a0
     coarse = dev + a0
     if tau != 1.0:
         coarse = tau * coarse + (1.0 - tau) * cfg.alpha_inf
@@ -316,7 +327,7 @@ def rates_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: HyperCon
             e, gi = inp.index[i], inp.unit_groups[i]
             a_u = inp.unit_alphas[gi]
             b_u = gamma[pos["unit"]] * (-inp.lr_scales[i] * tau)
-            base[i] = torch.addcmul(base[i].to(a_u.device), a_u, b_u).reshape(
+            base[i] = torch.addcmul(base[i].to(a_u.device), a_u - a0, b_u).reshape(
                 unit_view_shape(local(p).shape, tix.unit_dims[e], tix.unit_count[gi]))
     fine = None
     if has_param:
@@ -329,7 +340,7 @@ def rates_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: HyperCon
     return Rates(base, fine)
 
 
-def apply_update_foreach(params: list[Tensor], dirs, rates: Rates, param_alphas: list[Tensor] | None) -> None:
+def apply_update_foreach(params: list[Tensor], dirs, rates: Rates, param_offsets: list[Tensor] | None) -> None:
     """Step 6: ``θ ← θ + K ⊙ d`` with ``K = −s κ`` (per tensor, per unit or per element).
 
     The base rule's per-tensor ``scale`` is folded into K (small tensors) rather than into d. With
@@ -342,8 +353,8 @@ def apply_update_foreach(params: list[Tensor], dirs, rates: Rates, param_alphas:
     if fine is not None:
         host = isinstance(fine[0], float)
         fine_c = fine if c is None else ([f * ci for f, ci in zip(fine, c)] if host else torch._foreach_mul(fine, c))
-        alphas = [local(a) for a in param_alphas]
-        if host and not dirs.decay:  # θ += (a + b α) · q as two fused ops, nothing model-sized allocated
+        alphas = [local(a) for a in param_offsets]
+        if host and not dirs.decay:  # θ += (a + b δα) · q as two fused ops, nothing model-sized allocated
             torch._foreach_addcmul_(params, q, Kc)
             _foreach_addcmul_mixed(params, alphas, q, fine_c)
             return
@@ -434,7 +445,7 @@ def hyper_update_reference(inp: StepInputs, hs: HyperState, tree, cfg: HyperConf
                 elif lv == "unit":
                     G.append(sum((inp.unit_alphas[gi] * u).sum() for gi, u in unit_tot.items()))
                 else:
-                    G.append(sum((local(a) * h).sum() for a, h in zip(inp.param_alphas, h_list)))
+                    G.append(sum(((cfg.lr + local(a)) * h).sum() for a, h in zip(inp.param_offsets, h_list)))
             G = torch.stack([torch.as_tensor(x, dtype=hd, device=home).reshape(()) for x in G])
             G = torch.where(torch.isfinite(G), G, torch.zeros_like(G))
         # 2. α_j[n] ← α_j[n] − β_j[n] γ_j Σ_{p∈n} h_p (clamped; skipped when h is non-finite)
@@ -451,9 +462,9 @@ def hyper_update_reference(inp: StepInputs, hs: HyperState, tree, cfg: HyperConf
                 new = (alpha - node_beta(tree.unit_groups[gi].size) * gamma[pos["unit"]] * u).clamp(lo, hi)
                 alpha.copy_(torch.where(finite, new, alpha))
         if "parameter" in levels:
-            for a, h in zip(inp.param_alphas, h_list):
-                a = local(a)
-                new = (a - node_beta(1) * gamma[pos["parameter"]] * h).clamp(lo, hi)
+            for a, h in zip(inp.param_offsets, h_list):
+                a = local(a)  # stored as α − α₀
+                new = (a - node_beta(1) * gamma[pos["parameter"]] * h).clamp(*offset_bounds(cfg, a.dtype))
                 a.copy_(torch.where(finite, new, a))
         # 3 (second half). γ
         if cfg.gamma_lr > 0:
@@ -490,7 +501,7 @@ def rates_reference(inp: StepInputs, hs: HyperState, tree, cfg: HyperConfig, ste
                 dim = dict(group.members)[e]
                 alpha = inp.unit_alphas[gi].to(p.device).reshape(unit_view_shape(shape, dim, group.count))
             else:
-                alpha = local(inp.param_alphas[i])
+                alpha = a0 + local(inp.param_offsets[i])
             dev += g_j * (alpha - a0)
         a_star = dev + a0
         kappa = tau * a_star + (1.0 - tau) * cfg.alpha_inf
@@ -498,7 +509,7 @@ def rates_reference(inp: StepInputs, hs: HyperState, tree, cfg: HyperConfig, ste
     return out
 
 
-def apply_update_reference(params: list[Tensor], dirs, K: list[Tensor], param_alphas=None) -> None:
+def apply_update_reference(params: list[Tensor], dirs, K: list[Tensor]) -> None:
     """Step 6, one tensor at a time: ``θ ← θ + K ⊙ d`` (decoupled decay applied multiplicatively)."""
     for i, (p, k) in enumerate(zip(params, K)):
         if dirs.decay:

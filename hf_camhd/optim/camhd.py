@@ -26,8 +26,9 @@ Where the state lives (and why):
   parameter dtype.
 * per-parameter state holds the base rule's buffers, ``hypergrad_dir`` and the 0-d
   ``hypergrad_dir_scale`` (the last update's derivative is ``u = hypergrad_dir_scale · hypergrad_dir``,
-  both fp32), ``camhd_alpha_parameter`` and, on the tensor that owns a layer's units,
-  ``camhd_alpha_unit``. A load hook keeps these fp32 on bf16 parameters.
+  both fp32), ``camhd_alpha_parameter_offset`` (the parameter level's α − ``lr``, so that an unadapted
+  rate is exactly ``lr``) and, on the tensor that owns a layer's units, ``camhd_alpha_unit``. A load
+  hook keeps these fp32 on bf16 parameters.
 * ``group["lr"]`` is only ever the scheduler's value: learned rates never go there.
 """
 
@@ -57,7 +58,7 @@ from .validation import (
     check_nonnegative,
 )
 
-HYPER_PARAM_KEYS = ("hypergrad_dir", "hypergrad_dir_scale", "camhd_alpha_unit", "camhd_alpha_parameter")
+HYPER_PARAM_KEYS = ("hypergrad_dir", "hypergrad_dir_scale", "camhd_alpha_unit", "camhd_alpha_parameter_offset")
 """Per-parameter state entries kept in fp32 (float64 for float64 params) whatever the param dtype."""
 
 _G = "camhd_"  # prefix of the model-wide entries of param_groups[0]
@@ -146,8 +147,8 @@ class CAMHDOptimizer(Optimizer):
         if "hypergrad_dir" not in state:
             state["hypergrad_dir"] = torch.zeros_like(p, dtype=hd, memory_format=torch.preserve_format)
             state["hypergrad_dir_scale"] = torch.zeros((), dtype=hd, device=p.device)
-        if "parameter" in self.tree.levels and "camhd_alpha_parameter" not in state:
-            state["camhd_alpha_parameter"] = torch.full_like(p, self.config.lr, dtype=hd)
+        if "parameter" in self.tree.levels and "camhd_alpha_parameter_offset" not in state:
+            state["camhd_alpha_parameter_offset"] = torch.zeros_like(p, dtype=hd)
         return state
 
     def _host_scalars(self) -> bool:
@@ -211,7 +212,7 @@ class CAMHDOptimizer(Optimizer):
                     if gi not in inp.unit_alphas:
                         inp.unit_alphas[gi] = self._unit_alpha(gi, flat)
                 if has_param:
-                    inp.param_alphas.append(state["camhd_alpha_parameter"])
+                    inp.param_offsets.append(state["camhd_alpha_parameter_offset"])
                 members.append(len(inp.params) - 1)
             per_group.append((group, members))
         if not inp.params:
@@ -239,8 +240,8 @@ class CAMHDOptimizer(Optimizer):
             if self.foreach:
                 sub = K.Rates([rates.base[m] for m in members],
                               None if rates.fine is None else [rates.fine[m] for m in members])
-                K.apply_update_foreach(params, dirs, sub, [inp.param_alphas[m] for m in members]
-                                       if inp.param_alphas else None)
+                K.apply_update_foreach(params, dirs, sub, [inp.param_offsets[m] for m in members]
+                                       if inp.param_offsets else None)
             else:
                 K.apply_update_reference(params, dirs, [rates[m] for m in members])
             for p, d, owned, old in zip(params, dirs.d, dirs.owned, old_dirs):
@@ -295,8 +296,13 @@ class CAMHDOptimizer(Optimizer):
                     parts.append(_full_local(a, (group.count,), self.config.lr, device))
             else:
                 for p in flat:
-                    a = self.state.get(p, {}).get("camhd_alpha_parameter")
-                    parts.append(_full_local(a, tuple(p.shape), self.config.lr, device).reshape(-1))
+                    a = self.state.get(p, {}).get("camhd_alpha_parameter_offset")
+                    if a is None:
+                        parts.append(torch.full((p.numel(),), self.config.lr, dtype=torch.float64, device=device))
+                    else:  # α₀ + offset evaluated in the offset's dtype (as the step does)
+                        full = getattr(a, "full_tensor", None)
+                        a = full() if full is not None else a
+                        parts.append((a.detach() + self.config.lr).reshape(-1).to(device=device, dtype=torch.float64))
             out = torch.cat(parts)
         return out if dtype is None else out.to(dtype)
 

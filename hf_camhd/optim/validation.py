@@ -103,6 +103,8 @@ def check_alpha_bounds(alpha_min, alpha_max, lr: float) -> tuple[float, float]:
         alpha_max = 1000.0 * lr
     if not _is_number(alpha_max) or math.isnan(alpha_max) or alpha_max <= alpha_min:
         raise ValueError(f"Invalid alpha_max value: {alpha_max} (must be > alpha_min={alpha_min})")
-    if not alpha_min <= lr <= alpha_max:
-        raise ValueError(f"Invalid learning rate: {lr} is outside [alpha_min, alpha_max] = [{alpha_min}, {alpha_max}]")
+    if lr > alpha_max:
+        raise ValueError(f"Invalid alpha_max value: {alpha_max} (below lr={lr}; the learned rates start at lr)")
+    if lr < alpha_min:
+        raise ValueError(f"Invalid alpha_min value: {alpha_min} (above lr={lr}; the learned rates start at lr)")
     return alpha_min, float(alpha_max)

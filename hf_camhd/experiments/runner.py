@@ -1,0 +1,463 @@
+"""The comparison runner: plan (arms × seeds, or fixed γ × seeds), train and evaluate each run, record, resume.
+
+One run = one arm × one seed: the seed fixes the model's initialisation and the data order (so every
+arm of a seed starts from the same weights and sees the same batches). Training goes through
+:class:`accelerate.Accelerator` (``cpu=True`` on CPU), so the same code runs single-process, under
+``torchrun`` / ``accelerate launch`` (DDP, one global batch split over the processes) and in mixed
+precision. ``results.json`` is rewritten after every epoch; on resume, finished runs whose key and
+configuration hash match are skipped.
+
+Example:
+    >>> from hf_camhd.experiments import CompareConfig, run_comparison
+    >>> summary = run_comparison(CompareConfig(epochs=1, seeds=1, max_train_samples=200, progress=False,
+    ...                                        output_dir="/tmp/hf-camhd-doctest", plots=False), log=None)
+    >>> sorted(r["arm"] for r in summary.results["runs"])
+    ['adam', 'adam-camhd', 'adam-hd']
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from ..baselines import requires_loss
+from ..data import TensorImageDataset, as_tensors, dataset_info, load_image_dataset, train_transform
+from .arms import Arm, arm_hyperparameters, build_optimizer, resolve_arm, uses_schedule
+from .models import build_model, logits_of
+from .presets import DEFAULT_TASK, SWEEP_GAMMAS, TaskPreset, get_task
+from .results import (
+    SCHEMA_VERSION,
+    config_hash,
+    load_results,
+    render_markdown,
+    run_key,
+    save_results,
+)
+
+__all__ = ["CompareConfig", "CompareSummary", "RunSpec", "plan_runs", "resolve_task", "run_comparison",
+           "default_output_dir"]
+
+Logger = Callable[[str], None] | None
+
+
+@dataclass
+class CompareConfig:
+    """Everything ``hf-camhd compare`` takes (``None`` = the task preset's value).
+
+    Attributes:
+        task: a preset of :mod:`hf_camhd.experiments.presets` (default ``mlp-digits``).
+        model, dataset: override the preset's model (``mlp``, ``lenet5``, ``resnet18``, ``resnet34``) / dataset.
+        optimizers: comparison arms (:mod:`hf_camhd.experiments.arms`); default: the preset's list.
+        seeds, first_seed: run seeds ``first_seed … first_seed + seeds − 1``.
+        epochs, batch_size: override the preset (``batch_size`` is the global batch, split across processes).
+        levels, gamma: the CAM-HD tree / initial γ of the default-tree CAM-HD arms (``levels`` order).
+        device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``; under ``accelerate launch`` its config decides.
+        mixed_precision: ``no``, ``fp16``, ``bf16`` or ``None`` (accelerate's config / environment).
+        sweep_gamma: run the Figure 1 sweep instead: a 2-level CAM-HD arm with fixed γ (δ = 0) at
+            γ_global ∈ ``sweep_values``.
+        max_train_samples, max_test_samples: keep a fixed random subset (seed 0, same for every run).
+        log_every: record γ and mean α per level every this many optimizer steps (and at the start / end).
+        resume: reuse finished runs found in ``output_dir/results.json``.
+        progress, plots: show tqdm bars; write the PNG plots.
+        command: the command line, recorded in results.json / results.md.
+    """
+
+    task: str = DEFAULT_TASK
+    model: str | None = None
+    dataset: str | None = None
+    optimizers: Sequence[str] | None = None
+    seeds: int = 3
+    first_seed: int = 0
+    epochs: int | None = None
+    batch_size: int | None = None
+    eval_batch_size: int = 1000
+    levels: Sequence[str] | None = None
+    gamma: Sequence[float] | None = None
+    device: str = "auto"
+    mixed_precision: str | None = None
+    output_dir: str | None = None
+    data_dir: str | None = None
+    sweep_gamma: bool = False
+    sweep_values: Sequence[float] = SWEEP_GAMMAS
+    max_train_samples: int | None = None
+    max_test_samples: int | None = None
+    log_every: int = 50
+    resume: bool = True
+    progress: bool = True
+    plots: bool = True
+    command: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("seeds", "epochs", "batch_size", "eval_batch_size", "max_train_samples", "max_test_samples",
+                     "log_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"Invalid {name}: must be a positive integer, got {value!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"Invalid device: {self.device!r}; expected auto, cpu or cuda")
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            raise ValueError(f"Invalid mixed_precision: {self.mixed_precision!r}; expected no, fp16 or bf16")
+        for g in self.sweep_values:
+            if not 0.0 <= float(g) <= 1.0:
+                raise ValueError(f"Invalid sweep value: {g}; γ_global must lie in [0, 1]")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One planned run."""
+
+    arm: Arm
+    seed: int
+    hyperparameters: dict
+    gamma_global: float | None = None
+
+    @property
+    def key(self) -> str:
+        return run_key(self.arm.name, self.seed, self.gamma_global)
+
+    @property
+    def series(self) -> str:
+        return self.arm.name if self.gamma_global is None else f"{self.arm.name}|gamma_global={self.gamma_global:g}"
+
+    @property
+    def display_name(self) -> str:
+        if self.gamma_global is None:
+            return self.arm.display_name
+        return f"γ_global = {self.gamma_global:.1f}"
+
+
+@dataclass
+class CompareSummary:
+    """What :func:`run_comparison` did: the results dict, where it wrote, which runs ran / were reused."""
+
+    results: dict
+    output_dir: Path
+    executed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    markdown: str = ""
+
+
+# ------------------------------------------------------------------------------------------------ planning
+def resolve_task(cfg: CompareConfig) -> TaskPreset:
+    """The task preset with the config's overrides (model, dataset, epochs, batch size)."""
+    preset = get_task(cfg.task)
+    changes: dict[str, Any] = {"dataset": cfg.dataset, "epochs": cfg.epochs, "batch_size": cfg.batch_size}
+    if cfg.model is not None:
+        model = cfg.model.strip().lower().replace("-", "")
+        if model != preset.model:
+            changes.update(model=model, model_kwargs={})  # the preset's model_kwargs belong to its own model
+    if cfg.dataset is not None:
+        changes["dataset"] = dataset_info(cfg.dataset).name
+    return preset.with_overrides(**changes)
+
+
+def plan_runs(cfg: CompareConfig, preset: TaskPreset) -> list[RunSpec]:
+    """The runs of the comparison, in order: arm-major (all seeds of one arm, then the next)."""
+    seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
+    if cfg.sweep_gamma:
+        names = list(cfg.optimizers) if cfg.optimizers else ["adam-camhd-2level"]
+        arms = [resolve_arm(n) for n in names]
+        if len(arms) != 1 or arms[0].kind != "camhd":
+            raise ValueError("Invalid --optimizers for --sweep-gamma: give one CAM-HD arm (default adam-camhd-2level)")
+        arm = arms[0]
+        runs = []
+        for g in cfg.sweep_values:
+            g = round(float(g), 6)
+            kw = arm_hyperparameters(arm, preset, levels=cfg.levels, gamma=(g, 1.0 - g), gamma_lr=0.0)
+            if len(kw["levels"]) != 2:
+                raise ValueError(f"Invalid --levels for --sweep-gamma: the sweep needs a two-level tree, got "
+                                 f"{', '.join(kw['levels'])}")
+            runs += [RunSpec(arm, s, kw, g) for s in seeds]
+        return runs
+    names = list(cfg.optimizers) if cfg.optimizers else list(preset.optimizers)
+    arms = [resolve_arm(n) for n in names]
+    seen = set()
+    runs = []
+    for arm in arms:
+        if arm.name in seen:
+            continue
+        seen.add(arm.name)
+        kw = arm_hyperparameters(arm, preset, levels=cfg.levels, gamma=cfg.gamma)
+        runs += [RunSpec(arm, s, kw) for s in seeds]
+    return runs
+
+
+def default_output_dir(cfg: CompareConfig) -> Path:
+    """``outputs/compare-<task>`` (``outputs/sweep-gamma-<task>`` for a sweep), with ``-<dataset>`` when overridden."""
+    name = get_task(cfg.task).name
+    if cfg.model:
+        name += f"-{cfg.model}"
+    if cfg.dataset:
+        name += f"-{dataset_info(cfg.dataset).name}"
+    return Path("outputs") / (("sweep-gamma-" if cfg.sweep_gamma else "compare-") + name)
+
+
+def _run_hash(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data_meta: dict) -> str:
+    """Hash of everything that decides a run's numbers (not the output folder, device or logging)."""
+    task = preset.to_dict()
+    for k in ("description", "optimizers", "name"):
+        task.pop(k, None)
+    return config_hash({
+        "task": task, "arm": spec.arm.name, "seed": spec.seed, "hyperparameters": spec.hyperparameters,
+        "gamma_global": spec.gamma_global, "schedule": uses_schedule(spec.arm, preset),
+        "max_train_samples": cfg.max_train_samples, "max_test_samples": cfg.max_test_samples,
+        "train_size": data_meta["train_size"], "test_size": data_meta["test_size"],
+        "mixed_precision": cfg.mixed_precision or "no",
+    })
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _subset(x: torch.Tensor, y: torch.Tensor, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if n is None or n >= y.shape[0]:
+        return x, y
+    # note: a fixed (seed 0) random subset, the same for every run and arm, sorted to keep the file order
+    idx = torch.randperm(y.shape[0], generator=torch.Generator().manual_seed(0))[:n].sort().values
+    return x[idx], y[idx]
+
+
+def load_data(preset: TaskPreset, cfg: CompareConfig):
+    """``(X_train, y_train, X_test, y_test, info, meta)`` as tensors; raises DatasetUnavailableError."""
+    info = dataset_info(preset.dataset)
+    ds = load_image_dataset(info.name, data_dir=cfg.data_dir)
+    x, y = _subset(*as_tensors(ds["train"]), cfg.max_train_samples)
+    xt, yt = _subset(*as_tensors(ds["test"]), cfg.max_test_samples)
+    meta = {"dataset": info.name, "train_size": int(y.shape[0]), "test_size": int(yt.shape[0]),
+            "full_train_size": int(ds["train"].num_rows), "full_test_size": int(ds["test"].num_rows),
+            "source": cfg.data_dir or ("scikit-learn" if info.name == "digits" else
+                                       str(info.system_dir) if info.system_dir and info.system_dir.is_dir()
+                                       else f"hub:{info.hub_id}")}
+    return x, y, xt, yt, info, meta
+
+
+# ------------------------------------------------------------------------------------------------ accelerate
+def _make_accelerator(cfg: CompareConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("Invalid device: 'cuda' requested but torch.cuda.is_available() is False")
+    # note: split_batches: --batch-size is the GLOBAL batch (Table 1's), divided over the processes
+    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision,
+                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+
+
+def _environment(accelerator, cfg: CompareConfig) -> dict:
+    import accelerate
+
+    from .. import __version__
+
+    return {"hf_camhd": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "device": str(accelerator.device), "num_processes": accelerator.num_processes,
+            "mixed_precision": str(accelerator.mixed_precision), "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if accelerator.device.type == "cuda" else None}
+
+
+# ------------------------------------------------------------------------------------------------ one run
+def _hyper_entry(opt, step: int, steps_per_epoch: int) -> dict:
+    stats = opt.lr_stats()
+    return {"step": step, "epoch": step / max(1, steps_per_epoch),
+            "gamma": {lv: float(stats[f"camhd/gamma_{lv}"]) for lv in opt.levels},
+            "alpha_mean": {lv: float(stats[f"camhd/alpha_{lv}_mean"]) for lv in opt.levels},
+            "effective_lr_mean": float(stats["camhd/effective_lr_mean"])}
+
+
+def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, accelerator, record: dict,
+               on_epoch: Callable[[], None]) -> None:
+    """Train and evaluate one run, filling ``record`` (and calling ``on_epoch`` after every epoch)."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    x, y, xt, yt, info, _ = data
+    set_seed(spec.seed)  # note: python, numpy and torch RNGs: the model's init depends on the seed only
+    model = build_model(preset.model, info, preset.model_kwargs, cifar_stem=preset.resnet_cifar_stem)
+    optimizer = build_optimizer(spec.arm, model, spec.hyperparameters)
+    transform_gen = torch.Generator().manual_seed(10_000 + spec.seed)
+    train_ds = TensorImageDataset(x, y, transform=train_transform(info.name, generator=transform_gen))
+    train_loader = DataLoader(train_ds, batch_size=preset.batch_size, shuffle=True,
+                              generator=torch.Generator().manual_seed(spec.seed))
+    test_loader = DataLoader(TensorImageDataset(xt, yt), batch_size=cfg.eval_batch_size, shuffle=False)
+    scheduler = None
+    if uses_schedule(spec.arm, preset):
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(preset.sgd_milestones),
+                                                         gamma=preset.sgd_lr_factor)
+    model, opt, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    inner = opt.optimizer if hasattr(opt, "optimizer") else opt
+    with_loss = requires_loss(inner)
+    logs_hyper = hasattr(inner, "lr_stats")
+    steps_per_epoch = len(train_loader)
+    record.update(optimizer={"name": spec.arm.optimizer, "class": type(inner).__name__, "kind": spec.arm.kind,
+                             "hyperparameters": spec.hyperparameters,
+                             "lr_schedule": ({"type": "MultiStepLR", "milestones": list(preset.sgd_milestones),
+                                              "gamma": preset.sgd_lr_factor} if scheduler else None)},
+                  num_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                  steps_per_epoch=steps_per_epoch, epochs=[], hyper_log=[])
+    if logs_hyper:
+        record["hyper_log"].append(_hyper_entry(inner, 0, steps_per_epoch))
+
+    bar = tqdm(total=preset.epochs * steps_per_epoch, desc=f"{spec.display_name} seed {spec.seed}",
+               disable=not (cfg.progress and accelerator.is_main_process), leave=False, dynamic_ncols=True,
+               file=sys.stderr)
+    start = time.perf_counter()
+    step = 0
+    for epoch in range(1, preset.epochs + 1):
+        model.train()
+        loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+        count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+        for batch in train_loader:
+            logits = logits_of(model(batch["pixel_values"]))
+            loss = F.cross_entropy(logits.float(), batch["labels"])
+            opt.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if with_loss:
+                # note: L4 needs the loss; in data parallel every process must see the same (mean) loss
+                step_loss = accelerator.reduce(loss.detach(), "mean") if accelerator.num_processes > 1 else loss.detach()
+                opt.step(lambda: step_loss)
+            else:
+                opt.step()
+            step += 1
+            n = batch["labels"].shape[0]
+            loss_sum += loss.detach().double() * n
+            count += n
+            if logs_hyper and step % cfg.log_every == 0:
+                record["hyper_log"].append(_hyper_entry(inner, step, steps_per_epoch))
+            bar.update(1)
+            if step % 20 == 0 and bar.disable is False:
+                bar.set_postfix(epoch=epoch, loss=f"{float(loss):.4f}")
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")
+        train_loss = float(loss_sum / count)
+        test_loss, test_acc = _evaluate(model, test_loader, accelerator)
+        group = inner.param_groups[0]
+        record["epochs"].append({"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
+                                 "test_accuracy": test_acc, "lr_factor": group["lr"] / group.get("initial_lr", group["lr"])
+                                 if group.get("lr") else None,
+                                 "wall_time_s": time.perf_counter() - start})
+        on_epoch()
+    bar.close()
+    if logs_hyper and (not record["hyper_log"] or record["hyper_log"][-1]["step"] != step):
+        record["hyper_log"].append(_hyper_entry(inner, step, steps_per_epoch))
+    last = record["epochs"][-1]
+    record["final"] = {"test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
+                       "train_loss": last["train_loss"],
+                       "gamma": record["hyper_log"][-1]["gamma"] if logs_hyper else None,
+                       "alpha_mean": record["hyper_log"][-1]["alpha_mean"] if logs_hyper else None}
+    record["diverged"] = not all(math.isfinite(e["train_loss"]) for e in record["epochs"])
+    record["wall_time_s"] = time.perf_counter() - start
+    accelerator.free_memory()
+
+
+@torch.no_grad()
+def _evaluate(model, loader, accelerator) -> tuple[float, float]:
+    """``(mean cross entropy, accuracy in %)`` over the whole test split (gathered over processes)."""
+    model.eval()
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    correct = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    count = 0
+    for batch in loader:
+        logits = logits_of(model(batch["pixel_values"])).float()
+        logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+        correct += (logits.argmax(-1) == labels).sum().double()
+        count += labels.shape[0]
+    return float(loss_sum) / count, 100.0 * float(correct) / count
+
+
+# ------------------------------------------------------------------------------------------------ comparison
+def _say(log: Logger, msg: str) -> None:
+    if log is not None:
+        log(msg)
+
+
+def run_comparison(cfg: CompareConfig, *, log: Logger = print) -> CompareSummary:
+    """Run (or resume) the comparison ``cfg`` and write results.json, results.md and the plots.
+
+    Raises :class:`hf_camhd.data.DatasetUnavailableError` when the dataset is missing and ValueError on
+    a bad configuration (both before any training).
+    """
+    preset = resolve_task(cfg)
+    plan = plan_runs(cfg, preset)  # validates arm names and trees before loading data
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
+    data = load_data(preset, cfg)
+    data_meta = data[-1]
+    accelerator = _make_accelerator(cfg)
+    main = accelerator.is_main_process
+    log = log if main else None
+
+    hashes = {spec.key: _run_hash(spec, preset, cfg, data_meta) for spec in plan}
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k != "command"}
+    config.update(task=preset.name, optimizers=list(dict.fromkeys(s.arm.name for s in plan)),
+                  series=list(dict.fromkeys(s.series for s in plan)), epochs=preset.epochs,
+                  batch_size=preset.batch_size, model=preset.model, dataset=preset.dataset,
+                  output_dir=str(out_dir))
+    results = {"schema_version": SCHEMA_VERSION, "kind": "sweep-gamma" if cfg.sweep_gamma else "compare",
+               "command": cfg.command, "config": config, "task": preset.to_dict(), "data": data_meta,
+               "environment": _environment(accelerator, cfg), "runs": [], "plots": {}}
+
+    path = out_dir / "results.json"
+    previous = load_results(path) if cfg.resume else None
+    reusable = {}
+    if previous is not None:
+        for r in previous.get("runs", []):
+            if r.get("status") == "finished" and hashes.get(r.get("key")) == r.get("config_hash"):
+                reusable[r["key"]] = r
+    accelerator.wait_for_everyone()
+    if main and path.exists() and (previous is None or len(reusable) != len(previous.get("runs", []))):
+        shutil.copyfile(path, out_dir / "results.previous.json")
+        _say(log, f"note: {path} held runs of another configuration (or unfinished runs); kept a copy in "
+                  f"results.previous.json")
+
+    summary = CompareSummary(results=results, output_dir=out_dir)
+
+    def write() -> None:
+        if main:
+            save_results(path, results)
+
+    _say(log, f"hf-camhd compare: task {preset.name} ({preset.model} on {preset.dataset}, "
+              f"{data_meta['train_size']} train / {data_meta['test_size']} test), {preset.epochs} epochs, batch "
+              f"{preset.batch_size}, {len(plan)} runs -> {out_dir}")
+    for i, spec in enumerate(plan, 1):
+        if spec.key in reusable:
+            results["runs"].append(reusable[spec.key])
+            summary.skipped.append(spec.key)
+            _say(log, f"[{i}/{len(plan)}] {spec.key}: finished earlier, skipped")
+            continue
+        record = {"key": spec.key, "arm": spec.arm.name, "series": spec.series, "display_name": spec.display_name,
+                  "seed": spec.seed, "gamma_global": spec.gamma_global, "config_hash": hashes[spec.key],
+                  "status": "running",
+                  "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        results["runs"].append(record)
+        _train_run(spec, preset, cfg, data, accelerator, record, write)
+        record["status"] = "finished"
+        record["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        summary.executed.append(spec.key)
+        write()
+        _say(log, f"[{i}/{len(plan)}] {spec.key}: test acc {record['final']['test_accuracy']:.2f}%, "
+                  f"test loss {record['final']['test_loss']:.4f}, {record['wall_time_s']:.1f}s")
+
+    if main:
+        if cfg.plots:
+            from .plots import write_plots
+
+            results["plots"] = write_plots(results, out_dir)
+        write()
+        summary.markdown = render_markdown(results)
+        (out_dir / "results.md").write_text(summary.markdown + "\n")
+    accelerator.wait_for_everyone()
+    return summary

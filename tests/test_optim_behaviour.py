@@ -1,0 +1,228 @@
+"""Bad input, faults, the sign of adaptation, convergence, and the registry."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hf_camhd import CAMHDAdam, CAMHDAdamW, CAMHDSGD, create_optimizer, list_optimizers
+
+from conftest import batch, level_subsets, make_net, train
+
+
+def _linear():
+    torch.manual_seed(0)
+    return nn.Linear(3, 2)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+# (constructor, kwargs, exception, message regex)
+ERRORS = [
+    (CAMHDAdam, dict(lr=-1.0), ValueError, r"Invalid learning rate: -1.0"),
+    (CAMHDAdam, dict(lr=0.0), ValueError, r"Invalid learning rate: 0.0"),
+    (CAMHDAdam, dict(hypergrad_lr=-1.0), ValueError, r"Invalid hypergrad_lr value: -1.0"),
+    (CAMHDAdam, dict(gamma_lr=-0.5), ValueError, r"Invalid gamma_lr value: -0.5"),
+    (CAMHDAdam, dict(decay_rate=-0.1), ValueError, r"Invalid decay_rate value: -0.1"),
+    (CAMHDAdam, dict(alpha_inf=-1e-3), ValueError, r"Invalid alpha_inf value"),
+    (CAMHDAdam, dict(levels=("global", "layer"), gamma=(1.0,)), ValueError,
+     r"Invalid gamma: must have one weight per level \(2 levels"),
+    (CAMHDAdam, dict(levels=("global", "layer"), gamma=(1.5, -0.5)), ValueError, r"Invalid gamma: weight 1 .*-0.5"),
+    (CAMHDAdam, dict(levels=("global", "layer"), gamma=(0.0, 0.0)), ValueError, r"Invalid gamma: .* sums to 0"),
+    (CAMHDAdam, dict(levels=("global", "layer"), gamma=(0.0, 1.0), gamma_update="softmax"), ValueError,
+     r"gamma_update='softmax' needs every weight > 0"),
+    (CAMHDAdam, dict(levels=("global", "layers")), ValueError,
+     r"Unknown level 'layers'; expected one of global, block, layer, unit, parameter"),
+    (CAMHDAdam, dict(levels=("layer", "global")), ValueError, r"levels must be ordered|first level must be 'global'"),
+    (CAMHDAdam, dict(levels=("global", "unit", "layer")), ValueError, r"levels must be ordered coarse to fine"),
+    (CAMHDAdam, dict(levels=("layer",)), ValueError, r"first level must be 'global'"),
+    (CAMHDAdam, dict(levels=()), ValueError, r"Invalid levels: empty"),
+    (CAMHDAdam, dict(hypergrad_scaling="mean"), ValueError, r"Invalid hypergrad_scaling: 'mean'"),
+    (CAMHDAdam, dict(gamma_update="renorm"), ValueError, r"Invalid gamma_update: 'renorm'"),
+    (CAMHDAdam, dict(betas=(1.0, 0.999)), ValueError, r"Invalid beta parameter at index 0: 1.0"),
+    (CAMHDAdam, dict(eps=-1e-8), ValueError, r"Invalid epsilon value: -1e-08"),
+    (CAMHDAdam, dict(weight_decay=-0.1), ValueError, r"Invalid weight_decay value: -0.1"),
+    (CAMHDAdam, dict(alpha_min=-1.0), ValueError, r"Invalid alpha_min value: -1.0"),
+    (CAMHDAdam, dict(alpha_max=1e-4), ValueError, r"Invalid alpha_max value: 0.0001"),
+    (CAMHDAdam, dict(foreach="yes"), ValueError, r"Invalid foreach: 'yes'"),
+    (CAMHDSGD, dict(momentum=-0.9), ValueError, r"Invalid momentum value: -0.9"),
+    (CAMHDSGD, dict(nesterov=True), ValueError, r"Nesterov momentum requires a momentum"),
+    (CAMHDAdamW, dict(lr=torch.tensor(1e-3)), ValueError, r"lr must be a Python float"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,exc,msg", ERRORS, ids=[f"{c.__name__}-{'-'.join(k)}" for c, k, _, _ in ERRORS])
+def test_invalid_arguments(cls, kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        cls(_linear(), **kwargs)
+
+
+def test_block_level_needs_module_structure():
+    with pytest.raises(ValueError, match="'block' requested for plain params"):
+        CAMHDAdam(list(_linear().parameters()), levels=("global", "block"))
+
+
+@pytest.mark.parametrize("params", [[], nn.Linear(2, 2).requires_grad_(False)], ids=["empty", "all-frozen"])
+def test_empty_parameter_list(params):
+    with pytest.raises(ValueError, match="Invalid params: .*(empty|no trainable)"):
+        CAMHDAdam(params)
+
+
+def test_sparse_gradients_raise_at_step():
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = CAMHDAdam(emb)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients .*'weight'"):
+        opt.step()
+
+
+def test_registry_fixed_settings_cannot_be_overridden():
+    with pytest.raises(ValueError, match="Invalid levels for 'adam-hd'"):
+        create_optimizer(_linear(), "adam-hd", levels=("global", "layer"))
+    with pytest.raises(ValueError, match="Unknown optimizer 'adam-camhdx'"):
+        create_optimizer(_linear(), "adam-camhdx")
+
+
+# ------------------------------------------------------------------------------------------ faults
+@pytest.mark.parametrize("foreach,device_path", [(True, False), (True, True), (False, False)],
+                         ids=["foreach-host", "foreach-device", "reference"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_gradients_never_poison_alpha(foreach, device_path, bad):
+    levels = ("global", "block", "layer", "unit", "parameter")
+    m = make_net()
+    opt = CAMHDSGD(m, lr=0.05, momentum=0.9, levels=levels, hypergrad_lr=1e-3, gamma_lr=0.05, foreach=foreach)
+    opt._force_device_path = device_path
+    train(m, opt, 3)
+    snapshot = {lv: opt.alpha(lv) for lv in levels}
+    gamma = opt.gamma
+
+    def poison(t, model):
+        model.features[3].weight.grad[0, 0, 0, 0] = bad
+
+    train(m, opt, 1, start=3, closure_hook=poison)
+    assert opt._last_hyper["finite"].item() is False
+    for lv in levels:  # the hyper-update was skipped: α and γ are exactly as before
+        assert torch.equal(opt.alpha(lv), snapshot[lv]), lv
+    assert torch.equal(opt.gamma, gamma)
+    # the parameters are now non-finite (as with any optimizer); later steps still keep α sane
+    train(m, opt, 3, start=4)
+    for lv in levels:
+        a = opt.alpha(lv)
+        assert torch.isfinite(a).all() and (a >= 0).all(), lv
+    assert torch.isfinite(opt.gamma).all() and float(opt.gamma.sum()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_alpha_floor_and_ceiling_hold_under_huge_hypergradient_rates():
+    m = make_net()
+    opt = CAMHDSGD(m, lr=0.05, levels=("global", "layer", "unit", "parameter"), hypergrad_lr=1e6, gamma_lr=0.0,
+                   alpha_max=0.2)
+    train(m, opt, 6)
+    for lv in opt.levels:
+        a = opt.alpha(lv)
+        assert (a >= 0).all() and (a <= 0.2 + 1e-7).all(), lv
+
+
+# ------------------------------------------------------------------------------------------ sign test
+@pytest.mark.parametrize("cls,lr_small,lr_big", [(CAMHDSGD, 0.01, 1.9), (CAMHDAdam, 1e-3, 5.0)])
+def test_rate_rises_when_gradients_agree_and_falls_when_they_oppose(cls, lr_small, lr_big):
+    """On f(x) = ½‖x‖²: a small step keeps successive gradients aligned (g·u < 0 → α grows); an
+    overshooting step flips them (g·u > 0 → α shrinks)."""
+    for lr, rises in ((lr_small, True), (lr_big, False)):
+        x = nn.Parameter(torch.full((4,), 3.0))
+        opt = cls([x], lr=lr, levels=("global", "layer"), hypergrad_lr=1e-4)
+        for _ in range(4):
+            opt.zero_grad()
+            (0.5 * x.pow(2).sum()).backward()
+            opt.step()
+        a = opt.alpha("layer").item()
+        assert (a > lr) if rises else (a < lr), (lr, a)
+
+
+# ------------------------------------------------------------------------------------------ convergence
+OPTIMIZERS = {
+    "sgd": (CAMHDSGD, dict(lr=0.05, hypergrad_lr=1e-4)),
+    "sgdn": (CAMHDSGD, dict(lr=0.02, momentum=0.9, nesterov=True, hypergrad_lr=1e-5)),
+    "adam": (CAMHDAdam, dict(lr=0.05, hypergrad_lr=1e-6)),
+    "adamw": (CAMHDAdamW, dict(lr=0.05, weight_decay=1e-4, hypergrad_lr=1e-6)),
+}
+
+
+class _Regression(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(5, 8)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("levels", level_subsets(), ids=lambda lv: "+".join(lv))
+def test_loss_falls_on_linear_regression(name, levels):
+    cls, kw = OPTIMIZERS[name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=g)
+    y = x @ torch.randn(5, 1, generator=g) + 0.1
+    torch.manual_seed(0)
+    model = _Regression()
+    opt = cls(model, levels=levels, gamma_lr=0.01, **kw)
+    losses = []
+    for _ in range(150):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert math.isfinite(losses[-1]) and losses[-1] < 0.05 * losses[0], (losses[0], losses[-1])
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("levels", [("global",), ("global", "layer"), ("global", "unit"),
+                                    ("global", "layer", "parameter"), ("global", "layer", "unit", "parameter")],
+                         ids=lambda lv: "+".join(lv))
+def test_loss_falls_on_rosenbrock(name, levels):
+    cls, kw = OPTIMIZERS[name]
+    # Rosenbrock's gradients are ~10² at the start: smaller base and hyper-gradient rates
+    kw = dict(kw, lr=1e-3 if cls is CAMHDSGD else 0.02, hypergrad_lr=1e-9 if cls is CAMHDSGD else 1e-6)
+    xy = nn.Parameter(torch.tensor([-1.2, 1.0]))
+
+    def f():
+        return (1 - xy[0]) ** 2 + 100 * (xy[1] - xy[0] ** 2) ** 2
+    opt = cls([xy], levels=levels, **kw)
+    start = f().item()
+    for _ in range(400):
+        opt.zero_grad()
+        loss = f()
+        loss.backward()
+        opt.step()
+    assert f().item() < 0.25 * start
+
+
+def test_registry_builds_every_name():
+    for name in list_optimizers():
+        m = make_net()
+        opt = create_optimizer(m, name, lr=1e-2)
+        train(m, opt, 2)
+        assert opt.num_steps == 2
+        if name.endswith("-hd"):
+            assert opt.levels == ("global",)
+        if name.startswith("sgdn"):
+            assert opt.param_groups[0]["nesterov"] is True
+    assert {"sgd-camhd", "sgdn-camhd", "adam-camhd", "adamw-camhd", "sgd-hd", "adam-hd"} <= set(list_optimizers())
+
+
+def test_repr_and_readers():
+    m = make_net()
+    opt = CAMHDAdam(m, levels=("global", "layer", "unit"), gamma=(0.5, 0.3, 0.2))
+    text = repr(opt)
+    assert "levels: global, layer, unit" in text and "camhd_tree" not in text
+    assert opt.levels == ("global", "layer", "unit")
+    assert opt.gamma.dtype == torch.float32 and opt.gamma.tolist() == pytest.approx([0.5, 0.3, 0.2])
+    assert opt.alpha("unit").shape == (opt.tree.num_nodes("unit"),)
+    with pytest.raises(ValueError, match="Level 'parameter' is not in this tree"):
+        opt.alpha("parameter")
+    x, y = batch(0)
+    del x, y
