@@ -193,7 +193,8 @@ def test_custom_blocks_by_regex_and_fallback():
 
 @pytest.mark.parametrize("blocks, message", [
     ({"x": [r"^nothing\."]}, "regex '^nothing\\\\.' of block 'x' matches no trainable parameter"),
-    ({"a": [r"^head\."], "b": [r"bias$"]}, "parameter 'head.bias' is matched by block 'a' and by regex 'bias$' of block 'b'"),
+    ({"a": [r"^head\."], "b": [r"bias$"]},
+     "parameter 'head.bias' is matched by block 'a' and by regex 'bias$' of block 'b'"),
     ({"a": [r"(unclosed"]}, "Invalid blocks regex '(unclosed' for block 'a'"),
     ({"x": [r"^features\.1\."]}, "regex '^features\\\\.1\\\\.' of block 'x' matches no trainable parameter"),
 ])
@@ -216,8 +217,8 @@ def test_builder_registry_and_forcing_a_builder():
         build_hierarchy(Net(), ("global", "block"), builder="nope")
     with pytest.raises(ValueError, match="already registered"):
         register_builder(HierarchyBuilder("timm", lambda m: False, lambda m, n: {}))
-    b = register_builder(HierarchyBuilder("test-one-block", lambda m: False, lambda m, names: {n: "all" for n in names}),
-                         overwrite=True)
+    one_block = HierarchyBuilder("test-one-block", lambda m: False, lambda m, names: {n: "all" for n in names})
+    b = register_builder(one_block, overwrite=True)
     assert b.name in list_builders()
     tree = build_hierarchy(Net(), ("global", "block"), builder="test-one-block")
     assert tree.node_names("block") == ["all"]

@@ -283,6 +283,35 @@ def test_transformers_embeddings_registered_after_layers_stay_in_the_stem():
     assert_every_scalar_in_one_node_per_level(model, tree)
 
 
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+
+class _OldStyleModel(transformers.PreTrainedModel):
+    """A PreTrainedModel whose layers do not subclass GradientCheckpointingLayer."""
+
+    config_class = transformers.PretrainedConfig
+    _no_split_modules = ["_Block"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(5, 4)
+        self.blocks = nn.ModuleList(_Block() for _ in range(3))
+        self.out = nn.Linear(4, 2)
+        self.post_init()
+
+
+def test_transformers_layers_without_the_base_class_fall_back_to_no_split_modules_then_generic(monkeypatch):
+    tree = build_hierarchy(_OldStyleModel(transformers.PretrainedConfig()), ALL)
+    assert tree.node_names("block") == ["stem", "blocks.0", "blocks.1", "blocks.2", "head"]
+    monkeypatch.setattr(_OldStyleModel, "_no_split_modules", [])
+    with pytest.warns(UserWarning, match="found no transformer layers in _OldStyleModel.*blocks="):
+        tree = build_hierarchy(_OldStyleModel(transformers.PretrainedConfig()), ("global", "block"))
+    assert tree.node_names("block") == ["embed", "blocks", "out"]
+
+
 # ------------------------------------------------------------------------------------------ our models
 @pytest.mark.parametrize("model", [LeNet5(in_channels=3, image_size=32), LeNet5(image_size=8),
                                    MLP(input_size=64, hidden_sizes=[32, 16, 8]), MLP(input_size=64, hidden_sizes=[])],

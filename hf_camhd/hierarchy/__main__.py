@@ -136,9 +136,10 @@ def make_parser(prog: str = "python -m hf_camhd.hierarchy") -> argparse.Argument
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    parser = make_parser()
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit status. ``prog`` names the
+    command in help and errors (``"hf-camhd tree"`` when mounted as a subcommand)."""
+    parser = make_parser(prog) if prog else make_parser()
     args = parser.parse_args(argv)
     try:
         model = build_named_model(args.model)

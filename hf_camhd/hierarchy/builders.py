@@ -6,6 +6,19 @@ layers and units from the module structure (spec §1). Builders for timm, transf
 models of :mod:`hf_camhd.models` register themselves through :func:`register_builder`; a builder only
 says which block each parameter belongs to (and, rarely, a parameter's unit dimension).
 
+Builders: timm models (:mod:`~hf_camhd.hierarchy.timm_builder`: stem / each block of the model's
+``group_matcher`` / head), transformers models (:mod:`~hf_camhd.hierarchy.transformers_builder`: stem /
+each transformer layer / head, both stacks of an encoder-decoder), LeNet-5 and MLP
+(:mod:`~hf_camhd.hierarchy.models_builders`: one block per stage), and the generic builder for any
+other module (a block per top-level child).
+
+Choosing levels (Jie et al., CAM-HD): the paper's "filter level" for CNNs is the ``unit`` level — on
+a conv layer a unit is one output channel (a filter) with its bias — so its two-level CNN setting is
+``("global", "unit")``; its three-level MLP setting is ``("global", "layer", "parameter")``.
+``("global", "block")`` learns one rate per residual block / transformer layer; any ordered subset of
+``global, block, layer, unit, parameter`` starting with ``global`` is valid. The ``parameter`` level
+adds one fp32 rate per scalar (the memory of one extra Adam moment).
+
 Example::
 
     >>> import torch.nn as nn

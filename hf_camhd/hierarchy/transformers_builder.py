@@ -53,6 +53,7 @@ Example::
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
@@ -136,6 +137,10 @@ def transformers_blocks(model: nn.Module, names: Sequence[str]) -> dict[str, str
     ``stem`` / ``head`` between stacks (module docstring)."""
     layers = transformer_layer_paths(model)
     if not layers:
+        warnings.warn(
+            f"build_hierarchy: found no transformer layers in {type(model).__name__} (no GradientCheckpointingLayer "
+            "module, no ModuleList of a class in _no_split_modules); using the top-level children as blocks. "
+            "Pass blocks={'name': [regex, ...]} for a custom grouping", stacklevel=3)
         return generic_blocks(model, names)
     layer_set = set(layers)
     all_names = [n for n, _ in model.named_parameters()]  # positions independent of freezing
