@@ -5,6 +5,9 @@
 
 from .hierarchy import LEVELS, LRTree, build_hierarchy
 from .optim import CAMHDAdam, CAMHDAdamW, CAMHDOptimizer, CAMHDSGD, create_optimizer, list_optimizers
+from .integrations.timm import register_timm_optimizers_lazily as _register_timm_optimizers  # noqa: E402
+
+_register_timm_optimizers()  # timm's create_optimizer_v2(opt="camhdadam" | ...); lazy: timm is not imported here
 
 __version__ = "0.1.0"
 

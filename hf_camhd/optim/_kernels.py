@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,6 +56,7 @@ class StepInputs:
     unit_groups: list[int] = field(default_factory=list)     # unit group of each tensor
     unit_alphas: dict[int, Tensor] = field(default_factory=dict)  # α vector of each touched unit group
     param_offsets: list[Tensor | None] = field(default_factory=list)  # α_parameter − α₀ per element
+    shard: Any = None  # a distributed.ShardPlan when parameters are sharded (FSDP2); None: every tensor is whole
 
 
 @dataclass
@@ -131,6 +133,8 @@ def unit_sums(h: Tensor, unit_dim: int, count: int) -> Tensor:
     """Sum ``h`` over everything but its unit dimension → a vector of ``count`` unit sums."""
     if h.ndim == 0:
         return h.reshape(1)
+    if h.numel() == 0:  # an empty shard (FSDP2: fewer rows than ranks)
+        return h.new_zeros(count)
     if unit_dim == 0:
         return h.reshape(count, -1).sum(1)
     return h.sum(dim=[d for d in range(h.ndim) if d != unit_dim])
@@ -219,10 +223,12 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
     # h' = g ⊙ dir is materialised (in the dir buffers) only when something needs it element-wise
     need_h = has_unit or (has_param and (not host or cfg.gamma_lr > 0))
     unit_raw: list[Tensor] = []
+    plan = inp.shard
     if need_h:
         _foreach_mul_mixed(dirs, grads)
         if has_unit:
-            unit_raw = [unit_sums(x, tix.unit_dims[e], tix.unit_count[inp.unit_groups[i]])
+            unit_raw = [unit_sums(x, tix.unit_dims[e], tix.unit_count[inp.unit_groups[i]] if plan is None
+                                  else plan.unit_ranges[i][1] - plan.unit_ranges[i][0])
                         for i, (x, e) in enumerate(zip(dirs, inp.index))]
             raw = [r.sum() for r in unit_raw]
         else:
@@ -231,6 +237,8 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
         raw = [_vdot(_as(g, d.dtype), d) for g, d in zip(grads, dirs)]
     S = torch._foreach_mul(raw, inp.dir_scales)          # per-tensor Σ h = scale · Σ g ⊙ dir
     S = torch.stack([x.to(device=home, dtype=hd) for x in S])
+    if plan is not None:  # sharded: local partial sums → one all_reduce (spec §3)
+        S, unit_tot, g_unit, g_param = _reduce_partials(inp, plan, tix, cfg, S, unit_raw, dirs, home, hd)
     finite = torch.isfinite(S.sum())
     if host and not bool(finite):
         if diag is not None:
@@ -243,22 +251,26 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
         sums["block"] = torch.zeros_like(hs.coarse["block"]).index_add_(0, block_of, S)
     if "layer" in hs.coarse:
         sums["layer"] = torch.zeros_like(hs.coarse["layer"]).index_add_(0, layer_of, S)
-    unit_tot: dict[int, Tensor] = {}
-    for i, r in enumerate(unit_raw):
-        gi = inp.unit_groups[i]
-        r = (r * inp.dir_scales[i]).to(device=home, dtype=hd)
-        unit_tot[gi] = unit_tot[gi] + r if gi in unit_tot else r
+    if plan is None:
+        unit_tot: dict[int, Tensor] = {}
+        for i, r in enumerate(unit_raw):
+            gi = inp.unit_groups[i]
+            r = (r * inp.dir_scales[i]).to(device=home, dtype=hd)
+            unit_tot[gi] = unit_tot[gi] + r if gi in unit_tot else r
 
     G = None
     if cfg.gamma_lr > 0:  # G_j = Σ_n α_j^old[n] Σ_{p∈n} h_p, before α moves
         parts = [(hs.coarse[lv] * sums[lv]).sum() for lv in levels if lv in hs.coarse]
         if has_unit:
-            parts.append(torch.stack([(inp.unit_alphas[gi] * u).sum() for gi, u in unit_tot.items()]).sum())
+            parts.append(g_unit if plan is not None else
+                         torch.stack([(inp.unit_alphas[gi] * u).sum() for gi, u in unit_tot.items()]).sum())
         if has_param:
             # Σ α h with α = α₀ + offset: α₀ Σh + Σ offset·h
-            gp = [_vdot(local(a), x) for a, x in zip(inp.param_offsets, dirs)]
-            gp = torch._foreach_mul(gp, inp.dir_scales)
-            parts.append(torch.stack([x.to(home) for x in gp]).sum() + cfg.lr * sums["global"][0])
+            if plan is None:
+                gp = [_vdot(local(a), x) for a, x in zip(inp.param_offsets, dirs)]
+                gp = torch._foreach_mul(gp, inp.dir_scales)
+                g_param = torch.stack([x.to(home) for x in gp]).sum()
+            parts.append(g_param + cfg.lr * sums["global"][0])
         G = torch.stack([x.to(device=home, dtype=hd).reshape(()) for x in parts])
         G = torch.where(torch.isfinite(G), G, torch.zeros_like(G))
 
@@ -268,7 +280,10 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
     if has_unit:
         g_u = gamma[pos["unit"]]
         for gi, u in unit_tot.items():
-            alpha = inp.unit_alphas[gi]
+            alpha = local(inp.unit_alphas[gi])
+            if plan is not None:  # this rank's α shard (or the whole vector when replicated)
+                start = plan.alpha_lo[gi]
+                u = u[start:start + alpha.shape[0]]
             new = (alpha - (tix.beta_unit[gi] * g_u) * u.to(alpha.device)).clamp_(lo, hi)
             alpha.copy_(torch.where(finite.to(alpha.device), new, alpha))
     if has_param:
@@ -324,11 +339,11 @@ def rates_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: HyperCon
     base = [k if k.device == p.device else k.to(p.device) for k, p in zip(base, inp.params)]
     if has_unit:
         for i, p in enumerate(inp.params):
-            e, gi = inp.index[i], inp.unit_groups[i]
-            a_u = inp.unit_alphas[gi]
+            e = inp.index[i]
+            a_u = unit_alpha_view(inp, i)
             b_u = gamma[pos["unit"]] * (-inp.lr_scales[i] * tau)
             base[i] = torch.addcmul(base[i].to(a_u.device), a_u - a0, b_u).reshape(
-                unit_view_shape(local(p).shape, tix.unit_dims[e], tix.unit_count[gi]))
+                unit_view_shape(local(p).shape, tix.unit_dims[e], a_u.shape[0]))
     fine = None
     if has_param:
         g_p = gamma[pos["parameter"]]
@@ -338,6 +353,65 @@ def rates_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: HyperCon
         else:
             fine = [(g_p * (-s * tau)).to(p.device) for s, p in zip(inp.lr_scales, inp.params)]
     return Rates(base, fine)
+
+
+def unit_alpha_view(inp: StepInputs, i: int) -> Tensor:
+    """The unit-level α of the units that tensor ``i`` of the step holds locally (all of them unless sharded)."""
+    a = inp.unit_alphas[inp.unit_groups[i]]
+    plan = inp.shard
+    if plan is None:
+        return a
+    a = local(a)
+    lo, hi = plan.unit_ranges[i]
+    if hi == lo:  # an empty shard: no units here
+        return a[:0]
+    start = plan.alpha_lo[inp.unit_groups[i]]
+    if lo - start < 0 or hi - start > a.shape[0]:
+        raise RuntimeError(f"CAM-HD: the unit-level α shard [{start}, {start + a.shape[0]}) does not cover this rank's "
+                           f"units [{lo}, {hi}) of a tensor; the α vector's placement does not match the parameter's")
+    return a[lo - start:hi - start]
+
+
+def _reduce_partials(inp: StepInputs, plan, tix: TreeIndex, cfg: HyperConfig, S: Tensor, unit_raw: list[Tensor],
+                     dirs: list[Tensor], home: torch.device, hd: torch.dtype):
+    """Sharded parameters: every partial sum of the step in one small vector, summed across ranks at once.
+
+    Layout: ``[Σh per tensor (T) | unit sums of every touched unit group (full length, zeros outside
+    this rank's units) | Σ α_unit·h | Σ offset·h]``. Tensors that are whole on every rank contribute
+    after the reduction (to a separate local vector), so nothing is counted once per rank. The two
+    ``∂f/∂γ`` partials are formed here, with the α of step t−1, because they need the reduction too.
+    Returns the reduced ``S``, unit sums per group and the two γ partials (identical on every rank).
+    """
+    T = S.shape[0]
+    offsets: dict[int, int] = {}
+    n = T
+    for i in range(len(unit_raw)):
+        gi = inp.unit_groups[i]
+        if gi not in offsets:
+            offsets[gi] = n
+            n += tix.unit_count[gi]
+    n_g = n
+    parts: dict = {}
+    for key in plan.distinct_keys:
+        v = torch.zeros(n + 2, dtype=hd, device=home)
+        v[:T] = torch.where(plan.mask(key, home), S, torch.zeros_like(S))
+        parts[key] = v
+    want_g = cfg.gamma_lr > 0
+    for i, r in enumerate(unit_raw):
+        lo, hi = plan.unit_ranges[i]
+        v, o = parts[plan.keys[i]], offsets[inp.unit_groups[i]]
+        r = (r * inp.dir_scales[i]).to(device=home, dtype=hd)
+        v[o + lo:o + hi] += r
+        if want_g:
+            v[n_g] += (unit_alpha_view(inp, i).to(device=home, dtype=hd) * r).sum()
+    if want_g and inp.param_offsets:
+        gp = [_vdot(local(a), x) for a, x in zip(inp.param_offsets, dirs)]
+        gp = torch._foreach_mul(gp, inp.dir_scales)
+        for i, x in enumerate(gp):
+            parts[plan.keys[i]][n_g + 1] += x.to(device=home, dtype=hd)
+    total = plan.reduce(parts)
+    unit_tot = {gi: total[o:o + tix.unit_count[gi]] for gi, o in offsets.items()}
+    return total[:T], unit_tot, total[n_g], total[n_g + 1]
 
 
 def apply_update_foreach(params: list[Tensor], dirs, rates: Rates, param_offsets: list[Tensor] | None) -> None:

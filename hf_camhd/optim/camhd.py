@@ -30,6 +30,10 @@ Where the state lives (and why):
   rate is exactly ``lr``) and, on the tensor that owns a layer's units, ``camhd_alpha_unit``. A load
   hook keeps these fp32 on bf16 parameters.
 * ``group["lr"]`` is only ever the scheduler's value: learned rates never go there.
+* sharded parameters (FSDP2 ``DTensor`` s): the step works on each rank's shards, the node sums are local
+  partial sums reduced with one ``all_reduce`` per step, and per-parameter state is sharded like the
+  parameter (:mod:`hf_camhd.optim.distributed`). ``torch.distributed.checkpoint``'s state-creating
+  ``step()`` (zero gradients, ``lr=0``) only creates the state.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from torch.optim import Optimizer
 from ..hierarchy import LRTree, build_hierarchy, tree_from_named_parameters, tree_from_plain_params
 from ..hierarchy.tree import validate_levels
 from . import _kernels as K
+from . import distributed as D
 from .base_rules import AdamRule, BaseRule, SGDRule
 from .validation import (
     GAMMA_UPDATES,
@@ -102,6 +107,7 @@ class CAMHDOptimizer(Optimizer):
         self._zeroed_dirs: set[int] = set()
         self._last_hyper: dict = {}
         self._stash: dict = {}
+        self._layouts: dict = {}
         self._init_group_state(gamma0)
         self.register_load_state_dict_pre_hook(_load_pre_hook)
         self.register_load_state_dict_post_hook(_load_post_hook)
@@ -161,9 +167,71 @@ class CAMHDOptimizer(Optimizer):
         owner = flat[group.owner]
         state = self.state[owner]
         if "camhd_alpha_unit" not in state:
-            state["camhd_alpha_unit"] = torch.full((group.count,), self.config.lr,
-                                                   dtype=_hyper_dtype(owner.dtype), device=owner.device)
+            hd = _hyper_dtype(owner.dtype)
+            if D.is_dtensor(owner):  # sharded like the layer's tensors (see hf_camhd.optim.distributed)
+                layouts = [(self._layout(m, flat[m]), dim) for m, dim in group.members]
+                state["camhd_alpha_unit"] = D.full_unit_alpha(owner, layouts, group.count, self.config.lr, hd)
+            else:
+                state["camhd_alpha_unit"] = torch.full((group.count,), self.config.lr, dtype=hd, device=owner.device)
         return state["camhd_alpha_unit"]
+
+    def _layout(self, i: int, p: Tensor) -> D.TensorLayout:
+        """How tensor ``i`` is split across ranks (cached; recomputed when its mesh or placements change)."""
+        key = (p.device_mesh, tuple(p.placements), tuple(p.shape)) if D.is_dtensor(p) else (None, None, tuple(p.shape))
+        hit = self._layouts.get(i)
+        if hit is None or hit[0] != key:
+            e = self.tree.entries[i]
+            hit = self._layouts[i] = (key, D.tensor_layout(p, e.unit_dim if p.ndim else 0, e.name))
+        return hit[1]
+
+    def _shard_plan(self, inp: K.StepInputs, flat: list[Tensor]) -> D.ShardPlan:
+        layouts = [self._layout(i, flat[i]) for i in inp.index]
+        plan = D.ShardPlan([lay.key for lay in layouts], [(lay.unit_lo, lay.unit_hi) for lay in layouts],
+                           {lay.key: lay.group for lay in layouts if lay.key is not None})
+        for gi, a in inp.unit_alphas.items():
+            plan.alpha_lo[gi] = D.local_range(a)[0]
+        return plan
+
+    def _is_state_init_step(self) -> bool:
+        """``torch.distributed.checkpoint.state_dict`` creates missing state by calling ``step()`` once with
+        zero gradients and every group's ``lr`` set to 0 (``_init_optim_state``). That call must change
+        nothing — no step counted, no moments, no hyper-update — so it only creates the state."""
+        if self.state or any(float(g["lr"]) != 0.0 for g in self.param_groups):
+            return False
+        flat = self._flat_params()
+        with_grad = [(i, p) for i, p in enumerate(flat) if p.grad is not None]
+        if not with_grad:
+            return False
+        nonzero = torch.tensor([float(any(bool(K.local(p.grad).any()) for _, p in with_grad))])
+        # sharded: a rank may hold only zeros of a real gradient; every rank must decide alike
+        groups = {}
+        for i, p in with_grad:
+            if D.is_dtensor(p):
+                lay = self._layout(i, p)
+                if lay.key is not None:
+                    groups.setdefault(lay.key, lay.group)
+        if groups:
+            import torch.distributed as dist
+            dev = K.local(with_grad[0][1]).device
+            nonzero = nonzero.to(dev)
+            for group in groups.values():
+                dist.all_reduce(nonzero, op=dist.ReduceOp.MAX, group=group)
+        return not bool(nonzero.item())
+
+    def _create_state(self) -> None:
+        """Create every per-parameter state entry a real step would (zeros / α₀), changing nothing else."""
+        flat = self._flat_params()
+        for i, (group, p) in enumerate((g, p) for g in self.param_groups for p in g["params"]):
+            if p.grad is None:
+                continue
+            state = self._init_param_state(i, p, group)
+            if isinstance(self.rule, SGDRule) and group["momentum"] != 0 and "momentum_buffer" not in state:
+                # note: torch.optim.SGD creates its buffer in this call too (zeros, as the grads are zero)
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if "unit" in self.tree.levels:
+            for gi, group in enumerate(self.tree.unit_groups):
+                if flat[group.owner].grad is not None:
+                    self._unit_alpha(gi, flat)
 
     # ------------------------------------------------------------------------------------ step
     @torch.no_grad()
@@ -176,10 +244,20 @@ class CAMHDOptimizer(Optimizer):
         g0 = self.param_groups[0]
         cfg = self.config
         flat = self._flat_params()
+        D.check_not_flattened(self, flat)
+        if self._is_state_init_step():
+            self._create_state()
+            return loss
+        sharded = any(D.is_dtensor(p) for p in flat)
+        if sharded and not self.foreach:
+            raise NotImplementedError(f"{type(self).__name__}(foreach=False) does not support sharded "
+                                      "(FSDP2 / DTensor) parameters; use the default foreach=True")
         step = int(g0[_G + "step"])
         tau = K.tau_at(cfg, step)
         inp = K.StepInputs([], [], [], [], [], [])
         per_group: list[tuple[dict, list[int]]] = []
+        dparams: list[Tensor] = []        # the parameters as stored (DTensors when sharded)
+        states: list[dict] = []           # the state dicts the base rule works on (local views when sharded)
         has_unit, has_param = "unit" in cfg.levels, "parameter" in cfg.levels
         pos = 0
         for group in self.param_groups:
@@ -200,8 +278,13 @@ class CAMHDOptimizer(Optimizer):
                 self._zeroed_dirs.discard(i)
                 state = self._init_param_state(i, p, group)
                 grad = p.grad if not group["maximize"] else -p.grad
+                if sharded:  # note: the kernels and the base rule work on this rank's shards (views into the DTensors)
+                    state = {k: K.local(v) if D.is_dtensor(v) else v for k, v in state.items()}
+                    grad = K.local(grad)
+                dparams.append(p)
+                states.append(state)
                 inp.index.append(i)
-                inp.params.append(p)
+                inp.params.append(K.local(p) if sharded else p)
                 inp.grads.append(grad)
                 inp.dirs.append(state["hypergrad_dir"])
                 inp.dir_scales.append(state["hypergrad_dir_scale"])
@@ -217,6 +300,8 @@ class CAMHDOptimizer(Optimizer):
             per_group.append((group, members))
         if not inp.params:
             return loss
+        if sharded:
+            inp.shard = self._shard_plan(inp, flat)
 
         hs = self._hyper_state()
         diag: dict = {}
@@ -235,8 +320,17 @@ class CAMHDOptimizer(Optimizer):
                 continue
             params = [inp.params[m] for m in members]
             old_dirs = [inp.dirs[m] for m in members]
-            dirs = self.rule.directions(params, [inp.grads[m] for m in members], [self.state[p] for p in params],
+            views = [states[m] for m in members]
+            before = [dict(v) for v in views] if sharded else None
+            dirs = self.rule.directions(params, [inp.grads[m] for m in members], views,
                                         group, foreach=self.foreach, out=old_dirs)
+            if sharded:  # entries the base rule created on the local views become DTensors placed like the param
+                for m, pv, view, old in zip(members, params, views, before):
+                    real = self.state[dparams[m]]
+                    for k, v in view.items():
+                        if old.get(k) is not v:
+                            shaped = isinstance(v, Tensor) and v.shape == pv.shape
+                            real[k] = D.wrap_like(dparams[m], v) if shaped else v
             if self.foreach:
                 sub = K.Rates([rates.base[m] for m in members],
                               None if rates.fine is None else [rates.fine[m] for m in members])
@@ -244,11 +338,11 @@ class CAMHDOptimizer(Optimizer):
                                        if inp.param_offsets else None)
             else:
                 K.apply_update_reference(params, dirs, [rates[m] for m in members])
-            for p, d, owned, old in zip(params, dirs.d, dirs.owned, old_dirs):
+            for m, d, owned, old in zip(members, dirs.d, dirs.owned, old_dirs):
                 if d is old:
                     continue
                 if owned and d.dtype == old.dtype:
-                    self.state[p]["hypergrad_dir"] = d
+                    self.state[dparams[m]]["hypergrad_dir"] = D.wrap_like(dparams[m], d) if sharded else d
                 else:
                     old.copy_(d)
             # u_t = −s_t τ_t · scale · d_t, kept as 0-d tensors (written without a host round trip)
@@ -312,19 +406,25 @@ class CAMHDOptimizer(Optimizer):
         cfg, tree = self.config, self.tree
         out: dict[str, Tensor] = {}
         gamma = self.param_groups[0][_G + "gamma"]
+        param_stats = None
         for j, lv in enumerate(cfg.levels):
             out[f"camhd/gamma_{lv}"] = gamma[j]
-            a = self.alpha(lv, dtype=None)
-            out[f"camhd/alpha_{lv}_mean"] = a.mean()
-            out[f"camhd/alpha_{lv}_min"] = a.min()
-            out[f"camhd/alpha_{lv}_max"] = a.max()
+            if lv == "parameter":  # streamed per tensor: no model-sized concatenation
+                param_stats = self._parameter_level_stats()
+                mean, lo, hi = param_stats
+            else:
+                a = self.alpha(lv, dtype=None)
+                mean, lo, hi = a.mean(), a.min(), a.max()
+            out[f"camhd/alpha_{lv}_mean"] = mean
+            out[f"camhd/alpha_{lv}_min"] = lo
+            out[f"camhd/alpha_{lv}_max"] = hi
         # mean of α* over scalars = Σ_j γ_j · (size-weighted mean of α_j)
         mean_star = 0.0
         for j, lv in enumerate(cfg.levels):
-            a = self.alpha(lv, dtype=None).to(gamma.device, gamma.dtype)
             if lv == "parameter":
-                weighted = a.mean()
+                weighted = param_stats[0].to(gamma.device, gamma.dtype)
             else:
+                a = self.alpha(lv, dtype=None).to(gamma.device, gamma.dtype)
                 sizes = torch.tensor(tree.node_sizes(lv), dtype=a.dtype, device=a.device)
                 weighted = (a * sizes).sum() / tree.total_numel
             mean_star = mean_star + gamma[j] * weighted
@@ -334,6 +434,46 @@ class CAMHDOptimizer(Optimizer):
         out["camhd/effective_lr_mean"] = s * (tau * mean_star + (1 - tau) * cfg.alpha_inf)
         values = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu() for v in out.values()])
         return dict(zip(out.keys(), values.tolist()))
+
+    def _parameter_level_stats(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, min and max of the parameter level's α over every scalar, one tensor at a time (α₀ + offset
+        evaluated in the offset's dtype, as the step does); sharded tensors are summed across ranks."""
+        lr = self.config.lr
+        flat = self._flat_params()
+        device = self.param_groups[0][_G + "gamma"].device
+        acc: dict = {}     # reduction key -> [Σα, min α, max α]; keys in parameter order (the same on every rank)
+        groups: dict = {}
+        inf = float("inf")
+        for i, p in enumerate(flat):
+            lay = self._layout(i, p) if D.is_dtensor(p) else None
+            key = lay.key if lay is not None else None
+            if key is not None:
+                groups[key] = lay.group
+            a = self.state.get(p, {}).get("camhd_alpha_parameter_offset")
+            if a is None:
+                n = K.local(p).numel()
+                part = [lr * n, lr, lr] if n else [0.0, inf, -inf]
+            else:
+                v = K.local(a).detach()
+                part = [0.0, inf, -inf]
+                if v.numel():
+                    v = (v + lr).to(torch.float64)
+                    part = [v.sum(), v.min(), v.max()]
+            part = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device).reshape(()) for x in part])
+            prev = acc.get(key)
+            acc[key] = part if prev is None else torch.stack(
+                [prev[0] + part[0], torch.minimum(prev[1], part[1]), torch.maximum(prev[2], part[2])])
+        total = None
+        for key, v in acc.items():
+            if key is not None:  # one SUM and one MAX (of max and −min) per process group
+                import torch.distributed as dist
+                sums, ext = v[:1].clone(), torch.stack([v[2], -v[1]])
+                dist.all_reduce(sums, group=groups[key])
+                dist.all_reduce(ext, op=dist.ReduceOp.MAX, group=groups[key])
+                v = torch.stack([sums[0], -ext[1], ext[0]])
+            total = v if total is None else torch.stack(
+                [total[0] + v[0], torch.minimum(total[1], v[1]), torch.maximum(total[2], v[2])])
+        return total[0] / self.tree.total_numel, total[1], total[2]
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} (levels: {', '.join(self.levels)}; "

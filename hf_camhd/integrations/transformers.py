@@ -1,0 +1,228 @@
+"""CAM-HD in ``transformers.Trainer``: an optimizer factory, logging of the learned rates, and a truthful model card.
+
+Three ways in (all resumable with ``trainer.train(resume_from_checkpoint=...)``):
+
+* the factory path — the hierarchy is built from the Trainer's model, with the Trainer's weight-decay split::
+
+      trainer = Trainer(model=model, args=args, train_dataset=ds,
+                        optimizer_cls_and_kwargs=(CAMHDOptimizerFactory, {"optimizer": "adam-camhd", "lr": 1e-3,
+                                                                          "levels": ("global", "block", "layer")}),
+                        callbacks=[CAMHDCallback()])
+
+* ``Trainer(optimizers=(CAMHDAdam(model, ...), None))`` — the Trainer adds its linear schedule, which CAM-HD
+  reads as a multiplier on the learned rates (spec §2);
+* :class:`CAMHDTrainer` — a ``Trainer`` that does both of the above by itself: the factory by default (``lr``
+  and ``weight_decay`` from ``TrainingArguments`` unless given), the CAM-HD scalars in every training log
+  (so they reach ``log_history``, the progress bar, TensorBoard, W&B, ...), and a model card that names
+  the CAM-HD optimizer and its settings.
+
+Logging: the Trainer appends a log to ``state.log_history`` *before* it calls the callbacks, and reporting
+integrations (TensorBoard, W&B) are callbacks registered before the user's. :class:`CAMHDCallback` therefore
+writes the scalars into the ``log_history`` entry itself and into ``logs`` (seen by every later callback);
+``CAMHDCallback.install(trainer)`` puts it first, so the reporting integrations see them too.
+:class:`CAMHDTrainer` adds them in ``Trainer.log`` and needs no callback.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from ..hierarchy import LRTree, build_hierarchy
+from ..optim import CAMHDOptimizer
+from ..optim.registry import create_optimizer, get_optimizer_info
+from . import unwrap_camhd
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as e:  # pragma: no cover
+    raise ImportError("hf_camhd.integrations.transformers needs transformers: pip install transformers") from e
+
+__all__ = ["CAMHDCallback", "CAMHDOptimizerFactory", "CAMHDTrainer", "camhd_optimizer_description",
+           "decay_parameter_names", "fix_model_card", "unwrap_camhd"]
+
+DEFAULT_LEVELS = ("global", "block", "layer")
+
+
+def decay_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters the Trainer applies weight decay to (everything but biases and norms): the
+    Trainer's own rule, ``Trainer.get_decay_parameter_names``."""
+    return list(Trainer.get_decay_parameter_names(None, model))  # note: the method does not use `self`
+
+
+class CAMHDOptimizerFactory:
+    """Optimizer factory for ``Trainer(optimizer_cls_and_kwargs=(CAMHDOptimizerFactory, kwargs))``.
+
+    The Trainer calls ``CAMHDOptimizerFactory()(model, **kwargs)``. The factory builds the learning-rate tree
+    from the model (:func:`hf_camhd.build_hierarchy`), splits the trainable parameters as the Trainer does
+    (weight decay for weights, none for biases and norms) into named param groups, and creates the
+    registered optimizer ``kwargs["optimizer"]`` (default ``"adam-camhd"``; see
+    :func:`hf_camhd.list_optimizers`) over them.
+
+    Keyword arguments: ``optimizer``, ``levels`` (default ``("global", "block", "layer")``), ``tree`` (an
+    explicit :class:`~hf_camhd.LRTree`), ``weight_decay`` (applied to the decay group only; default: the
+    optimizer's own default) and any
+    argument of the optimizer class (``lr``, ``betas``, ``hypergrad_lr``, ``gamma_lr``, ``gamma``,
+    ``decay_rate``, ...).
+
+    note: on this path the Trainer does not pass ``TrainingArguments.learning_rate`` / ``weight_decay``;
+    give ``lr`` and ``weight_decay`` in ``kwargs`` (or use :class:`CAMHDTrainer`, which fills them in).
+    """
+
+    def __call__(self, model: nn.Module, optimizer: str = "adam-camhd", levels: Sequence[str] | str | None = None,
+                 tree: LRTree | None = None, weight_decay: float | None = None, **kwargs) -> CAMHDOptimizer:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"CAMHDOptimizerFactory needs the model (an nn.Module), got {type(model).__name__}")
+        info = get_optimizer_info(optimizer)
+        if tree is None:
+            tree = build_hierarchy(model, info.fixed.get("levels", levels if levels is not None else DEFAULT_LEVELS))
+        if weight_decay is None:  # the optimizer's default (AdamW: 1e-2), still kept off biases and norms
+            weight_decay = info.defaults.get(
+                "weight_decay", inspect.signature(info.cls.__init__).parameters["weight_decay"].default)
+        wd = float(weight_decay)
+        decay = set(decay_parameter_names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [{"params": [(n, p) for n, p in named if n in decay], "weight_decay": wd},
+                  {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]] if wd else [{"params": named}]
+        return create_optimizer(groups, info.name, tree=tree, weight_decay=wd, **kwargs)
+
+
+def _training_log(logs: Mapping) -> bool:
+    return "loss" in logs or "learning_rate" in logs
+
+
+class CAMHDCallback(TrainerCallback):
+    """Puts γ per level, mean / min / max α per level and the mean effective learning rate into the
+    Trainer's training logs (keys ``camhd/gamma_<level>``, ``camhd/alpha_<level>_{mean,min,max}``,
+    ``camhd/alpha_star_mean``, ``camhd/effective_lr_mean``).
+
+    The values land in ``state.log_history`` and in the ``logs`` every later callback sees. Reporting
+    integrations are registered before user callbacks; use ``CAMHDCallback.install(trainer)`` to put this
+    callback first so that TensorBoard, W&B, ... get the scalars too (or use :class:`CAMHDTrainer`).
+    Works with any Trainer optimizer path; does nothing when the optimizer is not a CAM-HD one.
+    """
+
+    @classmethod
+    def install(cls, trainer: Trainer) -> CAMHDCallback:
+        """Add a ``CAMHDCallback`` to ``trainer`` ahead of every other callback (reporting integrations included)."""
+        cb = cls()
+        trainer.callback_handler.callbacks.insert(0, cb)
+        return cb
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        if logs is None or not _training_log(logs) or any(k.startswith("camhd/") for k in logs):
+            return
+        opt = unwrap_camhd(optimizer)
+        if opt is None:
+            return
+        stats = opt.lr_stats()  # note: on every rank (it may gather sharded α under FSDP2)
+        logs.update(stats)
+        if state.log_history:
+            last = state.log_history[-1]
+            if last.get("step") == state.global_step and all(k in last for k in logs if k not in stats):
+                last.update(stats)
+
+
+class CAMHDTrainer(Trainer):
+    """A ``transformers.Trainer`` for CAM-HD optimizers.
+
+    * With neither ``optimizers`` nor ``optimizer_cls_and_kwargs``, it builds ``camhd_optimizer`` (default
+      ``"adam-camhd"``) through :class:`CAMHDOptimizerFactory` with ``camhd_kwargs``; with the factory given
+      explicitly it fills in ``lr`` / ``weight_decay`` from ``TrainingArguments`` when they are missing.
+    * Every training log carries the CAM-HD scalars (see :class:`CAMHDCallback`), so ``log_history`` and
+      every reporting integration get them.
+    * ``create_model_card`` names the CAM-HD optimizer and its settings instead of ``args.optim``.
+
+    Example::
+
+        trainer = CAMHDTrainer(model=model, args=args, train_dataset=ds,
+                               camhd_optimizer="adam-camhd", camhd_kwargs={"levels": ("global", "block", "layer"),
+                                                                           "hypergrad_lr": 1e-8, "gamma_lr": 0.01})
+    """
+
+    def __init__(self, *args, camhd_optimizer: str = "adam-camhd", camhd_kwargs: Mapping[str, Any] | None = None,
+                 **kwargs):
+        if kwargs.get("optimizer_cls_and_kwargs") is None and kwargs.get("optimizers", (None, None))[0] is None:
+            kwargs["optimizer_cls_and_kwargs"] = (CAMHDOptimizerFactory,
+                                                  {"optimizer": camhd_optimizer, **dict(camhd_kwargs or {})})
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        spec = self.optimizer_cls_and_kwargs
+        if self.optimizer is None and spec is not None and spec[0] is CAMHDOptimizerFactory:
+            kw = dict(spec[1])
+            kw.setdefault("lr", self.args.learning_rate)
+            kw.setdefault("weight_decay", self.args.weight_decay)
+            if "adam" in str(kw.get("optimizer", "adam-camhd")):
+                kw.setdefault("betas", (self.args.adam_beta1, self.args.adam_beta2))
+                kw.setdefault("eps", self.args.adam_epsilon)
+            self.optimizer_cls_and_kwargs = (CAMHDOptimizerFactory, kw)
+        return super().create_optimizer(model)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        opt = unwrap_camhd(self.optimizer)
+        if opt is not None and _training_log(logs):
+            logs.update(opt.lr_stats())
+        super().log(logs, *args, **kwargs)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        super().create_model_card(*args, **kwargs)
+        opt = unwrap_camhd(self.optimizer)
+        if opt is not None and self.is_world_process_zero():
+            fix_model_card(os.path.join(self.args.output_dir, "README.md"), opt)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (tuple, list)):
+        return "(" + ", ".join(_fmt(x) for x in v) + ")"
+    return str(v)
+
+
+def camhd_optimizer_description(optimizer: Any) -> str:
+    """One line describing a CAM-HD optimizer for a model card: class, levels, base settings, CAM-HD settings
+    and the learned γ."""
+    opt = unwrap_camhd(optimizer)
+    if opt is None:
+        raise ValueError(f"Not a CAM-HD optimizer: {type(optimizer).__name__}")
+    cfg, g = opt.config, opt.param_groups[0]
+    base = [f"{k}={_fmt(g[k])}" for k in ("betas", "eps", "momentum", "nesterov", "amsgrad") if k in g]
+    decays = sorted({float(grp["weight_decay"]) for grp in opt.param_groups})
+    base.append("weight_decay=" + "/".join(_fmt(d) for d in decays) + (" (no decay for biases and norms)"
+                                                                        if len(decays) > 1 else ""))
+    gamma = [round(x, 4) for x in opt.gamma.tolist()]
+    return (f"{type(opt).__name__} (CAM-HD: combined adaptive multi-level hyper-gradient descent, hf_camhd) "
+            f"with levels={','.join(opt.levels)}, lr (α₀)={_fmt(cfg.lr)}, {', '.join(base)}, "
+            f"hypergrad_lr (β)={_fmt(cfg.hypergrad_lr)}, gamma_lr (δ)={_fmt(cfg.gamma_lr)}, "
+            f"decay_rate={_fmt(cfg.decay_rate)}, hypergrad_scaling={cfg.hypergrad_scaling}, "
+            f"gamma_update={cfg.gamma_update}; learned γ after {opt.num_steps} steps: {gamma}")
+
+
+_OPT_LINE = re.compile(r"^- optimizer: .*?(?=^- |^#|\Z)", re.MULTILINE | re.DOTALL)
+
+
+def fix_model_card(path: str | os.PathLike, optimizer: Any) -> str:
+    """Rewrite the ``- optimizer:`` line of a Trainer-generated model card (which names ``args.optim``, e.g.
+    AdamW) to describe the CAM-HD optimizer, and add the ``camhd`` tag. Returns the new card text."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    line = f"- optimizer: {camhd_optimizer_description(optimizer)}\n"
+    if _OPT_LINE.search(text):
+        text = _OPT_LINE.sub(lambda m: line, text, count=1)
+    elif "### Training hyperparameters" in text:
+        text = text.replace("### Training hyperparameters\n", "### Training hyperparameters\n\n" + line, 1)
+    else:
+        text = text.rstrip("\n") + "\n\n### Training hyperparameters\n\n" + line
+    if text.startswith("---\n") and "\ntags:\n" in text.split("\n---\n", 1)[0] and "- camhd\n" not in text:
+        text = text.replace("\ntags:\n", "\ntags:\n- camhd\n", 1)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return text
+
