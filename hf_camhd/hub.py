@@ -158,8 +158,6 @@ def publish(model: nn.Module, output_dir: str | Path, *, results: Mapping[str, f
     Returns:
         The folder. Raises :class:`HubUploadError` (folder left in place) when the upload fails.
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
     if push and not repo_id:
         raise ValueError("Invalid repo_id: push=True needs repo_id='user/name'")
     out = Path(output_dir)
@@ -174,6 +172,26 @@ def publish(model: nn.Module, output_dir: str | Path, *, results: Mapping[str, f
     else:
         model.save_pretrained(out, safe_serialization=True)
 
+    write_card(model, out, results=results, optimizer=optimizer, dataset=dataset, plots=plots, model_name=model_name,
+               description=description, license=license, task=task, repo_id=repo_id, family=family)
+    if push:
+        summary = summarize_optimizer(optimizer)
+        upload_folder(out, repo_id, private=private, token=token,
+                      commit_message=commit_message or f"Upload model trained with {summary['display_name']}")
+    return out
+
+
+def write_card(model: nn.Module, output_dir: str | Path, *, results: Mapping[str, float], optimizer: Any,
+               dataset: str | Mapping, plots: Mapping[str, str | Path] | None = None, model_name: str | None = None,
+               description: str | None = None, license: str = "apache-2.0", task: str = "image-classification",
+               repo_id: str | None = None, family: str | None = None) -> Path:
+    """Write the model card (``README.md``), ``camhd_config.json`` and the plots into ``output_dir``
+    (the weights are :func:`publish`'s job). Returns the card's path."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    family = family or model_family(model)
     summary = summarize_optimizer(optimizer)
     data = _dataset_info(dataset)
     plot_files = {}
@@ -196,8 +214,8 @@ def publish(model: nn.Module, output_dir: str | Path, *, results: Mapping[str, f
         tags.append(family)
     card_data = ModelCardData(model_name=name, library_name=family, license=license, tags=tags,
                               datasets=[dataset_id], metrics=list(results), pipeline_tag=task,
-                              eval_results=eval_results)
-    training = _render_training(summary, data, results, plot_files)
+                              eval_results=eval_results or None)
+    training = _render_training(summary, data, results, plot_files, learned_rates_table(summary))
     kwargs = dict(model_name=name, training_section=training, repo_or_path=repo_id or str(out),
                   description=description or f"`{type(model).__name__}` trained on {data['name']} with "
                                              f"{summary['display_name']}.")
@@ -207,18 +225,25 @@ def publish(model: nn.Module, output_dir: str | Path, *, results: Mapping[str, f
         kwargs.update(auto_class=_auto_class(model), has_tokenizer=(out / "tokenizer_config.json").exists())
     card = ModelCard.from_template(card_data, template_path=str(template_path(CARD_TEMPLATES[family])), **kwargs)
     card.save(out / "README.md")
-    if push:
-        upload_folder(out, repo_id, private=private, token=token,
-                      commit_message=commit_message or f"Upload {name} trained with {summary['display_name']}")
-    return out
+    return out / "README.md"
 
 
-def _render_training(summary: dict, data: dict, results: dict, plots: dict) -> str:
+def learned_rates_table(optimizer: Any) -> str:
+    """The card's "learned rates" table (final γ and mean/min/max α per level) as markdown; ``optimizer``
+    is an optimizer or a summary from :func:`summarize_optimizer`."""
+    summary = optimizer if isinstance(optimizer, Mapping) else summarize_optimizer(optimizer)
+    rows = ["| level | γ (final) | mean α | min α | max α |", "|---|---:|---:|---:|---:|"]
+    rows += [f"| {r['level']} | {r['gamma']:.4f} | {r['alpha_mean']:.3e} | {r['alpha_min']:.3e} | {r['alpha_max']:.3e} |"
+             for r in summary.get("final", [])]
+    return "\n".join(rows)
+
+
+def _render_training(summary: dict, data: dict, results: dict, plots: dict, learned_rates: str) -> str:
     import jinja2
 
     text = template_path("_training.md").read_text()
     return jinja2.Template(text).render(optimizer=summary, dataset=data, results=results, plots=plots,
-                                        training_steps=summary.get("steps")).strip()
+                                        learned_rates=learned_rates, training_steps=summary.get("steps")).strip()
 
 
 def _input_shape(model: nn.Module) -> list[int]:
@@ -238,6 +263,43 @@ def _auto_class(model) -> str | None:
         if arch.endswith(suffix):
             return "AutoModel" + suffix
     return None
+
+
+def training_plots(history: list[Mapping[str, float]], gamma_trajectory: list[Mapping[str, float]],
+                   out_dir: str | Path) -> dict[str, Path]:
+    """Plots of one training run for its card: test accuracy / loss per epoch (``history``: dicts with
+    ``epoch``, ``accuracy``, ``loss``) and γ per level over optimizer steps (``gamma_trajectory``: dicts
+    with ``step`` and one key per level). Returns card title → PNG path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = {}
+    if history:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+        epochs = [h["epoch"] for h in history]
+        for ax, key in zip(axes, ("accuracy", "loss")):
+            ax.plot(epochs, [h[key] for h in history], marker="o")
+            ax.set(xlabel="epoch", ylabel=f"test {key}")
+        fig.tight_layout()
+        fig.savefig(out / "learning_curves.png", dpi=110)
+        plt.close(fig)
+        plots["Learning curves"] = out / "learning_curves.png"
+    levels = [k for k in (gamma_trajectory[0] if gamma_trajectory else {}) if k != "step"]
+    if levels:
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        steps = [g["step"] for g in gamma_trajectory]
+        for lv in levels:
+            ax.plot(steps, [g[lv] for g in gamma_trajectory], label=lv)
+        ax.set(xlabel="optimizer step", ylabel="γ")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "gamma.png", dpi=110)
+        plt.close(fig)
+        plots["Combination weights γ"] = out / "gamma.png"
+    return plots
 
 
 def upload_folder(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None,

@@ -3,8 +3,11 @@
 
 The optimizer comes from :class:`hf_camhd.integrations.transformers.CAMHDOptimizerFactory` (the hierarchy —
 embeddings / each transformer layer / head — is built from the model, with the Trainer's weight-decay
-split) and :class:`~hf_camhd.integrations.transformers.CAMHDCallback` puts γ and the α statistics into
-every training log (``log_history``, TensorBoard, ...). The model card names the CAM-HD optimizer.
+split); :class:`~hf_camhd.integrations.transformers.CAMHDTrainer` (a ``Trainer``) puts γ and the α
+statistics into every training log (``log_history``, TensorBoard, ...) and writes a model card that names
+the CAM-HD optimizer, its settings and the learned rates. ``--push_to_hub --hub_model_id user/name``
+uploads the result with the Trainer's own ``push_to_hub`` (one commit); without a token or network it
+says so and leaves ``OUTPUT_DIR`` in place.
 
 Real run (one process: CPU or one GPU)::
 
@@ -85,10 +88,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--eval_steps", type=int, default=None)
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
     g.add_argument("--report_to", default="none", help="tensorboard, wandb, ... (default none)")
+    g.add_argument("--push_to_hub", action="store_true", help="upload OUTPUT_DIR to --hub_model_id at the end")
+    g.add_argument("--hub_model_id", default=None, help="user/name of the Hub repo")
+    g.add_argument("--hub_private_repo", action="store_true")
+    g.add_argument("--hub_token", default=None, help="default: the token of `hf auth login`")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--use_cpu", action="store_true")
     g.add_argument("--disable_tqdm", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.push_to_hub and not args.hub_model_id:
+        p.error("--push_to_hub needs --hub_model_id user/name")
+    return args
 
 
 # ------------------------------------------------------------------------------------------ tiny offline setup
@@ -180,11 +190,10 @@ def compute_metrics(eval_pred) -> dict:
 def main(argv=None) -> dict:
     global LABEL
     args = parse_args(argv)
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
-    from hf_camhd.integrations.transformers import CAMHDCallback, CAMHDOptimizerFactory, fix_model_card, unwrap_camhd
+    from hf_camhd.integrations.transformers import CAMHDOptimizerFactory, CAMHDTrainer, unwrap_camhd
 
     set_seed(args.seed)
     LABEL = args.label_column
@@ -232,12 +241,13 @@ def main(argv=None) -> dict:
         weight_decay=args.weight_decay, lr_scheduler_type=args.lr_scheduler_type, warmup_steps=args.warmup_steps,
         max_grad_norm=args.max_grad_norm, bf16=args.bf16, fp16=args.fp16, logging_steps=args.logging_steps,
         save_steps=args.save_steps, eval_strategy=args.eval_strategy, eval_steps=args.eval_steps,
-        report_to=args.report_to, seed=args.seed, use_cpu=args.use_cpu, disable_tqdm=args.disable_tqdm)
-    trainer = Trainer(model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
-                      processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-                      compute_metrics=compute_metrics,
-                      optimizer_cls_and_kwargs=(CAMHDOptimizerFactory, optim_kwargs))
-    CAMHDCallback.install(trainer)  # first, so TensorBoard / W&B get the CAM-HD scalars too
+        report_to=args.report_to, seed=args.seed, use_cpu=args.use_cpu, disable_tqdm=args.disable_tqdm,
+        hub_model_id=args.hub_model_id, hub_private_repo=args.hub_private_repo, hub_token=args.hub_token)
+    # note: CAMHDTrainer logs the CAM-HD scalars itself (before every reporting integration) and cards the optimizer
+    trainer = CAMHDTrainer(model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
+                           processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+                           compute_metrics=compute_metrics,
+                           optimizer_cls_and_kwargs=(CAMHDOptimizerFactory, optim_kwargs))
 
     resume = args.resume_from_checkpoint
     if resume == "latest":
@@ -252,14 +262,27 @@ def main(argv=None) -> dict:
               "optimizer": args.optimizer, "levels": list(opt.levels) if opt else [],
               "camhd": opt.lr_stats() if opt else {},
               "log_history": trainer.state.log_history}
+    card_kw = dict(finetuned_from=None if args.tiny else args.model_name_or_path, dataset=args.dataset_name)
     if trainer.is_world_process_zero():
-        trainer.create_model_card(model_name=output_dir.name,
-                                  finetuned_from=None if args.tiny else args.model_name_or_path,
-                                  dataset=args.dataset_name)
-        if opt is not None:
-            fix_model_card(output_dir / "README.md", opt)
+        trainer.create_model_card(model_name=args.hub_model_id.split("/")[-1] if args.hub_model_id else output_dir.name,
+                                  **card_kw)
         (output_dir / "metrics.json").write_text(json.dumps(result, indent=1, default=str))
+    if args.push_to_hub:
+        result["hub"] = push(trainer, card_kw)
     return result
+
+
+def push(trainer, card_kw: dict) -> dict:
+    """The Trainer's own ``push_to_hub`` (our card, one commit); a failure is a message, not a traceback."""
+    try:
+        commit = trainer.push_to_hub(commit_message="Fine-tuned with a CAM-HD optimizer (hf_camhd)", **card_kw)
+    except Exception as err:  # no token, no network, refused: say so and keep the folder
+        msg = (f"push_to_hub to {trainer.args.hub_model_id!r} failed ({type(err).__name__}: {err}). "
+               f"The model, card and metrics are in {trainer.args.output_dir}; upload later with "
+               f"`hf upload {trainer.args.hub_model_id} {trainer.args.output_dir}`.")
+        print(msg, file=sys.stderr)
+        return {"pushed": False, "error": msg}
+    return {"pushed": True, "commit": str(getattr(commit, "commit_url", commit))}
 
 
 if __name__ == "__main__":

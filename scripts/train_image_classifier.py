@@ -82,9 +82,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--log_every", type=int, default=20, help="log loss and CAM-HD scalars every K steps")
     g.add_argument("--report_to", default=None, help="accelerate trackers, e.g. tensorboard (default: none)")
     g.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
+    g.add_argument("--push_to_hub", action="store_true",
+                   help="write a Hub-ready folder (OUTPUT_DIR/hub: weights, CAM-HD card, plots) and upload it")
+    g.add_argument("--hub_model_id", default=None, help="user/name of the Hub repo (needed with --push_to_hub)")
+    g.add_argument("--hub_private_repo", action="store_true")
+    g.add_argument("--hub_token", default=None, help="default: the token of `hf auth login`")
     args = p.parse_args(argv)
     if args.gradient_accumulation_steps < 1:
         p.error("--gradient_accumulation_steps must be >= 1")
+    if args.push_to_hub and not args.hub_model_id:
+        p.error("--push_to_hub needs --hub_model_id user/name")
     return args
 
 
@@ -214,7 +221,7 @@ def main(argv=None) -> dict:
         accelerator.init_trackers("camhd", config={k: v for k, v in vars(args).items()
                                                    if isinstance(v, (int, float, str, bool))})
 
-    global_step, history = 0, []
+    global_step, history, gamma_trajectory = 0, [], []
     if args.resume_from_checkpoint:
         ckpt = find_checkpoint(output_dir, args.resume_from_checkpoint)
         accelerator.load_state(str(ckpt))
@@ -264,6 +271,8 @@ def main(argv=None) -> dict:
             if global_step % args.log_every == 0 or global_step == total_steps:
                 stats = log_camhd_stats(accelerator, optimizer, step=global_step) if args.report_to else \
                     camhd_stats(optimizer)
+                gamma_trajectory.append({"step": global_step, **{k[len("camhd/gamma_"):]: v for k, v in stats.items()
+                                                                 if k.startswith("camhd/gamma_")}})
                 accelerator.log({"train/loss": last_loss}, step=global_step)
                 bar.set_postfix(loss=f"{last_loss:.4f}",
                                 lr=f"{stats.get('camhd/effective_lr_mean', scheduler.get_last_lr()[0]):.2e}")
@@ -290,9 +299,31 @@ def main(argv=None) -> dict:
     accelerator.save_model(model, str(output_dir / "model"))
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        if args.push_to_hub:
+            result["hub"] = publish_run(args, info, accelerator.unwrap_model(model), optimizer, history,
+                                        gamma_trajectory, output_dir)
         (output_dir / "metrics.json").write_text(json.dumps(result, indent=1))
     accelerator.end_training()
     return result
+
+
+def publish_run(args, info, model, optimizer, history, gamma_trajectory, output_dir: Path) -> dict:
+    """Write OUTPUT_DIR/hub (weights in the model's Hub format, CAM-HD card, plots) and upload it; a failed
+    upload is one clear message and the folder stays."""
+    from hf_camhd.hub import HubUploadError, publish, training_plots
+
+    final = history[-1] if history else {}
+    plots = training_plots(history, gamma_trajectory, output_dir / "plots")
+    folder = output_dir / "hub"
+    try:
+        publish(model, folder, results={k: final[k] for k in ("accuracy", "loss") if k in final},
+                optimizer=getattr(optimizer, "optimizer", optimizer),
+                dataset={"name": args.dataset, "id": info.hub_id}, plots=plots, push=True, repo_id=args.hub_model_id,
+                private=args.hub_private_repo, token=args.hub_token)
+    except HubUploadError as err:
+        print(str(err), file=sys.stderr)
+        return {"pushed": False, "folder": str(folder), "error": str(err)}
+    return {"pushed": True, "folder": str(folder), "repo_id": args.hub_model_id}
 
 
 if __name__ == "__main__":

@@ -205,12 +205,14 @@ def camhd_optimizer_description(optimizer: Any) -> str:
             f"gamma_update={cfg.gamma_update}; learned γ after {opt.num_steps} steps: {gamma}")
 
 
+_RATES_HEADING = "### CAM-HD learned rates"
 _OPT_LINE = re.compile(r"^- optimizer: .*?(?=^- |^#|\Z)", re.MULTILINE | re.DOTALL)
 
 
 def fix_model_card(path: str | os.PathLike, optimizer: Any) -> str:
     """Rewrite the ``- optimizer:`` line of a Trainer-generated model card (which names ``args.optim``, e.g.
-    AdamW) to describe the CAM-HD optimizer, and add the ``camhd`` tag. Returns the new card text."""
+    AdamW) to describe the CAM-HD optimizer, add the ``camhd`` tag and a table of the learned γ / α per
+    level. Returns the new card text."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     line = f"- optimizer: {camhd_optimizer_description(optimizer)}\n"
@@ -222,6 +224,11 @@ def fix_model_card(path: str | os.PathLike, optimizer: Any) -> str:
         text = text.rstrip("\n") + "\n\n### Training hyperparameters\n\n" + line
     if text.startswith("---\n") and "\ntags:\n" in text.split("\n---\n", 1)[0] and "- camhd\n" not in text:
         text = text.replace("\ntags:\n", "\ntags:\n- camhd\n", 1)
+    if _RATES_HEADING not in text:
+        from ..hub import learned_rates_table
+        text = (text.rstrip("\n") + f"\n\n{_RATES_HEADING}\n\nFinal combination weights γ and learned rates α per "
+                f"level after {unwrap_camhd(optimizer).num_steps} optimizer steps:\n\n"
+                + learned_rates_table(unwrap_camhd(optimizer)) + "\n")
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return text
