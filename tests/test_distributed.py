@@ -28,13 +28,7 @@ import dist_common as C  # noqa: E402
 LEVELS = ("global", "block", "layer", "unit", "parameter")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and avoids OpenMP spin-waiting on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _torchrun(mode: str, out: Path) -> None:

@@ -6,24 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from huggingface_hub import HfApi, ModelCard
 
 from test_integrations_scripts import _script  # noqa: F401  (same loader as the script tests)
 
 
-@pytest.fixture(autouse=True)
-def one_thread_fresh_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 @pytest.fixture

@@ -20,23 +20,7 @@ LEVELS = ("global", "block", "layer", "unit", "parameter")
 HYPER = ("hypergrad_dir", "hypergrad_dir_scale", "camhd_alpha_unit", "camhd_alpha_parameter_offset")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and avoids OpenMP spin-waiting on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each test builds its own Accelerator (the state is a process-wide singleton)."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 def _batch(t: int, n: int = 16, dtype=torch.float32):
