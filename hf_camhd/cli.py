@@ -100,6 +100,8 @@ def _add_compare_parser(subparsers) -> None:
     p.add_argument("--max-test-samples", type=_positive_int, metavar="N", help="evaluate on a subset of N examples")
     p.add_argument("--log-every", type=_positive_int, default=50, metavar="STEPS",
                    help="record γ and mean α per level every STEPS optimizer steps (default 50)")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="torch threads on CPU (default 1: fastest for these small models, safe on a busy machine)")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="rerun every run (the old results.json is kept as results.previous.json)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -118,7 +120,7 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
             eval_batch_size=args.eval_batch_size, levels=args.levels, gamma=args.gamma, device=args.device,
             mixed_precision=args.mixed_precision, output_dir=args.output_dir, data_dir=args.data_dir,
             sweep_gamma=args.sweep_gamma, max_train_samples=args.max_train_samples,
-            max_test_samples=args.max_test_samples, log_every=args.log_every, resume=args.resume,
+            max_test_samples=args.max_test_samples, log_every=args.log_every, threads=args.threads, resume=args.resume,
             progress=args.progress, plots=args.plots, command="hf-camhd " + shlex.join(argv),
             **({"sweep_values": args.sweep_values} if args.sweep_values else {}))
         summary = run_comparison(cfg, log=print)
@@ -150,7 +152,13 @@ def _cmd_tree(argv: Sequence[str]) -> int:
             return _error("'hf-camhd tree' is not available in this installation (hf_camhd.hierarchy.__main__ "
                           "is missing); update hf_camhd")
         raise
-    rc = tree_main(list(argv))
+    import inspect
+
+    kwargs = {"prog": "hf-camhd tree"} if "prog" in inspect.signature(tree_main).parameters else {}
+    try:
+        rc = tree_main(list(argv), **kwargs)
+    except SystemExit as exc:  # its argparse: --help (0) or a usage error (2)
+        rc = exc.code
     return int(rc or 0)
 
 

@@ -21,8 +21,9 @@ conservative comparison of the arithmetic alone.
 from __future__ import annotations
 
 import argparse
-import gc
+import json
 import os
+import subprocess
 import statistics
 import sys
 import time
@@ -67,41 +68,52 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def bench_model(name: str, steps: int, warmup: int, gamma_lr: float) -> list[dict]:
+def bench_model(name: str, base: str, steps: int, warmup: int, gamma_lr: float) -> list[dict]:
+    """One (parameter set, base rule): the torch baseline and the four trees, steps interleaved round-robin.
+
+    Every optimizer updates its own copy of the parameters (fixed random gradients), so no optimizer's
+    trajectory changes another's numbers.
+    """
     torch.manual_seed(0)
     model = build_model(name)
     params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-2
+    grads = [torch.randn_like(p) * 1e-2 for p in params]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     trees = {k: build_hierarchy(model, v) for k, v in TREES.items()}
-    rows = []
-    for base in ("adam", "sgd"):
-        opts = {}
-        if base == "adam":
-            opts["torch.optim.Adam(foreach=True)"] = torch.optim.Adam(params, lr=1e-3, foreach=True)
-            for k, tree in trees.items():
-                opts[k] = CAMHDAdam(model, lr=1e-3, tree=tree, hypergrad_lr=1e-8, gamma_lr=gamma_lr)
-        else:
-            opts["torch.optim.SGD(foreach=True)"] = torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=True)
-            for k, tree in trees.items():
-                opts[k] = CAMHDSGD(model, lr=0.1, momentum=0.9, tree=tree, hypergrad_lr=1e-6, gamma_lr=gamma_lr)
-        times = {k: [] for k in opts}
-        for r in range(warmup + steps):
-            for k, opt in opts.items():
-                t0 = time.perf_counter()
-                opt.step()
-                dt = time.perf_counter() - t0
-                if r >= warmup:
-                    times[k].append(dt)
-        ref = next(iter(opts))
-        ref_med = statistics.median(times[ref])
+
+    def copy():
+        import copy as _copy
+        m = _copy.deepcopy(model)
+        for p, g in zip([q for q in m.parameters() if q.requires_grad], grads):
+            p.grad = g
+        return m
+
+    opts = {}
+    if base == "adam":
+        m = copy()
+        opts["torch.optim.Adam(foreach=True)"] = torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True)
+        for k, tree in trees.items():
+            opts[k] = CAMHDAdam(copy(), lr=1e-3, tree=tree, hypergrad_lr=1e-8, gamma_lr=gamma_lr)
+    else:
+        m = copy()
+        opts["torch.optim.SGD(foreach=True)"] = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, foreach=True)
+        for k, tree in trees.items():
+            opts[k] = CAMHDSGD(copy(), lr=0.1, momentum=0.9, tree=tree, hypergrad_lr=1e-6, gamma_lr=gamma_lr)
+    times = {k: [] for k in opts}
+    for r in range(warmup + steps):
         for k, opt in opts.items():
-            med = statistics.median(times[k])
-            rows.append(dict(model=name, base=base, tree=k if k != ref else "(torch baseline)", ms=med * 1e3,
-                             ratio=med / ref_med, state=state_bytes(opt) / param_bytes))
-        del opts
-        gc.collect()
+            t0 = time.perf_counter()
+            opt.step()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[k].append(dt)
+    ref = next(iter(opts))
+    ref_med = statistics.median(times[ref])
+    rows = []
+    for k, opt in opts.items():
+        med = statistics.median(times[k])
+        rows.append(dict(model=name, base=base, tree=k if k != ref else "(torch baseline)", ms=med * 1e3,
+                         ratio=med / ref_med, state=state_bytes(opt) / param_bytes))
     return rows
 
 
@@ -113,7 +125,12 @@ def main(argv=None) -> None:
     ap.add_argument("--gamma-lr", type=float, default=0.01, help="δ used by the CAM-HD runs (0 = fixed γ)")
     ap.add_argument("--allocator", choices=("default", "no-trim"), default="default",
                     help="no-trim: glibc recycles freed memory (see the module docstring)")
+    ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)  # internal: one model:base, JSON out
     args = ap.parse_args(argv)
+    if args._one:
+        name, base = args._one.split(":")
+        print(json.dumps(bench_model(name, base, args.steps, args.warmup, args.gamma_lr)))
+        return
     if args.allocator == "no-trim" and "MALLOC_TRIM_THRESHOLD_" not in os.environ:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 32), MALLOC_TRIM_THRESHOLD_=str(1 << 36))
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
@@ -122,9 +139,14 @@ def main(argv=None) -> None:
     print("| parameters | base | tree | step (ms) | × torch foreach | state bytes / param bytes |")
     print("|---|---|---|---:|---:|---:|")
     for name in args.models.split(","):
-        for r in bench_model(name, args.steps, args.warmup, args.gamma_lr):
-            print(f"| {r['model']} | {r['base']} | {r['tree']} | {r['ms']:.1f} | {r['ratio']:.2f} | {r['state']:.2f} |",
-                  flush=True)
+        for base in ("adam", "sgd"):
+            # note: each (parameter set, base) in a fresh process: no memory or allocator state carries over
+            cmd = [sys.executable, __file__, "--_one", f"{name}:{base}", "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--gamma-lr", str(args.gamma_lr)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            for r in json.loads(out.strip().splitlines()[-1]):
+                print(f"| {r['model']} | {r['base']} | {r['tree']} | {r['ms']:.1f} | {r['ratio']:.2f} | "
+                      f"{r['state']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

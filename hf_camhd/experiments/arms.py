@@ -5,22 +5,21 @@ preset (:mod:`hf_camhd.experiments.presets`): the Adam family reads ``adam_lr`` 
 the SGD family ``sgd_lr`` / ``momentum`` / ``sgd_hypergrad_lr``; every CAM-HD arm also reads the tree,
 γ, δ (``gamma_lr``) and r (``decay_rate``).
 
-==========================  ===================  ===========================================================
-arm                         shown as             optimizer
-==========================  ===================  ===========================================================
-adam, adamw, radam          Adam, AdamW, RAdam   torch.optim (``hf_camhd.baselines``), lr = adam_lr
-adabound                    AdaBound             ``hf_camhd.baselines.AdaBound`` (final_lr 0.1, gamma 1e-3)
-adam-l4                     Adam-L4              ``hf_camhd.baselines.L4`` (α = 0.15, stepped with the loss)
-sgd, sgdn                   SGD, SGDN            torch.optim.SGD, lr = sgd_lr, momentum 0.9 (sgdn: Nesterov)
-adam-hd, adamw-hd           Adam-HD, AdamW-HD    CAM-HD with the global-only tree = Baydin et al.'s HD
-sgd-hd, sgdn-hd             SGD-HD, SGDN-HD      idem on SGD with the preset's momentum (sgdn: Nesterov)
-adam-camhd                  Adam-CAM-HD          CAMHDAdam, the preset's 2-level tree (``--levels`` overrides)
-adam-camhd-2level           Adam-CAM-HD (2-lvl)  CAMHDAdam, the preset's 2-level tree (MLP: global+layer,
-                                                 CNN: global+unit = the paper's filter level)
-adam-camhd-3level           Adam-CAM-HD (3-lvl)  CAMHDAdam, global+layer+parameter, γ = (0.4, 0.3, 0.3)
-adamw-camhd[-2level|-3level]                     CAMHDAdamW, same trees
-sgd-camhd[...], sgdn-camhd[...]                  CAMHDSGD with the preset's momentum (sgdn: Nesterov)
-==========================  ===================  ===========================================================
+* ``adam``, ``adamw``, ``radam`` (Adam, AdamW, RAdam): torch.optim through ``hf_camhd.baselines``,
+  lr = ``adam_lr`` (AdamW: decoupled decay ``adamw_weight_decay``).
+* ``adabound`` (AdaBound): ``hf_camhd.baselines.AdaBound``, lr = ``adam_lr``, final_lr 0.1, gamma 1e-3.
+* ``adam-l4`` (Adam-L4): ``hf_camhd.baselines.L4``, α = 0.15, stepped with a closure returning the loss.
+* ``sgd``, ``sgdn`` (SGD, SGDN): torch.optim.SGD, lr = ``sgd_lr``, heavy-ball momentum 0.9 (sgdn: Nesterov).
+* ``adam-hd``, ``adamw-hd``, ``sgd-hd``, ``sgdn-hd`` (Adam-HD, …): the global-only CAM-HD tree, i.e.
+  Baydin et al.'s hyper-gradient descent, β = the family's hyper-gradient lr; the SGD ones use the
+  preset's momentum (``sgdn-hd``: Nesterov), so each pairs with its baseline.
+* ``adam-camhd`` (Adam-CAM-HD): CAMHDAdam on the preset's two-level tree (``--levels`` / ``--gamma``
+  replace it).
+* ``adam-camhd-2level`` (Adam-CAM-HD (2-level)): the preset's two-level tree — MLP: global + layer,
+  γ = (0.5, 0.5); CNN: global + unit (the paper's filter level), γ = (0.8, 0.2).
+* ``adam-camhd-3level`` (Adam-CAM-HD (3-level)): global + layer + parameter, γ = (0.4, 0.3, 0.3).
+* ``adamw-camhd``, ``sgd-camhd``, ``sgdn-camhd``, each with an optional ``-2level`` / ``-3level``
+  suffix: the same trees on CAMHDAdamW / CAMHDSGD (heavy-ball momentum; ``sgdn``: Nesterov).
 
 ``sgdm-camhd`` is accepted for ``sgd-camhd`` and ``l4`` for ``adam-l4``. The HD arms use no decay
 (r = 0), as in Baydin et al.; the CAM-HD arms use the preset's r. The SGD-family arms follow the

@@ -12,11 +12,11 @@ from .results import arm_order, epoch_curve, finished_runs, hyper_curve, summari
 __all__ = ["write_plots", "plot_learning_curves", "plot_gamma_trajectories", "plot_gamma_sweep"]
 
 
-def _figure(ncols: int, nrows: int = 1, width: float = 5.0, height: float = 3.8):
+def _figure(ncols: int, nrows: int = 1, width: float = 5.0, height: float = 3.8, extra_width: float = 0.0):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    fig = Figure(figsize=(width * ncols + extra_width, height * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     return fig, axes
@@ -61,7 +61,7 @@ def _title(results: Mapping[str, Any]) -> str:
 
 def plot_learning_curves(results: Mapping[str, Any], path: Path) -> dict[str, int]:
     """Test accuracy, train loss and test loss per epoch, one mean curve with an s.e. band per series."""
-    fig, axes = _figure(3)
+    fig, axes = _figure(3, extra_width=2.2)
     series = [s for s in arm_order(results) if finished_runs(results, s)]
     metrics = [("test_accuracy", "test accuracy (%)"), ("train_loss", "train loss"), ("test_loss", "test loss")]
     for color, s in zip(_colors(len(series)), series):
@@ -73,7 +73,9 @@ def plot_learning_curves(results: Mapping[str, Any], path: Path) -> dict[str, in
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:  # note: outside the axes, so a dozen arms never hide the curves
+        fig.legend(handles, labels, loc="outside right upper", fontsize=7)
     fig.suptitle(_title(results), fontsize=9)
     return _save(fig, path)
 

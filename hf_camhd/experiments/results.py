@@ -9,16 +9,19 @@
       "config": {...},                             # the CompareConfig (resolved task, arms, seeds, ...)
       "task": {...},                               # the TaskPreset after overrides
       "data": {"dataset", "train_size", "test_size", "source"},
-      "environment": {"torch", "hf_camhd", "device", "num_processes", "mixed_precision", ...},
+      "environment": {"torch", "hf_camhd", "device", "num_processes", "mixed_precision", "git_commit", ...},
+                                                   # of the latest invocation (each run keeps its own)
       "runs": [                                    # one per optimizer arm x seed (x fixed gamma for a sweep)
         {"key": "adam-camhd|seed=0", "arm", "series" (the arm; "arm|gamma_global=0.4" in a sweep),
          "display_name", "seed", "gamma_global" (sweep) or null,
          "config_hash",                            # hash of everything that decides the run's numbers
-         "status": "running" | "finished",
+         "status": "running" | "finished", "started_at", "finished_at",
+         "environment": {"git_commit", "torch", "device", "num_processes", "mixed_precision"},  # when trained
          "optimizer": {"name", "class", "kind", "hyperparameters", "lr_schedule"},
          "num_parameters", "steps_per_epoch",
-         "epochs": [{"epoch", "train_loss", "test_loss", "test_accuracy" (percent), "lr_factor",
-                     "wall_time_s" (cumulative)}, ...],
+         "epochs": [{"epoch", "train_loss" (mean mini-batch loss during the epoch), "test_loss" (mean cross
+                     entropy on the test split after the epoch), "test_accuracy" (percent), "lr_factor" (the
+                     scheduler's multiplier), "wall_time_s" (cumulative)}, ...],
          "hyper_log": [{"step", "epoch" (fractional), "gamma": {level: value},
                         "alpha_mean": {level: value}, "effective_lr_mean"}, ...],   # CAM-HD / HD arms
          "final": {"test_accuracy", "test_loss", "train_loss", "gamma", "alpha_mean"},
@@ -54,6 +57,8 @@ __all__ = [
     "series_of",
     "summarize",
     "summarize_sweep",
+    "paired_difference",
+    "reference_series",
     "epoch_curve",
     "hyper_curve",
     "render_markdown",
@@ -171,11 +176,31 @@ def _level_means(runs: Sequence[Mapping[str, Any]], field: str) -> dict[str, tup
     return out
 
 
+def reference_series(results: Mapping[str, Any]) -> str | None:
+    """The arm paired differences are taken against: ``adam`` when the comparison has it (not in a sweep)."""
+    if results.get("kind") == "sweep-gamma":
+        return None
+    return "adam" if finished_runs(results, "adam") else None
+
+
+def paired_difference(runs: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]],
+                      metric: str = "test_accuracy") -> tuple[float | None, float | None, int]:
+    """Mean ± s.e. over the seeds both have of ``final[metric]`` minus the reference's (same seed = same
+    initial weights and batch order, so the pairing removes most of the seed-to-seed spread)."""
+    ref = {r["seed"]: r.get("final", {}).get(metric) for r in reference}
+    diffs = [r["final"][metric] - ref[r["seed"]] for r in runs
+             if r["seed"] in ref and ref[r["seed"]] is not None and r.get("final", {}).get(metric) is not None]
+    return mean_se(diffs)
+
+
 def summarize(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per arm (comparison order) over its finished runs: mean ± s.e. of the final-epoch test
-    accuracy (%), test loss and train loss; the best epoch's accuracy; mean wall time per run; and for
+    accuracy (%), test loss and train loss; the best epoch's accuracy; mean wall time per run; the
+    paired accuracy difference to Adam (``delta_vs_reference``, when Adam is in the comparison); and for
     HD / CAM-HD arms the final γ and mean α per level (means over seeds, with s.e.)."""
     rows = []
+    ref_name = reference_series(results)
+    ref_runs = finished_runs(results, ref_name) if ref_name else []
     for series in arm_order(results):
         runs = finished_runs(results, series)
         if not runs:
@@ -187,11 +212,13 @@ def summarize(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         best, best_se, _ = mean_se(max((e["test_accuracy"] for e in r["epochs"] if e.get("test_accuracy") is not None),
                                        default=None) for r in runs)
         wall, _, _ = mean_se(r.get("wall_time_s") for r in runs)
+        delta, delta_se, _ = paired_difference(runs, ref_runs) if ref_runs else (None, None, 0)
         rows.append({
+            "reference": ref_name, "delta_vs_reference": delta, "delta_vs_reference_se": delta_se,
             "series": series, "arm": runs[0]["arm"], "display_name": _display(results, series), "n": n, "seeds": [r["seed"] for r in runs],
             "test_accuracy": acc, "test_accuracy_se": acc_se, "test_loss": tl, "test_loss_se": tl_se,
             "train_loss": trl, "train_loss_se": trl_se, "best_epoch_accuracy": best, "best_epoch_accuracy_se": best_se,
-            "wall_time_s": wall, "gamma": _level_means(runs, "gamma"), "alpha_mean": _level_means(runs, "alpha_mean"),
+            "diverged": sum(bool(r.get("diverged")) for r in runs), "wall_time_s": wall, "gamma": _level_means(runs, "gamma"), "alpha_mean": _level_means(runs, "alpha_mean"),
         })
     return rows
 
@@ -254,6 +281,14 @@ def _pm(mean: float | None, se: float | None, digits: int) -> str:
     return f"{mean:.{digits}f}" if se is None else f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
+def _signed(mean: float | None, se: float | None, is_reference: bool) -> str:
+    if is_reference:
+        return "—"
+    if mean is None:
+        return "n/a"
+    return f"{mean:+.2f}" if se is None else f"{mean:+.2f} ± {se:.2f}"
+
+
 def _bold_if(text: str, cond: bool) -> str:
     return f"**{text}**" if cond else text
 
@@ -279,25 +314,33 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         + f"; device {env.get('device', '?')}, {env.get('num_processes', 1)} process(es), "
           f"mixed precision {env.get('mixed_precision', 'no')}.")
     lines.append("Accuracy, losses: the last epoch's, mean ± standard error over seeds (s.e. = sd/√n). "
-                 "Best mean test accuracy in bold.")
+                 "Best mean test accuracy in bold. Δ vs Adam: the mean over seeds of (this arm − Adam) on the "
+                 "same seed (same initial weights and batch order) ± its s.e.; |Δ| > 2 s.e. is a clear "
+                 "difference.")
     lines.append("")
 
     rows = summarize(results)
     if rows:
         best = max((r["test_accuracy"] for r in rows if r["test_accuracy"] is not None), default=None)
         best_loss = min((r["test_loss"] for r in rows if r["test_loss"] is not None), default=None)
-        lines += ["| Optimizer | Test acc (%) | Test S.E | Test loss | Train loss | Best-epoch acc (%) | Runs | "
-                  "Time / run (s) |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        ref = rows[0]["reference"]
+        ref_label = next((r["display_name"] for r in rows if r["series"] == ref), ref)
+        lines += ["| Optimizer | Test acc (%) | Test S.E | " + (f"Δ acc vs {ref_label} (paired) | " if ref else "")
+                  + "Test loss | Train loss | Best-epoch acc (%) | Runs | Time / run (s) |",
+                  "|---|---:|---:|" + ("---:|" if ref else "") + "---:|---:|---:|---:|---:|"]
         for r in rows:
             is_best = best is not None and r["test_accuracy"] is not None and round(r["test_accuracy"], 2) == round(best, 2)
+            runs_cell = f"{r['n']} ({r['diverged']} diverged)" if r["diverged"] else str(r["n"])
             is_best_loss = (best_loss is not None and r["test_loss"] is not None
                             and round(r["test_loss"], 4) == round(best_loss, 4))
             lines.append(
                 f"| {_bold_if(r['display_name'], is_best)} | {_bold_if(_fmt(r['test_accuracy']), is_best)} | "
-                f"{_fmt(r['test_accuracy_se'])} | {_bold_if(_pm(r['test_loss'], r['test_loss_se'], 4), is_best_loss)} | "
+                f"{_fmt(r['test_accuracy_se'])} | "
+                + (f"{_signed(r['delta_vs_reference'], r['delta_vs_reference_se'], r['series'] == ref)} | " if ref else "")
+                + f"{_bold_if(_pm(r['test_loss'], r['test_loss_se'], 4), is_best_loss)} | "
                 f"{_pm(r['train_loss'], r['train_loss_se'], 4)} | "
-                f"{_pm(r['best_epoch_accuracy'], r['best_epoch_accuracy_se'], 2)} | {r['n']} | {_fmt(r['wall_time_s'], 1)} |")
+                f"{_pm(r['best_epoch_accuracy'], r['best_epoch_accuracy_se'], 2)} | "
+                f"{runs_cell} | {_fmt(r['wall_time_s'], 1)} |")
         lines.append("")
         hyper = [r for r in rows if r["gamma"] or r["alpha_mean"]]
         if hyper:

@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,8 @@ class CompareConfig:
             γ_global ∈ ``sweep_values``.
         max_train_samples, max_test_samples: keep a fixed random subset (seed 0, same for every run).
         log_every: record γ and mean α per level every this many optimizer steps (and at the start / end).
+        threads: torch intra-op threads on CPU (default 1: these small models train fastest on one
+            thread, and several threads on a busy machine can be 100x slower); ignored on GPU.
         resume: reuse finished runs found in ``output_dir/results.json``.
         progress, plots: show tqdm bars; write the PNG plots.
         command: the command line, recorded in results.json / results.md.
@@ -95,6 +97,7 @@ class CompareConfig:
     max_train_samples: int | None = None
     max_test_samples: int | None = None
     log_every: int = 50
+    threads: int | None = None
     resume: bool = True
     progress: bool = True
     plots: bool = True
@@ -102,7 +105,7 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         for name in ("seeds", "epochs", "batch_size", "eval_batch_size", "max_train_samples", "max_test_samples",
-                     "log_every"):
+                     "log_every", "threads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"Invalid {name}: must be a positive integer, got {value!r}")
@@ -173,10 +176,11 @@ def plan_runs(cfg: CompareConfig, preset: TaskPreset) -> list[RunSpec]:
         if len(arms) != 1 or arms[0].kind != "camhd":
             raise ValueError("Invalid --optimizers for --sweep-gamma: give one CAM-HD arm (default adam-camhd-2level)")
         arm = arms[0]
+        tree_arm = replace(arm, tree="default") if cfg.levels is not None else arm  # --levels sets the swept tree
         runs = []
         for g in cfg.sweep_values:
             g = round(float(g), 6)
-            kw = arm_hyperparameters(arm, preset, levels=cfg.levels, gamma=(g, 1.0 - g), gamma_lr=0.0)
+            kw = arm_hyperparameters(tree_arm, preset, levels=cfg.levels, gamma=(g, 1.0 - g), gamma_lr=0.0)
             if len(kw["levels"]) != 2:
                 raise ValueError(f"Invalid --levels for --sweep-gamma: the sweep needs a two-level tree, got "
                                  f"{', '.join(kw['levels'])}")
@@ -255,6 +259,22 @@ def _make_accelerator(cfg: CompareConfig):
                        dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
+def _git_commit() -> str | None:
+    """``<commit>`` (``+dirty`` when the package's tracked files have changes) of a source checkout, else None."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "hf_camhd"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _environment(accelerator, cfg: CompareConfig) -> dict:
     import accelerate
 
@@ -264,7 +284,7 @@ def _environment(accelerator, cfg: CompareConfig) -> dict:
             "python": platform.python_version(), "platform": platform.platform(),
             "device": str(accelerator.device), "num_processes": accelerator.num_processes,
             "mixed_precision": str(accelerator.mixed_precision), "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
+            "cpu_count": os.cpu_count(), "git_commit": _git_commit(),
             "gpu": torch.cuda.get_device_name(0) if accelerator.device.type == "cuda" else None}
 
 
@@ -286,6 +306,9 @@ def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, acce
     x, y, xt, yt, info, _ = data
     set_seed(spec.seed)  # note: python, numpy and torch RNGs: the model's init depends on the seed only
     model = build_model(preset.model, info, preset.model_kwargs, cifar_stem=preset.resnet_cifar_stem)
+    # note: move the model before building the optimizer, so CAM-HD's model-wide state (γ, coarse α) is
+    # created on the training device rather than moved there afterwards
+    model = model.to(accelerator.device)
     optimizer = build_optimizer(spec.arm, model, spec.hyperparameters)
     transform_gen = torch.Generator().manual_seed(10_000 + spec.seed)
     train_ds = TensorImageDataset(x, y, transform=train_transform(info.name, generator=transform_gen))
@@ -379,6 +402,26 @@ def _evaluate(model, loader, accelerator) -> tuple[float, float]:
     return float(loss_sum) / count, 100.0 * float(correct) / count
 
 
+def _check_arms(plan: Sequence[RunSpec], preset: TaskPreset, info, mixed_precision: str) -> None:
+    """Build every distinct optimizer once on a throw-away model, so a bad tree / γ fails before training."""
+    if mixed_precision == "fp16":
+        needs_loss = sorted({s.arm.name for s in plan if s.arm.name == "adam-l4"})
+        if needs_loss:
+            raise ValueError(f"Invalid optimizers for fp16: {needs_loss[0]} steps with a loss closure, which torch's "
+                             "GradScaler does not support; use --mixed-precision bf16 or no")
+    model = None
+    seen = set()
+    for spec in plan:
+        key = (spec.arm.name, config_hash(spec.hyperparameters))
+        if key in seen:
+            continue
+        seen.add(key)
+        if model is None:
+            with torch.random.fork_rng(devices=[]):
+                model = build_model(preset.model, info, preset.model_kwargs, cifar_stem=preset.resnet_cifar_stem)
+        build_optimizer(spec.arm, model, spec.hyperparameters)
+
+
 # ------------------------------------------------------------------------------------------------ comparison
 def _say(log: Logger, msg: str) -> None:
     if log is not None:
@@ -394,12 +437,17 @@ def run_comparison(cfg: CompareConfig, *, log: Logger = print) -> CompareSummary
     preset = resolve_task(cfg)
     plan = plan_runs(cfg, preset)  # validates arm names and trees before loading data
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
+    accelerator = _make_accelerator(cfg)
+    if accelerator.device.type == "cpu":
+        # note: one intra-op thread by default: on a shared 2-core machine torch's default (all cores)
+        # spin-waits, measured 100 MLP steps in 41 s vs 0.27 s with one thread
+        torch.set_num_threads(cfg.threads or 1)
     data = load_data(preset, cfg)
     data_meta = data[-1]
-    accelerator = _make_accelerator(cfg)
     main = accelerator.is_main_process
     log = log if main else None
 
+    _check_arms(plan, preset, data[4], str(accelerator.mixed_precision))
     hashes = {spec.key: _run_hash(spec, preset, cfg, data_meta) for spec in plan}
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k != "command"}
     config.update(task=preset.name, optimizers=list(dict.fromkeys(s.arm.name for s in plan)),
@@ -441,7 +489,10 @@ def run_comparison(cfg: CompareConfig, *, log: Logger = print) -> CompareSummary
         record = {"key": spec.key, "arm": spec.arm.name, "series": spec.series, "display_name": spec.display_name,
                   "seed": spec.seed, "gamma_global": spec.gamma_global, "config_hash": hashes[spec.key],
                   "status": "running",
-                  "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+                  "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  # note: per-run provenance; the top-level "environment" is the latest invocation's
+                  "environment": {k: results["environment"][k] for k in
+                                  ("git_commit", "torch", "device", "num_processes", "mixed_precision")}}
         results["runs"].append(record)
         _train_run(spec, preset, cfg, data, accelerator, record, write)
         record["status"] = "finished"
