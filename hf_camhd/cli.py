@@ -106,6 +106,13 @@ def _add_compare_parser(subparsers) -> None:
                    help="rerun every run (the old results.json is kept as results.previous.json)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="do not write the PNG plots")
+    g = p.add_argument_group("publishing (hf_camhd.hub)")
+    g.add_argument("--push-to-hub", action="store_true",
+                   help="publish the best seed of --hub-optimizer as OUTPUT_DIR/hub and upload it")
+    g.add_argument("--hub-model-id", metavar="USER/NAME", help="the Hub repository (needed with --push-to-hub)")
+    g.add_argument("--hub-optimizer", metavar="ARM", help="the arm to publish (default: the first CAM-HD arm)")
+    g.add_argument("--hub-private", action="store_true", help="create the repository private")
+    g.add_argument("--hub-token", help="default: the token of `hf auth login`")
     p.set_defaults(handler=_cmd_compare)
 
 
@@ -122,6 +129,8 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
             sweep_gamma=args.sweep_gamma, max_train_samples=args.max_train_samples,
             max_test_samples=args.max_test_samples, log_every=args.log_every, threads=args.threads, resume=args.resume,
             progress=args.progress, plots=args.plots, command="hf-camhd " + shlex.join(argv),
+            push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, hub_optimizer=args.hub_optimizer,
+            hub_private=args.hub_private, hub_token=args.hub_token,
             **({"sweep_values": args.sweep_values} if args.sweep_values else {}))
         summary = run_comparison(cfg, log=print)
     except DatasetUnavailableError as err:
@@ -134,6 +143,8 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"wrote {summary.output_dir}/results.json, results.md"
               + "".join(f", {name}" for name in summary.results.get("plots", {}))
               + f" ({len(summary.executed)} runs trained, {len(summary.skipped)} reused)")
+    if summary.hub is not None and not summary.hub["pushed"]:
+        return 1  # trained and written, but the upload did not happen (the message above says why)
     return 0
 
 

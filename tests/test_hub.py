@@ -159,3 +159,16 @@ def test_summaries_and_bad_input():
         publish(torch.nn.Linear(2, 2), "/tmp/unused", results={}, optimizer={"name": "x"}, dataset="d")
     with pytest.raises(ValueError, match="push=True needs repo_id"):
         publish(model, "/tmp/unused", results={}, optimizer={"name": "x"}, dataset="d", push=True)
+
+
+def test_committed_example_card_reads_back():
+    """docs/examples holds a card rendered from a real `hf-camhd compare` run on digits."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "docs" / "examples" / "mlp-digits-adam-camhd"
+    card = ModelCard.load(folder / "README.md")
+    assert "camhd" in card.data.tags and card.data.datasets == ["digits"]
+    accuracy = {r.metric_type: r.metric_value for r in card.data.eval_results}["accuracy"]
+    assert 0.5 < accuracy <= 1.0
+    assert "Adam-CAM-HD" in card.text and (folder / "plots" / "gamma_trajectories.png").is_file()
+    assert json.loads((folder / "camhd_config.json").read_text())["optimizer"]["name"] == "adam-camhd"

@@ -75,6 +75,9 @@ class CompareConfig:
         resume: reuse finished runs found in ``output_dir/results.json``.
         progress, plots: show tqdm bars; write the PNG plots.
         command: the command line, recorded in results.json / results.md.
+        push_to_hub, hub_model_id, hub_optimizer, hub_private, hub_token: publish the best seed of
+            ``hub_optimizer`` (default: the first CAM-HD arm) as ``output_dir/hub`` and upload it to
+            ``hub_model_id`` (:mod:`hf_camhd.experiments.publish`).
     """
 
     task: str = DEFAULT_TASK
@@ -102,8 +105,17 @@ class CompareConfig:
     progress: bool = True
     plots: bool = True
     command: str | None = None
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_optimizer: str | None = None
+    hub_private: bool = False
+    hub_token: str | None = None
 
     def __post_init__(self) -> None:
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("Invalid hub_model_id: --push-to-hub needs --hub-model-id user/name")
+        if self.push_to_hub and self.sweep_gamma:
+            raise ValueError("Invalid push_to_hub: publish from a comparison, not from a --sweep-gamma run")
         for name in ("seeds", "epochs", "batch_size", "eval_batch_size", "max_train_samples", "max_test_samples",
                      "log_every", "threads"):
             value = getattr(self, name)
@@ -151,6 +163,7 @@ class CompareSummary:
     executed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     markdown: str = ""
+    hub: dict | None = None
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -298,8 +311,10 @@ def _hyper_entry(opt, step: int, steps_per_epoch: int) -> dict:
 
 
 def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, accelerator, record: dict,
-               on_epoch: Callable[[], None]) -> None:
-    """Train and evaluate one run, filling ``record`` (and calling ``on_epoch`` after every epoch)."""
+               on_epoch: Callable[[], None]):
+    """Train and evaluate one run, filling ``record`` (and calling ``on_epoch`` after every epoch).
+
+    Returns the trained model (unwrapped) and its optimizer."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -383,7 +398,9 @@ def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, acce
                        "alpha_mean": record["hyper_log"][-1]["alpha_mean"] if logs_hyper else None}
     record["diverged"] = not all(math.isfinite(e["train_loss"]) for e in record["epochs"])
     record["wall_time_s"] = time.perf_counter() - start
+    trained = accelerator.unwrap_model(model)
     accelerator.free_memory()
+    return trained, inner
 
 
 @torch.no_grad()
@@ -460,10 +477,24 @@ def run_comparison(cfg: CompareConfig, *, log: Logger = print) -> CompareSummary
 
     path = out_dir / "results.json"
     previous = load_results(path) if cfg.resume else None
+    hub_arm = None
+    if cfg.push_to_hub:
+        from .publish import default_hub_arm, has_candidate, save_candidate
+
+        arms = list(dict.fromkeys(s.arm.name for s in plan))
+        hub_arm = cfg.hub_optimizer or default_hub_arm(arms)
+        if hub_arm not in arms:
+            raise ValueError(f"Invalid hub_optimizer {hub_arm!r}: not among this comparison's optimizers {arms}")
+        if preset.model.startswith("resnet") and preset.resnet_cifar_stem:
+            raise ValueError("Invalid push_to_hub: the CIFAR-stem ResNet is not a stock timm architecture, so "
+                             "timm.create_model could not load it; publish a LeNet-5 / MLP task, or train a timm "
+                             "model with scripts/train_image_classifier.py --push_to_hub")
     reusable = {}
     if previous is not None:
         for r in previous.get("runs", []):
             if r.get("status") == "finished" and hashes.get(r.get("key")) == r.get("config_hash"):
+                if hub_arm is not None and r.get("arm") == hub_arm and not has_candidate(out_dir, r["key"]):
+                    continue  # its weights were not kept: train it again (deterministic) to publish it
                 reusable[r["key"]] = r
     accelerator.wait_for_everyone()
     if main and path.exists() and (previous is None or len(reusable) != len(previous.get("runs", []))):
@@ -494,7 +525,9 @@ def run_comparison(cfg: CompareConfig, *, log: Logger = print) -> CompareSummary
                   "environment": {k: results["environment"][k] for k in
                                   ("git_commit", "torch", "device", "num_processes", "mixed_precision")}}
         results["runs"].append(record)
-        _train_run(spec, preset, cfg, data, accelerator, record, write)
+        trained, trained_opt = _train_run(spec, preset, cfg, data, accelerator, record, write)
+        if hub_arm is not None and spec.arm.name == hub_arm and main:
+            save_candidate(out_dir, spec.key, trained, trained_opt)
         record["status"] = "finished"
         record["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         summary.executed.append(spec.key)
@@ -510,5 +543,13 @@ def run_comparison(cfg: CompareConfig, *, log: Logger = print) -> CompareSummary
         write()
         summary.markdown = render_markdown(results)
         (out_dir / "results.md").write_text(summary.markdown + "\n")
+        if hub_arm is not None:
+            from .publish import publish_best
+
+            fresh = build_model(preset.model, data[4], preset.model_kwargs, cifar_stem=preset.resnet_cifar_stem)
+            summary.hub = publish_best(results, out_dir, hub_arm, fresh, data[4], repo_id=cfg.hub_model_id,
+                                       private=cfg.hub_private, token=cfg.hub_token)
+            _say(log, (f"published run {summary.hub['run']} to {cfg.hub_model_id}" if summary.hub["pushed"] else
+                       summary.hub["error"]))
     accelerator.wait_for_everyone()
     return summary
