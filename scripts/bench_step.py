@@ -38,6 +38,7 @@ TREES = {
     "global+layer+unit": ("global", "layer", "unit"),
     "global+layer+parameter": ("global", "layer", "parameter"),
 }
+FOREACH_TOO = ("global+layer", "global+layer+parameter")
 
 
 def build_model(name: str) -> torch.nn.Module:
@@ -89,16 +90,20 @@ def bench_model(name: str, base: str, steps: int, warmup: int, gamma_lr: float) 
         return m
 
     opts = {}
+    # every tree with the default kernels (fused where they apply), and the coarse / parameter trees again
+    # with foreach=True, to show what the fused kernels save
+    variants = [(k, {}) for k in trees] + [(k, dict(foreach=True)) for k in FOREACH_TOO]
     if base == "adam":
         m = copy()
         opts["torch.optim.Adam(foreach=True)"] = torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True)
-        for k, tree in trees.items():
-            opts[k] = CAMHDAdam(copy(), lr=1e-3, tree=tree, hypergrad_lr=1e-8, gamma_lr=gamma_lr)
+        for k, kw in variants:
+            opts[(k, bool(kw))] = CAMHDAdam(copy(), lr=1e-3, tree=trees[k], hypergrad_lr=1e-8, gamma_lr=gamma_lr, **kw)
     else:
         m = copy()
         opts["torch.optim.SGD(foreach=True)"] = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, foreach=True)
-        for k, tree in trees.items():
-            opts[k] = CAMHDSGD(copy(), lr=0.1, momentum=0.9, tree=tree, hypergrad_lr=1e-6, gamma_lr=gamma_lr)
+        for k, kw in variants:
+            opts[(k, bool(kw))] = CAMHDSGD(copy(), lr=0.1, momentum=0.9, tree=trees[k], hypergrad_lr=1e-6,
+                                           gamma_lr=gamma_lr, **kw)
     times = {k: [] for k in opts}
     for r in range(warmup + steps):
         for k, opt in opts.items():
@@ -112,7 +117,8 @@ def bench_model(name: str, base: str, steps: int, warmup: int, gamma_lr: float) 
     rows = []
     for k, opt in opts.items():
         med = statistics.median(times[k])
-        rows.append(dict(model=name, base=base, tree=k if k != ref else "(torch baseline)", ms=med * 1e3,
+        tree, path = (k[0], opt._last_path) if k != ref else ("(torch baseline)", "")
+        rows.append(dict(model=name, base=base, tree=tree, path=path, ms=med * 1e3,
                          ratio=med / ref_med, state=state_bytes(opt) / param_bytes))
     return rows
 
@@ -136,8 +142,8 @@ def main(argv=None) -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.steps} steps after "
           f"{args.warmup} warm-up, gamma_lr={args.gamma_lr}, allocator={args.allocator}\n")
-    print("| parameters | base | tree | step (ms) | × torch foreach | state bytes / param bytes |")
-    print("|---|---|---|---:|---:|---:|")
+    print("| parameters | base | tree | kernels | step (ms) | × torch foreach | state bytes / param bytes |")
+    print("|---|---|---|---|---:|---:|---:|")
     for name in args.models.split(","):
         for base in ("adam", "sgd"):
             # note: each (parameter set, base) in a fresh process: no memory or allocator state carries over
@@ -145,7 +151,7 @@ def main(argv=None) -> None:
                    "--warmup", str(args.warmup), "--gamma-lr", str(args.gamma_lr)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             for r in json.loads(out.strip().splitlines()[-1]):
-                print(f"| {r['model']} | {r['base']} | {r['tree']} | {r['ms']:.1f} | {r['ratio']:.2f} | "
+                print(f"| {r['model']} | {r['base']} | {r['tree']} | {r['path']} | {r['ms']:.1f} | {r['ratio']:.2f} | "
                       f"{r['state']:.2f} |", flush=True)
 
 

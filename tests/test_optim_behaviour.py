@@ -86,14 +86,16 @@ def test_registry_fixed_settings_cannot_be_overridden():
 
 
 # ------------------------------------------------------------------------------------------ faults
-@pytest.mark.parametrize("foreach,device_path", [(True, False), (True, True), (False, False)],
-                         ids=["foreach-host", "foreach-device", "reference"])
+@pytest.mark.parametrize("path", ["foreach-host", "foreach-device", "reference", "fused"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_gradients_never_poison_alpha(foreach, device_path, bad):
+def test_non_finite_gradients_never_poison_alpha(path, bad):
     levels = ("global", "block", "layer", "unit", "parameter")
+    if path == "fused":
+        levels = tuple(lv for lv in levels if lv != "unit")  # the unit level is not fused
+    flags = {"reference": dict(foreach=False), "fused": dict(fused=True)}.get(path, dict(foreach=True))
     m = make_net()
-    opt = CAMHDSGD(m, lr=0.05, momentum=0.9, levels=levels, hypergrad_lr=1e-3, gamma_lr=0.05, foreach=foreach)
-    opt._force_device_path = device_path
+    opt = CAMHDSGD(m, lr=0.05, momentum=0.9, levels=levels, hypergrad_lr=1e-3, gamma_lr=0.05, **flags)
+    opt._force_device_path = path == "foreach-device"
     train(m, opt, 3)
     snapshot = {lv: opt.alpha(lv) for lv in levels}
     gamma = opt.gamma

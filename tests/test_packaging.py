@@ -22,3 +22,12 @@ def test_card_templates_resolve():
 
     for name in [*CARD_TEMPLATES.values(), "_training.md"]:
         assert template_path(name).read_text().strip()
+
+
+def test_fused_kernel_source_ships_as_package_data():
+    import fnmatch
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    sources = [p.relative_to(ROOT / "hf_camhd" / "optim").as_posix()
+               for p in (ROOT / "hf_camhd" / "optim" / "csrc").glob("*")]
+    assert sources and all(any(fnmatch.fnmatch(s, pat) for pat in data["hf_camhd.optim"]) for s in sources)

@@ -201,16 +201,23 @@ class Rates:
 
 
 def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: HyperConfig,
-                         step: int, diag: dict | None = None, *, host: bool = False) -> None:
+                         step: int, diag: dict | None = None, *, host: bool = False,
+                         partials: Tensor | None = None) -> list[float] | None:
     """Steps 1–3 on all tensors at once: node sums of h, α (every level) and γ, in place.
 
     The previous-direction buffers ``inp.dirs`` may be overwritten (with ``g ⊙ dir``): they are dead
     once h is formed. ``host=True`` (the hyper-state is on the CPU) reads scalars as Python numbers —
     there is no device to synchronise with — which lets the per-element update be one fused op and
     a non-finite hyper-gradient skip the update with a branch; ``host=False`` never leaves the device.
+
+    ``partials`` (the fused path, :func:`hf_camhd.optim._fused.partial_sums`; host only, no unit level, not
+    sharded): a ``(T, 2)`` tensor of ``Σ g ⊙ dir`` and ``Σ α_offset ⊙ g ⊙ dir`` per tensor, so nothing here
+    reads a model-sized tensor. The parameter level's element update is then left to the fused pass 2 and
+    returned as one coefficient ``c`` per tensor (``α_offset ← clamp(α_offset + c · g ⊙ dir)``), or ``None``
+    when α does not move this step. Without ``partials`` the return value is always ``None``.
     """
     if not (cfg.adapts and step > 0) or not inp.params:
-        return
+        return None
     levels = cfg.levels
     has_unit, has_param = "unit" in levels, "parameter" in levels
     gamma = hs.gamma
@@ -221,10 +228,14 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
     dirs = [local(d) for d in inp.dirs]
     gamma_old = gamma.tolist() if host else None
     # h' = g ⊙ dir is materialised (in the dir buffers) only when something needs it element-wise
-    need_h = has_unit or (has_param and (not host or cfg.gamma_lr > 0))
+    need_h = partials is None and (has_unit or (has_param and (not host or cfg.gamma_lr > 0)))
     unit_raw: list[Tensor] = []
     plan = inp.shard
-    if need_h:
+    if partials is not None:
+        if has_unit or plan is not None or not host:
+            raise ValueError("partial sums are for the fused path: host scalars, no unit level, not sharded")
+        raw = list((partials[:, 0] * torch.stack(inp.dir_scales).to(partials.dtype)).unbind())
+    elif need_h:
         _foreach_mul_mixed(dirs, grads)
         if has_unit:
             unit_raw = [unit_sums(x, tix.unit_dims[e], tix.unit_count[inp.unit_groups[i]] if plan is None
@@ -235,7 +246,8 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
             raw = [x.sum() for x in dirs]
     else:
         raw = [_vdot(_as(g, d.dtype), d) for g, d in zip(grads, dirs)]
-    S = torch._foreach_mul(raw, inp.dir_scales)          # per-tensor Σ h = scale · Σ g ⊙ dir
+    # per-tensor Σ h = scale · Σ g ⊙ dir (the fused partials are already scaled)
+    S = raw if partials is not None else torch._foreach_mul(raw, inp.dir_scales)
     S = torch.stack([x.to(device=home, dtype=hd) for x in S])
     if plan is not None:  # sharded: local partial sums → one all_reduce (spec §3)
         S, unit_tot, g_unit, g_param = _reduce_partials(inp, plan, tix, cfg, S, unit_raw, dirs, home, hd)
@@ -243,7 +255,7 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
     if host and not bool(finite):
         if diag is not None:
             diag.update(sums=None, finite=finite, G=None)
-        return
+        return None
 
     sums: dict[str, Tensor] = {"global": S.sum().reshape(1)}
     block_of, layer_of = tix.present(inp.index)
@@ -266,7 +278,9 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
                          torch.stack([(inp.unit_alphas[gi] * u).sum() for gi, u in unit_tot.items()]).sum())
         if has_param:
             # Σ α h with α = α₀ + offset: α₀ Σh + Σ offset·h
-            if plan is None:
+            if partials is not None:
+                g_param = (partials[:, 1] * torch.stack(inp.dir_scales).to(partials.dtype)).sum()
+            elif plan is None:
                 gp = [_vdot(local(a), x) for a, x in zip(inp.param_offsets, dirs)]
                 gp = torch._foreach_mul(gp, inp.dir_scales)
                 g_param = torch.stack([x.to(home) for x in gp]).sum()
@@ -286,6 +300,7 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
                 u = u[start:start + alpha.shape[0]]
             new = (alpha - (tix.beta_unit[gi] * g_u) * u.to(alpha.device)).clamp_(lo, hi)
             alpha.copy_(torch.where(finite.to(alpha.device), new, alpha))
+    coefs = None
     if has_param:
         alphas = [local(a) for a in inp.param_offsets]
         if host:
@@ -294,7 +309,7 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
             if need_h:   # h' is in the dir buffers
                 for a, x, c in zip(alphas, dirs, coefs):
                     a.add_(x, alpha=c)
-            else:        # one fused pass: α ← α + c · g ⊙ dir
+            elif partials is None:  # one fused pass: α ← α + c · g ⊙ dir (with partials: pass 2 does it)
                 _foreach_addcmul_mixed(alphas, dirs, grads, coefs)
         else:
             for x in dirs:  # a non-finite h' would turn the masked update below into NaN
@@ -302,13 +317,15 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
             coef = gamma[pos["parameter"]] * (-tix.beta_param) * finite.to(hd)
             coefs = torch._foreach_mul([coef] * len(dirs), inp.dir_scales)
             torch._foreach_addcmul_(alphas, dirs, [c.to(a.device) for c, a in zip(coefs, alphas)])
-        for a in alphas:
-            a.clamp_(*offset_bounds(cfg, a.dtype))
+        if partials is None:
+            for a in alphas:
+                a.clamp_(*offset_bounds(cfg, a.dtype))
     if G is not None:
         _update_gamma(hs, G, finite, cfg)
     if diag is not None:
         diag.update(sums={k: v.detach().clone() for k, v in sums.items()}, finite=finite,
                     G=None if G is None else G.detach().clone())
+    return coefs if partials is not None else None
 
 
 def rates_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: HyperConfig, step: int,

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import _fused
+
 
 @dataclass
 class Directions:
@@ -76,6 +78,18 @@ class BaseRule:
     def directions_foreach(self, params, grads, states, group, out=None) -> Directions:
         raise NotImplementedError
 
+    fused_state_keys: tuple[str, ...] | None = None
+    """State tensors shaped like the parameter that :meth:`fused_update` reads (``None``: no fused kernel)."""
+
+    def fused_update(self, params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
+                     dirs: list[Tensor], offsets: list[Tensor | None], k_base: list[float], k_fine: list[float],
+                     alpha: list[tuple]) -> list[float] | None:
+        """The fused CPU pass 2 (:mod:`hf_camhd.optim._fused`): update the base state, move
+        ``θ ← θ + K ⊙ d`` with ``K = k_base + k_fine · α_offset`` and write ``d`` over ``dirs`` (after
+        the parameter-level α update ``alpha[i]`` has read the previous direction). Returns the per-tensor
+        ``scale`` of :class:`Directions` (``None`` when the directions are unscaled)."""
+        raise NotImplementedError(f"the {self.name} rule has no fused kernel")
+
 
 class SGDRule(BaseRule):
     """``torch.optim.SGD``'s direction: plain, momentum (with dampening) or Nesterov, L2 decay."""
@@ -121,6 +135,20 @@ class SGDRule(BaseRule):
             torch._foreach_add_(d.d, bufs, alpha=mu)  # d = g + μ b (d is a copy, never p.grad)
             return d
         return _into(out, bufs, False)
+
+    fused_state_keys = ("momentum_buffer",)
+
+    def fused_update(self, params, grads, states, group, dirs, offsets, k_base, k_fine, alpha):
+        wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
+        kind = 0 if mu == 0 else (2 if group["nesterov"] else 1)
+        for i, (p, g, s) in enumerate(zip(params, grads, states)):
+            buf, first = s.get("momentum_buffer"), False
+            if kind and buf is None:  # torch.optim.SGD starts the buffer as the (decayed) gradient
+                buf, first = torch.empty_like(p, memory_format=torch.preserve_format), True
+                s["momentum_buffer"] = buf
+            _fused.sgd(p, g, dirs[i], offsets[i], buf if kind else None, alpha[i], k_base[i], k_fine[i], wd,
+                       kind, first, mu, damp)
+        return None
 
 
 def _into(out: list[Tensor | None] | None, d: list[Tensor], owned: bool) -> Directions:
@@ -180,13 +208,26 @@ class AdamRule(BaseRule):
     def decoupled_decay(self, group):
         return group["weight_decay"] if self.decoupled else 0.0
 
-    def directions_foreach(self, params, grads, states, group, out=None):
+    @staticmethod
+    def _bias_terms(states: list[dict], group: dict) -> tuple[list[float], list[float]]:
+        """Count the step; return per tensor ``scale = sqrt(bc2) / bc1`` and ``shift = ε · sqrt(bc2)``.
+
+        note: d = (m / bc1) / (sqrt(v) / sqrt(bc2) + ε) = scale · m / (sqrt(v) + shift): the per-tensor
+        constant is folded into the step size instead of costing a pass over the moments.
+        """
         beta1, beta2 = group["betas"]
-        wd, eps = group["weight_decay"], group["eps"]
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
         # one host read of all CPU step counters (no device sync); bias corrections in Python floats
         step_vals = torch.stack(steps).tolist()
+        bc2_sqrt = [math.sqrt(1 - beta2 ** s) for s in step_vals]
+        scale = [b2 / (1 - beta1 ** s) for s, b2 in zip(step_vals, bc2_sqrt)]
+        return scale, [group["eps"] * b2 for b2 in bc2_sqrt]
+
+    def directions_foreach(self, params, grads, states, group, out=None):
+        beta1, beta2 = group["betas"]
+        wd = group["weight_decay"]
+        scale, shift = self._bias_terms(states, group)
         if wd != 0 and not self.decoupled:
             grads = torch._foreach_add(grads, params, alpha=wd)
         ms = [s["exp_avg"] for s in states]
@@ -198,13 +239,8 @@ class AdamRule(BaseRule):
             vmax = [s["max_exp_avg_sq"] for s in states]
             torch._foreach_maximum_(vmax, vs)
             vs = vmax
-        bc1 = [1 - beta1 ** s for s in step_vals]
-        bc2_sqrt = [math.sqrt(1 - beta2 ** s) for s in step_vals]
-        # note: d = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) = c · m / (sqrt(v) + eps·sqrt(bc2)) with
-        # c = sqrt(bc2) / bc1 returned as `scale` (folded into the step size); the quotient is written into
-        # the offered buffers when there are some, so the step allocates nothing model-sized
-        scale = [b2 / b1 for b1, b2 in zip(bc1, bc2_sqrt)]
-        shift = [eps * b2 for b2 in bc2_sqrt]
+        # the quotient is written into the offered buffers when there are some, so the step allocates
+        # nothing model-sized
         usable = out is not None and all(o is not None and o.dtype == m.dtype and o.shape == m.shape
                                          for o, m in zip(out, ms))
         if usable:
@@ -223,3 +259,20 @@ class AdamRule(BaseRule):
             d = [torch.add(x, p, alpha=wd / c) for x, p, c in zip(q, params, scale)]
             return Directions(d, [True] * len(q), q, wd, scale)
         return Directions(q, [True] * len(q), scale=scale)
+
+    fused_state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def fused_update(self, params, grads, states, group, dirs, offsets, k_base, k_fine, alpha):
+        beta1, beta2 = group["betas"]
+        wd = group["weight_decay"]
+        scale, shift = self._bias_terms(states, group)
+        decoupled = self.decoupled and wd != 0
+        l2 = 0.0 if self.decoupled else wd
+        for i, (p, g, s) in enumerate(zip(params, grads, states)):
+            c, ka, kb = scale[i], k_base[i], k_fine[i]
+            # θ ← θ (1 + λK) + K · c ⊙ q and d = q + (λ / c) θ_old (see apply_update_foreach), K = ka + kb · α_offset
+            _fused.adam(p, g, dirs[i], offsets[i], s["exp_avg"], s["exp_avg_sq"],
+                        s["max_exp_avg_sq"] if group["amsgrad"] else None, alpha[i], ka * c, kb * c, decoupled,
+                        wd * ka if decoupled else 0.0, wd * kb if decoupled else 0.0, wd / c if decoupled else 0.0,
+                        l2, beta1, beta2, shift[i])
+        return scale

@@ -47,6 +47,7 @@ from torch.optim import Optimizer
 
 from ..hierarchy import LRTree, build_hierarchy, tree_from_named_parameters, tree_from_plain_params
 from ..hierarchy.tree import validate_levels
+from . import _fused
 from . import _kernels as K
 from . import distributed as D
 from .base_rules import AdamRule, BaseRule, SGDRule
@@ -84,7 +85,8 @@ class CAMHDOptimizer(Optimizer):
     rule: BaseRule
 
     def __init__(self, params: Any, defaults: dict, *, levels, gamma, hypergrad_lr, gamma_lr, decay_rate,
-                 alpha_inf, hypergrad_scaling, gamma_update, alpha_min, alpha_max, maximize, tree, foreach):
+                 alpha_inf, hypergrad_scaling, gamma_update, alpha_min, alpha_max, maximize, tree, foreach,
+                 fused=None):
         lr = check_lr(defaults["lr"])
         hypergrad_lr = check_nonnegative("hypergrad_lr", hypergrad_lr)
         gamma_lr = check_nonnegative("gamma_lr", gamma_lr)
@@ -94,8 +96,12 @@ class CAMHDOptimizer(Optimizer):
         alpha_min, alpha_max = check_alpha_bounds(alpha_min, alpha_max, lr)
         alpha_inf = lr if alpha_inf is None else check_nonnegative("alpha_inf", alpha_inf)
         groups, tree = _resolve_params(params, levels, tree)
-        if foreach is not None and not isinstance(foreach, bool):
-            raise ValueError(f"Invalid foreach: {foreach!r}; expected True, False or None")
+        for name, flag in (("foreach", foreach), ("fused", fused)):
+            if flag is not None and not isinstance(flag, bool):
+                raise ValueError(f"Invalid {name}: {flag!r}; expected True, False or None")
+        if foreach and fused:
+            raise ValueError("foreach=True and fused=True cannot both be set; pick one (the default, both None, "
+                             "uses the fused CPU kernels where they apply and foreach elsewhere)")
         gamma0 = check_gamma(gamma, tree.levels, gamma_update)
         defaults = dict(defaults, maximize=bool(maximize))
         super().__init__(groups, defaults)
@@ -103,9 +109,13 @@ class CAMHDOptimizer(Optimizer):
         self.config = K.HyperConfig(tree.levels, lr, hypergrad_lr, gamma_lr, decay_rate, float(alpha_inf),
                                     hypergrad_scaling, gamma_update, alpha_min, alpha_max)
         self.foreach = True if foreach is None else foreach
+        # fused: True = required (a step that cannot be fused raises, naming why), None = wherever it applies
+        # (the default when neither is chosen), False = never; an explicit foreach=True / False is honoured
+        self.fused: bool | None = fused if fused is not None else (None if foreach is None else False)
         self._tree_index: dict = {}
         self._zeroed_dirs: set[int] = set()
         self._last_hyper: dict = {}
+        self._last_path: str | None = None  # "fused" / "foreach" / "reference": the kernels of the last step
         self._stash: dict = {}
         self._layouts: dict = {}
         self._init_group_state(gamma0)
@@ -305,6 +315,16 @@ class CAMHDOptimizer(Optimizer):
 
         hs = self._hyper_state()
         diag: dict = {}
+        why_not = self._fused_ineligible(inp, states)
+        if self.fused and why_not:
+            raise RuntimeError(f"{type(self).__name__}(fused=True) cannot fuse this step: {why_not}. Use fused=None "
+                               "(the default: fused where it applies, foreach elsewhere) or foreach=True.")
+        self._last_path = "fused" if why_not is None else ("foreach" if self.foreach else "reference")
+        if why_not is None:
+            self._last_hyper = diag
+            self._fused_step(inp, hs, states, per_group, step, tau, diag)
+            g0[_G + "step"] = step + 1
+            return loss
         if self.foreach:
             tix = self._index(*self._home())
             host = self._host_scalars()
@@ -345,14 +365,61 @@ class CAMHDOptimizer(Optimizer):
                     self.state[dparams[m]]["hypergrad_dir"] = D.wrap_like(dparams[m], d) if sharded else d
                 else:
                     old.copy_(d)
-            # u_t = −s_t τ_t · scale · d_t, kept as 0-d tensors (written without a host round trip)
-            u_scale = -(group["lr"] / g0[_G + "lr"]) * tau
-            scales = [inp.dir_scales[m] for m in members]
-            torch._foreach_zero_(scales)
-            torch._foreach_add_(scales, [u_scale] * len(scales) if dirs.scale is None
-                                else [u_scale * c for c in dirs.scale])
+            _store_dir_scales([inp.dir_scales[m] for m in members], group["lr"] / g0[_G + "lr"], tau, dirs.scale)
         g0[_G + "step"] = step + 1
         return loss
+
+    def _fused_ineligible(self, inp: K.StepInputs, states: list[dict]) -> str | None:
+        """Why this step cannot take the fused CPU path (:mod:`hf_camhd.optim._fused`), or ``None``."""
+        if self.fused is False:
+            return "fused=False" if self.foreach is None else f"foreach={self.foreach} was chosen"
+        if self.rule.fused_state_keys is None:
+            return f"the {self.rule.name} rule has no fused kernel"
+        if inp.shard is not None:
+            return "the parameters are sharded (DTensor)"
+        if "unit" in self.config.levels:
+            return "the unit level's per-unit rates are not fused"
+        if not self._host_scalars():
+            return "the hyper-state is not on the CPU"
+        if _fused.load() is None:
+            return f"the fused kernels are unavailable ({_fused.unavailable_reason()})"
+        for i, p in enumerate(inp.params):
+            state = states[i]
+            why = _fused.ineligible_reason([
+                ("the parameter", p), ("its gradient", inp.grads[i]), ("hypergrad_dir", inp.dirs[i]),
+                ("camhd_alpha_parameter_offset", inp.param_offsets[i] if inp.param_offsets else None),
+                *((k, state.get(k)) for k in self.rule.fused_state_keys)])
+            if why:
+                return f"{self.tree.entries[inp.index[i]].name!r}: {why}"
+        return None
+
+    def _fused_step(self, inp: K.StepInputs, hs: K.HyperState, states: list[dict], per_group: list, step: int,
+                    tau: float, diag: dict) -> None:
+        """Steps 1–6 with the fused kernels: pass 1 (partial sums) → α / γ on those numbers → pass 2 per group."""
+        cfg = self.config
+        partials = None
+        if cfg.adapts and step > 0:
+            want_off = "parameter" in cfg.levels and cfg.gamma_lr > 0
+            partials = _fused.partial_sums(inp.grads, inp.dirs, inp.param_offsets if want_off else None)
+        tix = self._index(*self._home())
+        coefs = K.hyper_update_foreach(inp, hs, tix, cfg, step, diag, host=True, partials=partials)  # steps 1–3
+        rates = K.rates_foreach(inp, hs, tix, cfg, step, host=True)                                 # step 4
+        T = len(inp.params)
+        k_base = torch.stack(rates.base).tolist()
+        k_fine = rates.fine if rates.fine is not None else [0.0] * T
+        offsets = inp.param_offsets or [None] * T
+        if coefs is None:
+            alpha = [(0, 0.0, 0.0, 0.0)] * T
+        else:  # step 2 at the parameter level, applied element-wise inside pass 2
+            alpha = [(1, c, *K.offset_bounds(cfg, o.dtype)) for c, o in zip(coefs, offsets)]
+        lr0 = self.param_groups[0][_G + "lr"]
+        for group, members in per_group:  # steps 5–6
+            if not members:
+                continue
+            pick = lambda xs: [xs[m] for m in members]  # noqa: E731
+            scale = self.rule.fused_update(pick(inp.params), pick(inp.grads), pick(states), group, pick(inp.dirs),
+                                           pick(offsets), pick(k_base), pick(k_fine), pick(alpha))
+            _store_dir_scales(pick(inp.dir_scales), group["lr"] / lr0, tau, scale)
 
     # ------------------------------------------------------------------------------------ reading
     @property
@@ -487,6 +554,13 @@ class CAMHDOptimizer(Optimizer):
             keys = [k for k in sorted(group) if k not in ("params", "param_names") and not k.startswith(_G)]
             lines.append(f"  group {i}: " + ", ".join(f"{k}={group[k]}" for k in keys))
         return "\n".join(lines)
+
+
+def _store_dir_scales(scales: list[Tensor], s: float, tau: float, dir_scale: list[float] | None) -> None:
+    """``u_t = −s_t τ_t · scale · d_t``: the 0-d factors of the stored directions (written without a host round trip)."""
+    u_scale = -s * tau
+    torch._foreach_zero_(scales)
+    torch._foreach_add_(scales, [u_scale] * len(scales) if dir_scale is None else [u_scale * c for c in dir_scale])
 
 
 def _full_local(a: Tensor | None, shape: tuple, value: float, device) -> Tensor:
@@ -657,7 +731,14 @@ _CAMHD_DOC = """
             a step whose hyper-gradient is non-finite keeps the previous α and γ.
         maximize: maximise the objective instead of minimising it.
         tree: an explicit :class:`~hf_camhd.LRTree` for the given params (matched by parameter name).
-        foreach: use the multi-tensor kernels (default ``True``); ``False`` runs the plain reference.
+        foreach: ``True`` uses the multi-tensor (foreach) kernels, ``False`` the plain reference (one
+            tensor at a time). Default: fused where it applies, foreach elsewhere.
+        fused: ``True`` requires the fused CPU kernel (two passes over memory per step for CAM-HD and the
+            base rule together; :mod:`hf_camhd.optim._fused`) and raises where a step cannot use it; ``False``
+            never uses it. The default (``None``, with ``foreach=None``) uses it for CPU float32 / float64
+            contiguous tensors on trees without a unit level, when a C compiler is available (compiled once
+            and cached), and the foreach kernels otherwise. Like torch's ``fused`` and ``foreach``, it
+            changes the arithmetic order, not the maths: results agree to rounding.
 """
 
 
@@ -686,7 +767,7 @@ class CAMHDSGD(CAMHDOptimizer):
                  decay_rate: float = 0.0, alpha_inf: float | None = None, hypergrad_scaling: str = "equal",
                  gamma_update: str = "clamp", alpha_min: float = 0.0, alpha_max: float | None = None,
                  dampening: float = 0.0, maximize: bool = False, *, tree: LRTree | None = None,
-                 foreach: bool | None = None):
+                 foreach: bool | None = None, fused: bool | None = None):
         check_momentum(momentum, dampening, nesterov)
         check_nonnegative("weight_decay", weight_decay)
         self.rule = SGDRule()
@@ -695,7 +776,8 @@ class CAMHDSGD(CAMHDOptimizer):
         super().__init__(params, defaults, levels=levels if tree is None else None, gamma=gamma,
                          hypergrad_lr=hypergrad_lr, gamma_lr=gamma_lr, decay_rate=decay_rate, alpha_inf=alpha_inf,
                          hypergrad_scaling=hypergrad_scaling, gamma_update=gamma_update, alpha_min=alpha_min,
-                         alpha_max=alpha_max, maximize=maximize, tree=tree, foreach=foreach)
+                         alpha_max=alpha_max, maximize=maximize, tree=tree, foreach=foreach,
+                         fused=fused)
 
 
 class CAMHDAdam(CAMHDOptimizer):
@@ -725,7 +807,7 @@ class CAMHDAdam(CAMHDOptimizer):
                  decay_rate: float = 0.0, alpha_inf: float | None = None, hypergrad_scaling: str = "equal",
                  gamma_update: str = "clamp", alpha_min: float = 0.0, alpha_max: float | None = None,
                  amsgrad: bool = False, maximize: bool = False, *, tree: LRTree | None = None,
-                 foreach: bool | None = None):
+                 foreach: bool | None = None, fused: bool | None = None):
         betas = check_betas(betas)
         eps = check_eps(eps)
         check_nonnegative("weight_decay", weight_decay)
@@ -734,7 +816,8 @@ class CAMHDAdam(CAMHDOptimizer):
         super().__init__(params, defaults, levels=levels if tree is None else None, gamma=gamma,
                          hypergrad_lr=hypergrad_lr, gamma_lr=gamma_lr, decay_rate=decay_rate, alpha_inf=alpha_inf,
                          hypergrad_scaling=hypergrad_scaling, gamma_update=gamma_update, alpha_min=alpha_min,
-                         alpha_max=alpha_max, maximize=maximize, tree=tree, foreach=foreach)
+                         alpha_max=alpha_max, maximize=maximize, tree=tree, foreach=foreach,
+                         fused=fused)
 
 
 class CAMHDAdamW(CAMHDAdam):
@@ -760,8 +843,8 @@ class CAMHDAdamW(CAMHDAdam):
                  decay_rate: float = 0.0, alpha_inf: float | None = None, hypergrad_scaling: str = "equal",
                  gamma_update: str = "clamp", alpha_min: float = 0.0, alpha_max: float | None = None,
                  amsgrad: bool = False, maximize: bool = False, *, tree: LRTree | None = None,
-                 foreach: bool | None = None):
+                 foreach: bool | None = None, fused: bool | None = None):
         super().__init__(params, lr, betas, eps, weight_decay, levels, gamma, hypergrad_lr, gamma_lr, decay_rate,
                          alpha_inf, hypergrad_scaling, gamma_update, alpha_min, alpha_max, amsgrad, maximize,
-                         tree=tree, foreach=foreach)
+                         tree=tree, foreach=foreach, fused=fused)
 

@@ -1,0 +1,210 @@
+"""The fused CPU kernels (hf_camhd.optim._fused): the same maths as the reference, chosen by default where
+they apply, a clear error where ``fused=True`` cannot be honoured, and a silent fallback without a compiler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hf_camhd import CAMHDAdam, CAMHDAdamW, CAMHDSGD
+from hf_camhd.optim import _fused
+
+from conftest import BASES, make_net, rel_err, train
+
+NO_UNIT = ("global", "block", "layer", "parameter")
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts pass-2 kernel calls (the fused path ran) without changing what they do."""
+    calls = {"n": 0}
+    for name in ("adam", "sgd"):
+        real = getattr(_fused, name)
+
+        def spy(*args, _real=real, **kwargs):
+            calls["n"] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(_fused, name, spy)
+    return calls
+
+
+def _groups(model, lr):
+    named = list(model.named_parameters())
+    return [{"params": [(n, p) for n, p in named if n.startswith("features.")], "lr": 2 * lr},
+            {"params": [(n, p) for n, p in named if not n.startswith("features.")], "lr": lr}]
+
+
+def _compare_state(opts, models, levels, tol):
+    assert rel_err(opts[0].param_groups[0]["camhd_gamma"], opts[1].param_groups[0]["camhd_gamma"]) <= tol
+    for lv in levels:
+        assert rel_err(opts[0].alpha(lv, dtype=None), opts[1].alpha(lv, dtype=None)) <= tol, lv
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert rel_err(p, q) <= tol
+        s0, s1 = opts[0].state[p], opts[1].state[q]
+        u0 = s0["hypergrad_dir"] * s0["hypergrad_dir_scale"]
+        u1 = s1["hypergrad_dir"] * s1["hypergrad_dir_scale"]
+        assert rel_err(u0, u1) <= tol
+        for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+            assert (k in s0) == (k in s1), k
+            if k in s0:
+                assert rel_err(s0[k], s1[k]) <= tol, k
+
+
+@pytest.mark.parametrize("levels", [("global",), ("global", "layer"), NO_UNIT], ids=lambda lv: "+".join(lv))
+def test_fused_equals_reference_on_params_and_state(base, levels, fused_calls):
+    """float64, adapting (β, δ, decay τ), two param groups and a scheduler: fused = reference to 1e-12."""
+    cls, _, kw = BASES[base]
+    models = [make_net(dtype=torch.float64), make_net(dtype=torch.float64)]
+    opts = [cls(_groups(m, kw["lr"]), levels=levels, hypergrad_lr=1e-4, gamma_lr=0.1 if len(levels) > 1 else 0.0,
+                decay_rate=0.01, **flag, **kw)
+            for m, flag in zip(models, (dict(fused=True), dict(foreach=False)))]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 0.97 ** t) for o in opts]
+    for m, o, s in zip(models, opts, scheds):
+        for t in range(20):
+            train(m, o, 1, torch.float64, start=t)
+            s.step()
+    assert fused_calls["n"] == 20 * len(list(models[0].parameters()))  # every step, one call per tensor
+    _compare_state(opts, models, levels, 1e-12)
+    if len(levels) > 1:
+        assert not torch.equal(opts[0].gamma, torch.full((len(levels),), 1 / len(levels)))  # γ adapted
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_fused_adam_options(amsgrad, maximize):
+    models = [make_net(dtype=torch.float64), make_net(dtype=torch.float64)]
+    opts = [CAMHDAdam(m, lr=1e-3, weight_decay=1e-2, amsgrad=amsgrad, maximize=maximize, levels=NO_UNIT,
+                      hypergrad_lr=1e-4, gamma_lr=0.05, **flag)
+            for m, flag in zip(models, (dict(fused=True), dict(foreach=False)))]
+    for m, o in zip(models, opts):
+        train(m, o, 15, torch.float64)
+    _compare_state(opts, models, NO_UNIT, 1e-12)
+
+
+class _Wide(nn.Module):
+    """Tensors above the kernels' 32768-element grain: several OpenMP threads per tensor."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Linear(64, 1200), nn.Tanh(), nn.Linear(1200, 100)).to(dtype)
+        self.head = nn.Linear(100, 10).to(dtype)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _train_wide(model, opt, steps, dtype):
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(32, 64, generator=g, dtype=dtype)
+        y = torch.randint(0, 10, (32,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("cls,kw", [(CAMHDAdamW, dict(lr=1e-3, weight_decay=0.1)),
+                                    (CAMHDSGD, dict(lr=0.05, momentum=0.9, nesterov=True))], ids=["adamw", "sgd"])
+def test_fused_multithreaded_matches_reference_and_is_deterministic(cls, kw):
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        models = [_Wide(torch.float64), _Wide(torch.float64)]
+        opts = [cls(m, levels=NO_UNIT, hypergrad_lr=1e-5, gamma_lr=0.05, **flag, **kw)
+                for m, flag in zip(models, (dict(fused=True), dict(foreach=False)))]
+        for m, o in zip(models, opts):
+            _train_wide(m, o, 8, torch.float64)
+        _compare_state(opts, models, NO_UNIT, 1e-12)
+        runs = []
+        for _ in range(2):  # float32, same thread count: bitwise the same run to run
+            m = _Wide(torch.float32)
+            _train_wide(m, cls(m, levels=NO_UNIT, hypergrad_lr=1e-5, gamma_lr=0.05, fused=True, **kw), 8,
+                        torch.float32)
+            runs.append([p.detach().clone() for p in m.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_fused_float32_agrees_with_foreach(base):
+    cls, _, kw = BASES[base]
+    models = [make_net(), make_net()]
+    opts = [cls(m, levels=NO_UNIT, hypergrad_lr=1e-4, gamma_lr=0.1, **flag, **kw)
+            for m, flag in zip(models, (dict(fused=True), dict(foreach=True)))]
+    for m, o in zip(models, opts):
+        train(m, o, 30)
+    _compare_state(opts, models, NO_UNIT, 1e-5)
+
+
+def test_default_path_is_fused_where_it_applies(fused_calls):
+    m = make_net()
+    train(m, CAMHDAdam(m, levels=("global", "layer", "parameter"), hypergrad_lr=1e-6), 2)
+    n = 2 * len(list(m.parameters()))
+    assert fused_calls["n"] == n
+    for kw in (dict(levels=("global", "layer", "unit")), dict(foreach=True), dict(foreach=False)):
+        m = make_net()
+        train(m, CAMHDAdam(m, hypergrad_lr=1e-6, **kw), 2)  # unit level / an explicit foreach choice
+        assert fused_calls["n"] == n, kw
+    m = make_net().to(torch.bfloat16)
+    opt = CAMHDAdam(m, levels=("global", "parameter"), hypergrad_lr=1e-6)
+    train(m, opt, 2, torch.bfloat16)  # bf16 parameters: foreach, with fp32 hyper-state
+    assert fused_calls["n"] == n and torch.isfinite(opt.alpha("parameter")).all()
+
+
+@pytest.mark.parametrize("case,match", [
+    ("unit", "the unit level"),
+    ("bf16", r"dtype torch\.bfloat16"),
+    ("noncontiguous", "not contiguous"),
+])
+def test_fused_true_names_why_a_step_cannot_be_fused(case, match):
+    m = make_net()
+    levels = ("global", "unit") if case == "unit" else ("global", "layer")
+    if case == "bf16":
+        m = m.to(torch.bfloat16)
+    opt = CAMHDAdam(m, levels=levels, fused=True)
+    m(torch.randn(2, 1, 8, 8, dtype=next(m.parameters()).dtype)).sum().backward()
+    if case == "noncontiguous":
+        w = m.head.weight
+        w.grad = w.grad.t().contiguous().t()
+    with pytest.raises(RuntimeError, match=rf"CAMHDAdam\(fused=True\) cannot fuse this step: .*{match}.*fused=None"):
+        opt.step()
+
+
+def test_fused_and_foreach_both_true_is_an_error():
+    with pytest.raises(ValueError, match="foreach=True and fused=True cannot both be set"):
+        CAMHDSGD(make_net(), foreach=True, fused=True)
+    with pytest.raises(ValueError, match=r"Invalid fused: 'yes'"):
+        CAMHDSGD(make_net(), fused="yes")
+
+
+def test_without_a_compiler_the_default_falls_back_to_foreach(monkeypatch):
+    monkeypatch.setattr(_fused, "_loaded", True)
+    monkeypatch.setattr(_fused, "_lib", None)
+    monkeypatch.setattr(_fused, "_reason", "no C compiler found (set $CC, or install gcc / clang)")
+    runs = []
+    for kw in (dict(), dict(foreach=True)):
+        m = make_net()
+        train(m, CAMHDAdam(m, levels=("global", "layer", "parameter"), hypergrad_lr=1e-6, gamma_lr=0.1, **kw), 5)
+        runs.append([p.detach().clone() for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))  # the fallback is exactly the foreach path
+    m = make_net()
+    opt = CAMHDAdam(m, fused=True)
+    m(torch.randn(2, 1, 8, 8)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"fused kernels are unavailable \(no C compiler found"):
+        opt.step()
+
+
+def test_kernels_compile_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_CAMHD_CACHE", str(tmp_path))
+    for _ in range(2):
+        monkeypatch.setattr(_fused, "_loaded", False)
+        monkeypatch.setattr(_fused, "_lib", None)
+        assert _fused.load() is not None, _fused.unavailable_reason()
+    assert [p.name.startswith("camhd_fused-") and p.suffix == ".so" for p in tmp_path.iterdir()] == [True]
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(_fused, "_loaded", False)
+    monkeypatch.setattr(_fused, "_lib", None)
+    monkeypatch.setenv("HF_CAMHD_CACHE", str(tmp_path / "other"))
+    assert _fused.load() is None and "no-such-compiler" in _fused.unavailable_reason()
