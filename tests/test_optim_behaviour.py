@@ -90,8 +90,6 @@ def test_registry_fixed_settings_cannot_be_overridden():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_gradients_never_poison_alpha(path, bad):
     levels = ("global", "block", "layer", "unit", "parameter")
-    if path == "fused":
-        levels = tuple(lv for lv in levels if lv != "unit")  # the unit level is not fused
     flags = {"reference": dict(foreach=False), "fused": dict(fused=True)}.get(path, dict(foreach=True))
     m = make_net()
     opt = CAMHDSGD(m, lr=0.05, momentum=0.9, levels=levels, hypergrad_lr=1e-3, gamma_lr=0.05, **flags)

@@ -13,6 +13,7 @@ from hf_camhd.optim import _fused
 from conftest import BASES, make_net, rel_err, train
 
 NO_UNIT = ("global", "block", "layer", "parameter")
+ALL = ("global", "block", "layer", "unit", "parameter")
 
 
 @pytest.fixture
@@ -51,7 +52,8 @@ def _compare_state(opts, models, levels, tol):
                 assert rel_err(s0[k], s1[k]) <= tol, k
 
 
-@pytest.mark.parametrize("levels", [("global",), ("global", "layer"), NO_UNIT], ids=lambda lv: "+".join(lv))
+@pytest.mark.parametrize("levels", [("global",), ("global", "layer"), ("global", "unit"), NO_UNIT, ALL],
+                         ids=lambda lv: "+".join(lv))
 def test_fused_equals_reference_on_params_and_state(base, levels, fused_calls):
     """float64, adapting (β, δ, decay τ), two param groups and a scheduler: fused = reference to 1e-12."""
     cls, _, kw = BASES[base]
@@ -74,12 +76,12 @@ def test_fused_equals_reference_on_params_and_state(base, levels, fused_calls):
 @pytest.mark.parametrize("maximize", [False, True])
 def test_fused_adam_options(amsgrad, maximize):
     models = [make_net(dtype=torch.float64), make_net(dtype=torch.float64)]
-    opts = [CAMHDAdam(m, lr=1e-3, weight_decay=1e-2, amsgrad=amsgrad, maximize=maximize, levels=NO_UNIT,
+    opts = [CAMHDAdam(m, lr=1e-3, weight_decay=1e-2, amsgrad=amsgrad, maximize=maximize, levels=ALL,
                       hypergrad_lr=1e-4, gamma_lr=0.05, **flag)
             for m, flag in zip(models, (dict(fused=True), dict(foreach=False)))]
     for m, o in zip(models, opts):
         train(m, o, 15, torch.float64)
-    _compare_state(opts, models, NO_UNIT, 1e-12)
+    _compare_state(opts, models, ALL, 1e-12)
 
 
 class _Wide(nn.Module):
@@ -112,15 +114,15 @@ def test_fused_multithreaded_matches_reference_and_is_deterministic(cls, kw):
     torch.set_num_threads(2)
     try:
         models = [_Wide(torch.float64), _Wide(torch.float64)]
-        opts = [cls(m, levels=NO_UNIT, hypergrad_lr=1e-5, gamma_lr=0.05, **flag, **kw)
+        opts = [cls(m, levels=ALL, hypergrad_lr=1e-5, gamma_lr=0.05, **flag, **kw)
                 for m, flag in zip(models, (dict(fused=True), dict(foreach=False)))]
         for m, o in zip(models, opts):
             _train_wide(m, o, 8, torch.float64)
-        _compare_state(opts, models, NO_UNIT, 1e-12)
+        _compare_state(opts, models, ALL, 1e-12)
         runs = []
         for _ in range(2):  # float32, same thread count: bitwise the same run to run
             m = _Wide(torch.float32)
-            _train_wide(m, cls(m, levels=NO_UNIT, hypergrad_lr=1e-5, gamma_lr=0.05, fused=True, **kw), 8,
+            _train_wide(m, cls(m, levels=ALL, hypergrad_lr=1e-5, gamma_lr=0.05, fused=True, **kw), 8,
                         torch.float32)
             runs.append([p.detach().clone() for p in m.parameters()])
         assert all(torch.equal(a, b) for a, b in zip(*runs))
@@ -131,40 +133,63 @@ def test_fused_multithreaded_matches_reference_and_is_deterministic(cls, kw):
 def test_fused_float32_agrees_with_foreach(base):
     cls, _, kw = BASES[base]
     models = [make_net(), make_net()]
-    opts = [cls(m, levels=NO_UNIT, hypergrad_lr=1e-4, gamma_lr=0.1, **flag, **kw)
+    opts = [cls(m, levels=ALL, hypergrad_lr=1e-4, gamma_lr=0.1, **flag, **kw)
             for m, flag in zip(models, (dict(fused=True), dict(foreach=True)))]
     for m, o in zip(models, opts):
         train(m, o, 30)
-    _compare_state(opts, models, NO_UNIT, 1e-5)
+    _compare_state(opts, models, ALL, 1e-5)
+
+
+class _ColumnUnits(nn.Module):
+    """A GPT-2-style Conv1D: weight stored [in, out], so its units run along dim 1."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        torch.manual_seed(0)
+        self.proj = Conv1D(6, 4)
+
+    def forward(self, x):
+        return self.proj(x)
 
 
 def test_default_path_is_fused_where_it_applies(fused_calls):
     m = make_net()
-    train(m, CAMHDAdam(m, levels=("global", "layer", "parameter"), hypergrad_lr=1e-6), 2)
+    train(m, CAMHDAdam(m, levels=ALL, hypergrad_lr=1e-6), 2)
     n = 2 * len(list(m.parameters()))
     assert fused_calls["n"] == n
-    for kw in (dict(levels=("global", "layer", "unit")), dict(foreach=True), dict(foreach=False)):
+    for kw in (dict(foreach=True), dict(foreach=False)):  # an explicit foreach choice is honoured
         m = make_net()
-        train(m, CAMHDAdam(m, hypergrad_lr=1e-6, **kw), 2)  # unit level / an explicit foreach choice
+        train(m, CAMHDAdam(m, hypergrad_lr=1e-6, **kw), 2)
         assert fused_calls["n"] == n, kw
     m = make_net().to(torch.bfloat16)
     opt = CAMHDAdam(m, levels=("global", "parameter"), hypergrad_lr=1e-6)
     train(m, opt, 2, torch.bfloat16)  # bf16 parameters: foreach, with fp32 hyper-state
     assert fused_calls["n"] == n and torch.isfinite(opt.alpha("parameter")).all()
+    assert opt._last_path == "foreach"
+    m = _ColumnUnits()
+    opt = CAMHDAdam(m, levels=("global", "unit"), hypergrad_lr=1e-6)
+    for _ in range(2):  # units along dim 1: foreach
+        m(torch.randn(3, 4)).sum().backward()
+        opt.step()
+    assert fused_calls["n"] == n and opt._last_path == "foreach"
 
 
 @pytest.mark.parametrize("case,match", [
-    ("unit", "the unit level"),
+    ("unit-dim", "'proj.weight' has its units along dim 1"),
     ("bf16", r"dtype torch\.bfloat16"),
     ("noncontiguous", "not contiguous"),
 ])
 def test_fused_true_names_why_a_step_cannot_be_fused(case, match):
-    m = make_net()
-    levels = ("global", "unit") if case == "unit" else ("global", "layer")
+    if case == "unit-dim":
+        m, levels, x = _ColumnUnits(), ("global", "unit"), torch.randn(3, 4)
+    else:
+        m, levels, x = make_net(), ("global", "layer"), torch.randn(2, 1, 8, 8)
     if case == "bf16":
-        m = m.to(torch.bfloat16)
+        m, x = m.to(torch.bfloat16), x.to(torch.bfloat16)
     opt = CAMHDAdam(m, levels=levels, fused=True)
-    m(torch.randn(2, 1, 8, 8, dtype=next(m.parameters()).dtype)).sum().backward()
+    m(x).sum().backward()
     if case == "noncontiguous":
         w = m.head.weight
         w.grad = w.grad.t().contiguous().t()
@@ -179,16 +204,20 @@ def test_fused_and_foreach_both_true_is_an_error():
         CAMHDSGD(make_net(), fused="yes")
 
 
-def test_without_a_compiler_the_default_falls_back_to_foreach(monkeypatch):
+def test_without_a_compiler_the_default_falls_back_to_foreach(monkeypatch, recwarn):
     monkeypatch.setattr(_fused, "_loaded", True)
     monkeypatch.setattr(_fused, "_lib", None)
     monkeypatch.setattr(_fused, "_reason", "no C compiler found (set $CC, or install gcc / clang)")
+    monkeypatch.setattr(_fused, "_warned", False)
     runs = []
-    for kw in (dict(), dict(foreach=True)):
+    for kw in (dict(), dict(foreach=True), dict(fused=False)):
         m = make_net()
         train(m, CAMHDAdam(m, levels=("global", "layer", "parameter"), hypergrad_lr=1e-6, gamma_lr=0.1, **kw), 5)
         runs.append([p.detach().clone() for p in m.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*runs))  # the fallback is exactly the foreach path
+    assert all(torch.equal(a, b) for r in runs[1:] for a, b in zip(runs[0], r))  # the fallback is the foreach path
+    # said once per process, by the default path only, with the fix
+    messages = [str(w.message) for w in recwarn if "fused CPU kernels are unavailable" in str(w.message)]
+    assert len(messages) == 1 and "no C compiler found" in messages[0] and "fused=False" in messages[0]
     m = make_net()
     opt = CAMHDAdam(m, fused=True)
     m(torch.randn(2, 1, 8, 8)).sum().backward()
@@ -203,6 +232,12 @@ def test_kernels_compile_once_into_the_cache(monkeypatch, tmp_path):
         monkeypatch.setattr(_fused, "_lib", None)
         assert _fused.load() is not None, _fused.unavailable_reason()
     assert [p.name.startswith("camhd_fused-") and p.suffix == ".so" for p in tmp_path.iterdir()] == [True]
+    blocked = tmp_path / "a-file"  # a cache path that cannot be created: the per-user temporary folder is used
+    blocked.write_text("")
+    monkeypatch.setenv("HF_CAMHD_CACHE", str(blocked / "cache"))
+    monkeypatch.setattr(_fused, "_loaded", False)
+    monkeypatch.setattr(_fused, "_lib", None)
+    assert _fused.load() is not None, _fused.unavailable_reason()
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(_fused, "_loaded", False)
     monkeypatch.setattr(_fused, "_lib", None)

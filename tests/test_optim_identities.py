@@ -27,8 +27,8 @@ PATHS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "reference": 
 def test_reduces_to_base_optimizer_fp32(base, levels, path):
     """hypergrad_lr = gamma_lr = 0: parameters equal torch.optim's after 100 steps (≤ 1e-6 relative).
 
-    The default path is the fused kernel wherever it applies (every tree but those with a unit level);
-    the foreach path does torch's arithmetic in torch's order, so SGD is bitwise equal there."""
+    The default path here is the fused kernel; the foreach path does torch's arithmetic in torch's order,
+    so SGD is bitwise equal there."""
     cls, ref_cls, kw = BASES[base]
     m1, m2 = make_net(), make_net()
     gamma = [1.0 + i for i in range(len(levels))]  # any γ: the combination of equal rates is the rate
@@ -49,8 +49,6 @@ def test_reduces_to_base_optimizer_fp32(base, levels, path):
 def test_reduces_to_base_optimizer_fp64(base, levels, path):
     cls, ref_cls, kw = BASES[base]
     m1, m2 = make_net(dtype=torch.float64), make_net(dtype=torch.float64)
-    if path == "fused" and "unit" in levels:
-        levels = tuple(lv for lv in levels if lv != "unit")  # the unit level is not fused
     opt = cls(m1, levels=levels, hypergrad_lr=0.0, gamma_lr=0.0, **PATHS[path], **kw)
     train(m1, opt, 100, torch.float64)
     train(m2, ref_cls(m2.parameters(), **kw), 100, torch.float64)

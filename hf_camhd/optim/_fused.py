@@ -4,8 +4,9 @@ The foreach path (:mod:`hf_camhd.optim._kernels`) is a sequence of multi-tensor 
 the model; with a parameter-level tree that is about twice the memory traffic of torch's Adam. Here the
 same maths runs as two C loops per tensor (``csrc/camhd_fused.c``):
 
-* **pass 1** (:func:`partial_sums`) — ``Σ g ⊙ dir`` and ``Σ α_offset ⊙ g ⊙ dir`` (reads g, dir, α);
-  the node sums, α of the coarse levels and γ are then updated on these few numbers in Python;
+* **pass 1** (:func:`partial_sums`) — ``Σ g ⊙ dir`` (per tensor, and per unit with a unit level) and
+  ``Σ α_offset ⊙ g ⊙ dir`` (reads g, dir, α); the node sums, α of the block / layer / unit levels and γ are
+  then updated on these few numbers;
 * **pass 2** (:func:`adam` / :func:`sgd`) — per element: the parameter-level ``α`` update of step 2 (with
   the γ of step t−1), the base rule's state (moments / momentum), ``θ ← θ + K ⊙ d`` with the rate of step 4,
   and the next ``dir`` — written over the previous one after it has been read.
@@ -17,8 +18,9 @@ of the source, the compiler and the flags — a fraction of a second, once per m
 foreach path, ``fused=True`` raises. It needs no Python or torch headers: tensors are passed as data
 pointers through :mod:`ctypes` (which releases the GIL during the call).
 
-Eligible tensors (:func:`ineligible_reason`): CPU, float32 or float64, contiguous, with gradients and
-CAM-HD state of the same dtype, not sharded. Other steps use the foreach path.
+Eligible steps: CPU tensors, float32 or float64, contiguous, with gradients and state of the same dtype
+(:func:`ineligible_reason`), not sharded, and with a unit level only where units run along dim 0 (per-unit
+rates are applied per row). Other steps use the foreach path.
 """
 
 from __future__ import annotations
@@ -26,15 +28,20 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ._kernels import PartialSums
 
 SOURCE = Path(__file__).with_name("csrc") / "camhd_fused.c"
 _FLAGS = ["-O3", "-std=gnu99", "-fPIC", "-shared", "-fno-math-errno"]
@@ -44,6 +51,7 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
 _loaded = False
+_warned = False
 
 
 def cache_dir() -> Path:
@@ -66,38 +74,50 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(cc: str, source: bytes) -> Path:
-    """Compile (with OpenMP, else without) into the cache; concurrent processes race safely (atomic rename)."""
-    last_err = ""
-    for extra in (["-fopenmp"], []):
-        flags = [*_FLAGS, *extra]
-        key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(),
-                                          sys.platform.encode(), os.uname().machine.encode()])).hexdigest()[:16]
-        target = cache_dir() / f"camhd_fused-{key}.so"
-        if target.is_file():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+def _writable_dirs() -> list[Path]:
+    """The cache directory, then a per-user temporary one (for a read-only home)."""
+    user = os.environ.get("USER") or os.environ.get("USERNAME") or "user"
+    return [cache_dir(), Path(tempfile.gettempdir()) / f"hf_camhd-{user}"]
+
+
+def _build(cc: list[str], flags: list[str], source: bytes) -> Path:
+    """Compile ``SOURCE`` with ``flags`` into the cache, unless a build of the same ``source`` (the bytes of
+    every file it is made of), compiler and flags is there. Concurrent processes race safely (atomic rename)."""
+    key = hashlib.sha256(b"\0".join([source, " ".join(cc).encode(), " ".join(flags).encode(), sys.platform.encode(),
+                                      platform.machine().encode()])).hexdigest()[:16]
+    name = f"camhd_fused-{key}.so"
+    err: Exception | None = None
+    for folder in _writable_dirs():  # the next folder only when this one cannot be written
+        if (folder / name).is_file():
+            return folder / name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+        except OSError as e:
+            err = e
+            continue
         os.close(fd)
         try:
-            proc = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
-            if proc.returncode == 0:
-                os.replace(tmp, target)
-                return target
-            last_err = (proc.stderr or proc.stdout).strip()[-500:]
+            proc = subprocess.run([*cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cc)} could not compile {SOURCE.name} with {' '.join(flags)}: "
+                                   f"{(proc.stderr or proc.stdout).strip()[-500:]}")
+            os.replace(tmp, folder / name)
+            return folder / name
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    raise RuntimeError(f"{cc} could not compile {SOURCE.name}: {last_err}")
+    raise RuntimeError(f"no writable folder for the compiled kernels ({err}); set $HF_CAMHD_CACHE")
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     P, N, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     for sfx in _SUFFIX.values():
         getattr(lib, f"camhd_hsum_{sfx}").argtypes = [P, P, P, N, P]
-        getattr(lib, f"camhd_adam_{sfx}").argtypes = [P] * 7 + [N, I, F, F, F, F, F, I, F, F, F, F, F, F, F, F]
-        getattr(lib, f"camhd_sgd_{sfx}").argtypes = [P] * 5 + [N, I, F, F, F, F, F, F, I, I, F, F]
-        for kind in ("hsum", "adam", "sgd"):
+        getattr(lib, f"camhd_hsum_rows_{sfx}").argtypes = [P, P, P, N, N, P, P]
+        getattr(lib, f"camhd_adam_{sfx}").argtypes = [P] * 7 + [N, P, N, I, F, F, F, F, F, I, F, F, F, F, F, F, F, F]
+        getattr(lib, f"camhd_sgd_{sfx}").argtypes = [P] * 5 + [N, P, N, I, F, F, F, F, F, F, I, I, F, F]
+        for kind in ("hsum", "hsum_rows", "adam", "sgd"):
             getattr(lib, f"camhd_{kind}_{sfx}").restype = None
 
 
@@ -109,17 +129,33 @@ def load() -> ctypes.CDLL | None:
     with _lock:
         if _loaded:
             return _lib
-        try:
-            cc = _compiler()
-            if cc is None:
-                raise RuntimeError("no C compiler found (set $CC, or install gcc / clang)")
-            lib = ctypes.CDLL(str(_build(cc, SOURCE.read_bytes())))
-            _declare(lib)
-            _lib = lib
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-            _reason = str(err)
+        cc = _compiler()
+        if cc is None:
+            _reason = "no C compiler found (set $CC, or install gcc / clang)"
+        else:
+            source = b"".join(f.read_bytes() for f in sorted(SOURCE.parent.iterdir()) if f.suffix in (".c", ".h"))
+            errors = []
+            for flags in ([*_FLAGS, "-fopenmp"], _FLAGS):  # multi-threaded where the compiler has OpenMP
+                try:
+                    lib = ctypes.CDLL(str(_build(shlex.split(cc), flags, source)))
+                    _declare(lib)
+                except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as err:
+                    errors.append(str(err))
+                    continue
+                _lib = lib
+                break
+            _reason = None if _lib is not None else "; ".join(errors)
         _loaded = True
     return _lib
+
+
+def warn_unavailable_once() -> None:
+    """Say once per process that the default path could not use the kernels (``fused=False`` silences it)."""
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(f"hf_camhd: the fused CPU kernels are unavailable ({unavailable_reason()}); using the "
+                      "foreach kernels (same results, slower). Pass fused=False to silence this.", stacklevel=3)
 
 
 def unavailable_reason() -> str | None:
@@ -150,35 +186,54 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def partial_sums(grads: list[Tensor], dirs: list[Tensor], offsets: list[Tensor] | None) -> Tensor:
-    """Pass 1: a ``(T, 2)`` float64 tensor of ``[Σ g ⊙ dir, Σ off ⊙ g ⊙ dir]`` per tensor (second column
-    0 without ``offsets``). Sums accumulate in float64, in a fixed order for a given thread count."""
+def partial_sums(grads: list[Tensor], dirs: list[Tensor], offsets: list[Tensor] | None,
+                 unit_counts: list[int] | None = None) -> PartialSums:
+    """Pass 1: per tensor ``Σ g ⊙ dir`` and ``Σ off ⊙ g ⊙ dir`` (0 without ``offsets``) as a ``(T, 2)`` float64
+    tensor and, with ``unit_counts`` (units along dim 0), the first of these per unit. Sums accumulate in float64
+    in an order fixed by the shapes and the thread count."""
     lib = load()
-    out = torch.zeros(len(grads), 2, dtype=torch.float64)
-    base, stride = out.data_ptr(), 2 * out.element_size()
+    totals = torch.zeros(len(grads), 2, dtype=torch.float64)
+    base, stride = totals.data_ptr(), 2 * totals.element_size()
+    rows = [] if unit_counts is not None else None
     for i, (g, d) in enumerate(zip(grads, dirs)):
-        fn = getattr(lib, f"camhd_hsum_{_SUFFIX[g.dtype]}")
-        fn(g.data_ptr(), d.data_ptr(), _ptr(offsets[i] if offsets is not None else None), g.numel(), base + i * stride)
-    return out
+        sfx, off = _SUFFIX[g.dtype], _ptr(offsets[i] if offsets is not None else None)
+        if rows is None:
+            getattr(lib, f"camhd_hsum_{sfx}")(g.data_ptr(), d.data_ptr(), off, g.numel(), base + i * stride)
+            continue
+        count = unit_counts[i]
+        r = torch.zeros(2, count, dtype=torch.float64)
+        getattr(lib, f"camhd_hsum_rows_{sfx}")(g.data_ptr(), d.data_ptr(), off, g.numel(), _row_len(g, count),
+                                               r.data_ptr(), base + i * stride)
+        rows.append(r[0])
+    return PartialSums(totals, rows)
+
+
+def _row_len(p: Tensor, count: int) -> int:
+    return p.numel() // count if count else 1
 
 
 def adam(p: Tensor, g: Tensor, d: Tensor, off: Tensor | None, m: Tensor, v: Tensor, vmax: Tensor | None,
-         alpha: tuple, ka: float, kb: float, decoupled: bool, da: float, db: float, dd: float,
+         alpha: tuple, krow: Tensor | None, ka: float, kb: float, decoupled: bool, da: float, db: float, dd: float,
          wd: float, beta1: float, beta2: float, shift: float) -> None:
     """Pass 2 for Adam / AdamW on one tensor, in place: see ``camhd_adam_*`` in the C source.
 
     ``θ ← θ (1 + da + db·off)`` (decoupled only) ``+ (ka + kb·off) · q`` with ``q = m / (sqrt(v) + shift)``;
-    ``dir ← q + dd·θ_old`` (decoupled) or ``q``; L2 decay ``wd`` enters the moments' gradient.
+    ``dir ← q + dd·θ_old`` (decoupled) or ``q``; L2 decay ``wd`` enters the moments' gradient. ``alpha``:
+    ``(do, c, lo, hi)``, the parameter-level update ``off ← clamp(off + c · g ⊙ dir_old, lo, hi)`` when ``do``.
+    ``krow`` (float64, one per unit along dim 0): ``ka`` and ``da`` are multiplied by the unit's factor.
     """
     fn = getattr(load(), f"camhd_adam_{_SUFFIX[p.dtype]}")
     fn(p.data_ptr(), g.data_ptr(), d.data_ptr(), _ptr(off), m.data_ptr(), v.data_ptr(), _ptr(vmax), p.numel(),
-       *alpha, ka, kb, int(decoupled), da, db, dd, wd, 1.0 - beta1, beta2, 1.0 - beta2, shift)
+       _ptr(krow), 0 if krow is None else _row_len(p, krow.numel()), *alpha, ka, kb, int(decoupled), da, db, dd,
+       wd, 1.0 - beta1, beta2, 1.0 - beta2, shift)
 
 
-def sgd(p: Tensor, g: Tensor, d: Tensor, off: Tensor | None, buf: Tensor | None, alpha: tuple, ka: float,
-        kb: float, wd: float, momentum: int, first: bool, mu: float, dampening: float) -> None:
+def sgd(p: Tensor, g: Tensor, d: Tensor, off: Tensor | None, buf: Tensor | None, alpha: tuple,
+        krow: Tensor | None, ka: float, kb: float, wd: float, momentum: int, first: bool, mu: float,
+        dampening: float) -> None:
     """Pass 2 for SGD on one tensor, in place (``momentum``: 0 plain, 1 heavy ball, 2 Nesterov; ``first``:
-    the momentum buffer starts as the gradient, as torch's). ``θ ← θ + (ka + kb·off) · d``, ``dir ← d``."""
+    the momentum buffer starts as the gradient, as torch's). ``θ ← θ + (ka + kb·off) · d``, ``dir ← d``;
+    ``alpha`` and ``krow`` as in :func:`adam`."""
     fn = getattr(load(), f"camhd_sgd_{_SUFFIX[p.dtype]}")
-    fn(p.data_ptr(), g.data_ptr(), d.data_ptr(), _ptr(off), _ptr(buf), p.numel(), *alpha, ka, kb, wd,
-       momentum, int(first), mu, dampening)
+    fn(p.data_ptr(), g.data_ptr(), d.data_ptr(), _ptr(off), _ptr(buf), p.numel(), _ptr(krow),
+       0 if krow is None else _row_len(p, krow.numel()), *alpha, ka, kb, wd, momentum, int(first), mu, dampening)

@@ -60,6 +60,14 @@ class StepInputs:
 
 
 @dataclass
+class PartialSums:
+    """Pass 1 of the fused path (:func:`hf_camhd.optim._fused.partial_sums`), unscaled (``u = scale · dir``)."""
+
+    totals: Tensor                          # (T, 2) float64: Σ g ⊙ dir, Σ α_offset ⊙ g ⊙ dir per tensor
+    unit_rows: list[Tensor] | None = None   # Σ g ⊙ dir per unit (units along dim 0), per tensor
+
+
+@dataclass
 class HyperState:
     """Views of the model-wide hyper-state (tensors living in ``param_groups[0]``)."""
 
@@ -202,7 +210,7 @@ class Rates:
 
 def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: HyperConfig,
                          step: int, diag: dict | None = None, *, host: bool = False,
-                         partials: Tensor | None = None) -> list[float] | None:
+                         partials: PartialSums | None = None) -> list[float] | None:
     """Steps 1–3 on all tensors at once: node sums of h, α (every level) and γ, in place.
 
     The previous-direction buffers ``inp.dirs`` may be overwritten (with ``g ⊙ dir``): they are dead
@@ -210,9 +218,8 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
     there is no device to synchronise with — which lets the per-element update be one fused op and
     a non-finite hyper-gradient skip the update with a branch; ``host=False`` never leaves the device.
 
-    ``partials`` (the fused path, :func:`hf_camhd.optim._fused.partial_sums`; host only, no unit level, not
-    sharded): a ``(T, 2)`` tensor of ``Σ g ⊙ dir`` and ``Σ α_offset ⊙ g ⊙ dir`` per tensor, so nothing here
-    reads a model-sized tensor. The parameter level's element update is then left to the fused pass 2 and
+    ``partials`` (the fused path's pass 1; host only, not sharded): the per-tensor (and per-unit) sums, so
+    nothing here reads a model-sized tensor. The parameter level's element update is then left to the fused pass 2 and
     returned as one coefficient ``c`` per tensor (``α_offset ← clamp(α_offset + c · g ⊙ dir)``), or ``None``
     when α does not move this step. Without ``partials`` the return value is always ``None``.
     """
@@ -232,9 +239,10 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
     unit_raw: list[Tensor] = []
     plan = inp.shard
     if partials is not None:
-        if has_unit or plan is not None or not host:
-            raise ValueError("partial sums are for the fused path: host scalars, no unit level, not sharded")
-        raw = list((partials[:, 0] * torch.stack(inp.dir_scales).to(partials.dtype)).unbind())
+        if plan is not None or not host or (has_unit and partials.unit_rows is None):
+            raise ValueError("partial sums are for the fused path: host scalars, not sharded, unit sums with a unit level")
+        raw = list((partials.totals[:, 0] * torch.stack(inp.dir_scales).to(torch.float64)).unbind())
+        unit_raw = partials.unit_rows if has_unit else []
     elif need_h:
         _foreach_mul_mixed(dirs, grads)
         if has_unit:
@@ -279,7 +287,7 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
         if has_param:
             # Σ α h with α = α₀ + offset: α₀ Σh + Σ offset·h
             if partials is not None:
-                g_param = (partials[:, 1] * torch.stack(inp.dir_scales).to(partials.dtype)).sum()
+                g_param = (partials.totals[:, 1] * torch.stack(inp.dir_scales).to(torch.float64)).sum()
             elif plan is None:
                 gp = [_vdot(local(a), x) for a, x in zip(inp.param_offsets, dirs)]
                 gp = torch._foreach_mul(gp, inp.dir_scales)

@@ -82,12 +82,12 @@ class BaseRule:
     """State tensors shaped like the parameter that :meth:`fused_update` reads (``None``: no fused kernel)."""
 
     def fused_update(self, params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
-                     dirs: list[Tensor], offsets: list[Tensor | None], k_base: list[float], k_fine: list[float],
-                     alpha: list[tuple]) -> list[float] | None:
+                     dirs: list[Tensor], offsets: list[Tensor | None], k_rows: list[Tensor | None],
+                     k_base: list[float], k_fine: list[float], alpha: list[tuple]) -> list[float] | None:
         """The fused CPU pass 2 (:mod:`hf_camhd.optim._fused`): update the base state, move
-        ``θ ← θ + K ⊙ d`` with ``K = k_base + k_fine · α_offset`` and write ``d`` over ``dirs`` (after
-        the parameter-level α update ``alpha[i]`` has read the previous direction). Returns the per-tensor
-        ``scale`` of :class:`Directions` (``None`` when the directions are unscaled)."""
+        ``θ ← θ + K ⊙ d`` with ``K = k_base · k_row + k_fine · α_offset`` (``k_row``: one factor per unit along
+        dim 0, or 1) and write ``d`` over ``dirs`` (after the parameter-level α update ``alpha[i]`` has read the
+        previous direction). Returns the per-tensor ``scale`` of :class:`Directions` (``None``: unscaled)."""
         raise NotImplementedError(f"the {self.name} rule has no fused kernel")
 
 
@@ -138,7 +138,7 @@ class SGDRule(BaseRule):
 
     fused_state_keys = ("momentum_buffer",)
 
-    def fused_update(self, params, grads, states, group, dirs, offsets, k_base, k_fine, alpha):
+    def fused_update(self, params, grads, states, group, dirs, offsets, k_rows, k_base, k_fine, alpha):
         wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
         kind = 0 if mu == 0 else (2 if group["nesterov"] else 1)
         for i, (p, g, s) in enumerate(zip(params, grads, states)):
@@ -146,8 +146,8 @@ class SGDRule(BaseRule):
             if kind and buf is None:  # torch.optim.SGD starts the buffer as the (decayed) gradient
                 buf, first = torch.empty_like(p, memory_format=torch.preserve_format), True
                 s["momentum_buffer"] = buf
-            _fused.sgd(p, g, dirs[i], offsets[i], buf if kind else None, alpha[i], k_base[i], k_fine[i], wd,
-                       kind, first, mu, damp)
+            _fused.sgd(p, g, dirs[i], offsets[i], buf if kind else None, alpha[i], k_rows[i], k_base[i], k_fine[i],
+                       wd, kind, first, mu, damp)
         return None
 
 
@@ -262,7 +262,7 @@ class AdamRule(BaseRule):
 
     fused_state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
-    def fused_update(self, params, grads, states, group, dirs, offsets, k_base, k_fine, alpha):
+    def fused_update(self, params, grads, states, group, dirs, offsets, k_rows, k_base, k_fine, alpha):
         beta1, beta2 = group["betas"]
         wd = group["weight_decay"]
         scale, shift = self._bias_terms(states, group)
@@ -272,7 +272,7 @@ class AdamRule(BaseRule):
             c, ka, kb = scale[i], k_base[i], k_fine[i]
             # θ ← θ (1 + λK) + K · c ⊙ q and d = q + (λ / c) θ_old (see apply_update_foreach), K = ka + kb · α_offset
             _fused.adam(p, g, dirs[i], offsets[i], s["exp_avg"], s["exp_avg_sq"],
-                        s["max_exp_avg_sq"] if group["amsgrad"] else None, alpha[i], ka * c, kb * c, decoupled,
+                        s["max_exp_avg_sq"] if group["amsgrad"] else None, alpha[i], k_rows[i], ka * c, kb * c, decoupled,
                         wd * ka if decoupled else 0.0, wd * kb if decoupled else 0.0, wd / c if decoupled else 0.0,
                         l2, beta1, beta2, shift[i])
         return scale

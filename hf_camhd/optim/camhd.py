@@ -378,10 +378,16 @@ class CAMHDOptimizer(Optimizer):
         if inp.shard is not None:
             return "the parameters are sharded (DTensor)"
         if "unit" in self.config.levels:
-            return "the unit level's per-unit rates are not fused"
+            tix = self._index(*self._home())
+            for e in inp.index:
+                if tix.unit_dims[e] != 0:
+                    return (f"{self.tree.entries[e].name!r} has its units along dim {tix.unit_dims[e]} (the fused "
+                            "kernels take units along dim 0)")
         if not self._host_scalars():
             return "the hyper-state is not on the CPU"
         if _fused.load() is None:
+            if self.fused is None:
+                _fused.warn_unavailable_once()
             return f"the fused kernels are unavailable ({_fused.unavailable_reason()})"
         for i, p in enumerate(inp.params):
             state = states[i]
@@ -398,14 +404,20 @@ class CAMHDOptimizer(Optimizer):
         """Steps 1–6 with the fused kernels: pass 1 (partial sums) → α / γ on those numbers → pass 2 per group."""
         cfg = self.config
         partials = None
+        tix = self._index(*self._home())
+        has_unit = "unit" in cfg.levels
         if cfg.adapts and step > 0:
             want_off = "parameter" in cfg.levels and cfg.gamma_lr > 0
-            partials = _fused.partial_sums(inp.grads, inp.dirs, inp.param_offsets if want_off else None)
-        tix = self._index(*self._home())
+            counts = [tix.unit_count[gi] for gi in inp.unit_groups] if has_unit else None
+            partials = _fused.partial_sums(inp.grads, inp.dirs, inp.param_offsets if want_off else None, counts)
         coefs = K.hyper_update_foreach(inp, hs, tix, cfg, step, diag, host=True, partials=partials)  # steps 1–3
         rates = K.rates_foreach(inp, hs, tix, cfg, step, host=True)                                 # step 4
         T = len(inp.params)
-        k_base = torch.stack(rates.base).tolist()
+        if has_unit:  # K per unit (along dim 0): the kernels scale these factors
+            k_rows = [b.reshape(-1).to(torch.float64) for b in rates.base]
+            k_base = [1.0] * T
+        else:
+            k_rows, k_base = [None] * T, torch.stack(rates.base).tolist()
         k_fine = rates.fine if rates.fine is not None else [0.0] * T
         offsets = inp.param_offsets or [None] * T
         if coefs is None:
@@ -418,7 +430,7 @@ class CAMHDOptimizer(Optimizer):
                 continue
             pick = lambda xs: [xs[m] for m in members]  # noqa: E731
             scale = self.rule.fused_update(pick(inp.params), pick(inp.grads), pick(states), group, pick(inp.dirs),
-                                           pick(offsets), pick(k_base), pick(k_fine), pick(alpha))
+                                           pick(offsets), pick(k_rows), pick(k_base), pick(k_fine), pick(alpha))
             _store_dir_scales(pick(inp.dir_scales), group["lr"] / lr0, tau, scale)
 
     # ------------------------------------------------------------------------------------ reading
@@ -736,8 +748,8 @@ _CAMHD_DOC = """
         fused: ``True`` requires the fused CPU kernel (two passes over memory per step for CAM-HD and the
             base rule together; :mod:`hf_camhd.optim._fused`) and raises where a step cannot use it; ``False``
             never uses it. The default (``None``, with ``foreach=None``) uses it for CPU float32 / float64
-            contiguous tensors on trees without a unit level, when a C compiler is available (compiled once
-            and cached), and the foreach kernels otherwise. Like torch's ``fused`` and ``foreach``, it
+            contiguous tensors (units along dim 0, i.e. every layer but GPT-2-style ``Conv1D``), when a C
+            compiler is available (compiled once and cached), and the foreach kernels otherwise. Like torch's ``fused`` and ``foreach``, it
             changes the arithmetic order, not the maths: results agree to rounding.
 """
 
