@@ -179,7 +179,7 @@ def test_default_path_is_fused_where_it_applies(fused_calls):
 @pytest.mark.parametrize("case,match", [
     ("unit-dim", "'proj.weight' has its units along dim 1"),
     ("bf16", r"dtype torch\.bfloat16"),
-    ("noncontiguous", "not contiguous"),
+    ("noncontiguous", r"its gradient is not stored like the parameter \(torch.contiguous_format\)"),
 ])
 def test_fused_true_names_why_a_step_cannot_be_fused(case, match):
     if case == "unit-dim":
@@ -195,6 +195,20 @@ def test_fused_true_names_why_a_step_cannot_be_fused(case, match):
         w.grad = w.grad.t().contiguous().t()
     with pytest.raises(RuntimeError, match=rf"CAMHDAdam\(fused=True\) cannot fuse this step: .*{match}.*fused=None"):
         opt.step()
+
+
+def test_channels_last_weights_take_the_fused_path(fused_calls):
+    """Conv weights stored channels-last (and their grads / state alike) are fused too: dim 0 stays outermost."""
+    models = [make_net(dtype=torch.float64).to(memory_format=torch.channels_last) for _ in range(2)]
+    conv = models[0].features[3].weight
+    assert not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last)
+    opts = [CAMHDAdamW(m, lr=1e-2, weight_decay=0.1, levels=ALL, hypergrad_lr=1e-4, gamma_lr=0.1, **flag)
+            for m, flag in zip(models, (dict(fused=True), dict(foreach=False)))]
+    for m, o in zip(models, opts):
+        train(m, o, 10, torch.float64)
+    assert fused_calls["n"] == 10 * len(list(models[0].parameters()))
+    assert opts[0].state[conv]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    _compare_state(opts, models, ALL, 1e-12)
 
 
 def test_fused_and_foreach_both_true_is_an_error():

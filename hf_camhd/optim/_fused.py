@@ -164,9 +164,21 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
+def _memory_format(t: Tensor) -> torch.memory_format | None:
+    """The dense layout of ``t`` (contiguous, or channels-last for 4-d / 5-d tensors), ``None`` if neither."""
+    if t.is_contiguous():
+        return torch.contiguous_format
+    for fmt, ndim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if t.ndim == ndim and t.is_contiguous(memory_format=fmt):
+            return fmt
+    return None
+
+
 def ineligible_reason(tensors: list[tuple[str, Tensor | None]]) -> str | None:
-    """Why these tensors (``(what, tensor)`` pairs of one parameter) cannot take the fused path, or ``None``."""
-    dtype = None
+    """Why these tensors (``(what, tensor)`` pairs of one parameter, the parameter first) cannot take the fused
+    path, or ``None``. They must be CPU float32 / float64 tensors of one dtype, stored densely in one element
+    order: all contiguous, or all channels-last (dim 0 stays outermost either way, as per-unit rows need)."""
+    dtype = fmt = None
     for what, t in tensors:
         if t is None:
             continue
@@ -176,8 +188,12 @@ def ineligible_reason(tensors: list[tuple[str, Tensor | None]]) -> str | None:
             return f"{what} has dtype {t.dtype} (the fused kernels take float32 / float64)"
         if dtype is not None and t.dtype != dtype:
             return f"{what} has dtype {t.dtype}, the parameter {dtype}"
-        if not t.is_contiguous():
-            return f"{what} is not contiguous"
+        if fmt is None:
+            fmt = _memory_format(t)
+            if fmt is None:
+                return f"{what} is neither contiguous nor channels-last"
+        elif not t.is_contiguous(memory_format=fmt):
+            return f"{what} is not stored like the parameter ({fmt})"
         dtype = t.dtype
     return None
 
