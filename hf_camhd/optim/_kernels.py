@@ -241,7 +241,7 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
     if partials is not None:
         if plan is not None or not host or (has_unit and partials.unit_rows is None):
             raise ValueError("partial sums are for the fused path: host scalars, not sharded, unit sums with a unit level")
-        raw = list((partials.totals[:, 0] * torch.stack(inp.dir_scales).to(torch.float64)).unbind())
+        scales64 = torch.stack(inp.dir_scales).to(torch.float64)
         unit_raw = partials.unit_rows if has_unit else []
     elif need_h:
         _foreach_mul_mixed(dirs, grads)
@@ -254,9 +254,11 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
             raw = [x.sum() for x in dirs]
     else:
         raw = [_vdot(_as(g, d.dtype), d) for g, d in zip(grads, dirs)]
-    # per-tensor Σ h = scale · Σ g ⊙ dir (the fused partials are already scaled)
-    S = raw if partials is not None else torch._foreach_mul(raw, inp.dir_scales)
-    S = torch.stack([x.to(device=home, dtype=hd) for x in S])
+    # per-tensor Σ h = scale · Σ g ⊙ dir
+    if partials is not None:
+        S = (partials.totals[:, 0] * scales64).to(device=home, dtype=hd)
+    else:
+        S = torch.stack([x.to(device=home, dtype=hd) for x in torch._foreach_mul(raw, inp.dir_scales)])
     if plan is not None:  # sharded: local partial sums → one all_reduce (spec §3)
         S, unit_tot, g_unit, g_param = _reduce_partials(inp, plan, tix, cfg, S, unit_raw, dirs, home, hd)
     finite = torch.isfinite(S.sum())
@@ -287,7 +289,7 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
         if has_param:
             # Σ α h with α = α₀ + offset: α₀ Σh + Σ offset·h
             if partials is not None:
-                g_param = (partials.totals[:, 1] * torch.stack(inp.dir_scales).to(torch.float64)).sum()
+                g_param = (partials.totals[:, 1] * scales64).sum()
             elif plan is None:
                 gp = [_vdot(local(a), x) for a, x in zip(inp.param_offsets, dirs)]
                 gp = torch._foreach_mul(gp, inp.dir_scales)
@@ -298,7 +300,7 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
 
     for lv, alpha in hs.coarse.items():  # step 2: α ← α − β_j γ_j Σh (clamped; kept if h is non-finite)
         new = (alpha - tix.beta[lv] * (gamma[pos[lv]] * sums[lv])).clamp_(lo, hi)
-        alpha.copy_(torch.where(finite, new, alpha))
+        alpha.copy_(new if host else torch.where(finite, new, alpha))  # host: a non-finite h returned above
     if has_unit:
         g_u = gamma[pos["unit"]]
         for gi, u in unit_tot.items():
