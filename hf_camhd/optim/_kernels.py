@@ -314,7 +314,7 @@ def hyper_update_foreach(inp: StepInputs, hs: HyperState, tix: TreeIndex, cfg: H
     if has_param:
         alphas = [local(a) for a in inp.param_offsets]
         if host:
-            scales = torch.stack(inp.dir_scales).tolist()
+            scales = (scales64 if partials is not None else torch.stack(inp.dir_scales)).tolist()
             coefs = [-tix.beta_param * gamma_old[pos["parameter"]] * sc for sc in scales]
             if need_h:   # h' is in the dir buffers
                 for a, x, c in zip(alphas, dirs, coefs):

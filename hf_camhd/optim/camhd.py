@@ -315,13 +315,13 @@ class CAMHDOptimizer(Optimizer):
 
         hs = self._hyper_state()
         diag: dict = {}
+        self._last_hyper = diag
         why_not = self._fused_ineligible(inp, states)
         if self.fused and why_not:
             raise RuntimeError(f"{type(self).__name__}(fused=True) cannot fuse this step: {why_not}. Use fused=None "
                                "(the default: fused where it applies, foreach elsewhere) or foreach=True.")
         self._last_path = "fused" if why_not is None else ("foreach" if self.foreach else "reference")
         if why_not is None:
-            self._last_hyper = diag
             self._fused_step(inp, hs, states, per_group, step, tau, diag)
             g0[_G + "step"] = step + 1
             return loss
@@ -333,7 +333,6 @@ class CAMHDOptimizer(Optimizer):
         else:
             K.hyper_update_reference(inp, hs, self.tree, cfg, step, diag)
             rates = K.rates_reference(inp, hs, self.tree, cfg, step)
-        self._last_hyper = diag
 
         for group, members in per_group:  # steps 5–6, per param group (each has its own base settings)
             if not members:
