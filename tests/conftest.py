@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -97,6 +99,14 @@ def fresh_accelerate_state():
 @pytest.fixture(params=list(BASES))
 def base(request):
     return request.param
+
+
+def torch_roundtrip(obj, *, weights_only: bool = True):
+    """``obj`` through ``torch.save`` / ``torch.load`` in memory."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=weights_only)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -164,7 +164,7 @@ def test_sharded_path_in_one_process_matches_the_plain_optimizer():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from hf_camhd.optim import distributed as D
+    from hf_camhd.optim import sharding as D
 
     assert not D.is_dtensor(torch.zeros(2))
     lay = D.tensor_layout(torch.zeros(5, 3), unit_dim=0)

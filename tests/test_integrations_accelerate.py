@@ -136,9 +136,13 @@ def test_bf16_model_keeps_fp32_hyper_state_across_prepare_and_load_state(tmp_pat
                 seen.add(k)
         assert st["exp_avg"].dtype == torch.bfloat16  # base moments follow the parameter, as in torch.optim
     assert seen == set(HYPER)
-    for k, v in inner.param_groups[0].items():
-        if torch.is_tensor(v):
+    g0 = inner.param_groups[0]
+    for k, v in g0.items():
+        if torch.is_tensor(v) and k not in ("camhd_step", "camhd_skipped_steps"):  # the hyper-state: fp32
             assert v.dtype == torch.float32, k
+    # the counters stay counters: the step on the CPU (read on the host, like torch's), the skips an integer
+    assert g0["camhd_step"].device.type == "cpu" and g0["camhd_step"].dtype == torch.float64
+    assert g0["camhd_skipped_steps"].dtype == torch.int64
     assert inner.gamma.dtype == torch.float32 and inner.alpha("layer").dtype == torch.float32
     _loop(acc, model, opt, 3, 5, dtype=torch.bfloat16)  # and it keeps training
     assert inner.num_steps == 5

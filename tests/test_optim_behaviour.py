@@ -49,7 +49,9 @@ ERRORS = [
     (CAMHDAdam, dict(foreach="yes"), ValueError, r"Invalid foreach: 'yes'"),
     (CAMHDSGD, dict(momentum=-0.9), ValueError, r"Invalid momentum value: -0.9"),
     (CAMHDSGD, dict(nesterov=True), ValueError, r"Nesterov momentum requires a momentum"),
-    (CAMHDAdamW, dict(lr=torch.tensor(1e-3)), ValueError, r"lr must be a Python float"),
+    (CAMHDAdamW, dict(lr=torch.tensor([1e-3, 2e-3])), ValueError, r"a Tensor lr must hold one real number"),
+    (CAMHDAdamW, dict(hypergrad_lr=torch.tensor(1e-3)), ValueError,
+     r"Invalid hypergrad_lr: hypergrad_lr must be a Python float, got a Tensor .*pass float\(hypergrad_lr\)"),
 ]
 
 
@@ -86,14 +88,13 @@ def test_registry_fixed_settings_cannot_be_overridden():
 
 
 # ------------------------------------------------------------------------------------------ faults
-@pytest.mark.parametrize("path", ["foreach-host", "foreach-device", "reference", "fused"])
+@pytest.mark.parametrize("path", ["multi_tensor", "reference", "fused_cpu"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_gradients_never_poison_alpha(path, bad):
     levels = ("global", "block", "layer", "unit", "parameter")
-    flags = {"reference": dict(foreach=False), "fused": dict(fused=True)}.get(path, dict(foreach=True))
+    flags = {"reference": dict(foreach=False), "fused_cpu": dict(fused=True)}.get(path, dict(foreach=True))
     m = make_net()
     opt = CAMHDSGD(m, lr=0.05, momentum=0.9, levels=levels, hypergrad_lr=1e-3, gamma_lr=0.05, **flags)
-    opt._force_device_path = path == "foreach-device"
     train(m, opt, 3)
     snapshot = {lv: opt.alpha(lv) for lv in levels}
     gamma = opt.gamma
@@ -102,7 +103,9 @@ def test_non_finite_gradients_never_poison_alpha(path, bad):
         model.features[3].weight.grad[0, 0, 0, 0] = bad
 
     train(m, opt, 1, start=3, closure_hook=poison)
+    assert opt._last_path == path
     assert opt._last_hyper["finite"].item() is False
+    assert opt.skipped_steps == 1 and opt.lr_stats()["camhd/skipped_steps"] == 1
     for lv in levels:  # the hyper-update was skipped: α and γ are exactly as before
         assert torch.equal(opt.alpha(lv), snapshot[lv]), lv
     assert torch.equal(opt.gamma, gamma)

@@ -167,13 +167,13 @@ def test_default_path_is_fused_where_it_applies(fused_calls):
     opt = CAMHDAdam(m, levels=("global", "parameter"), hypergrad_lr=1e-6)
     train(m, opt, 2, torch.bfloat16)  # bf16 parameters: foreach, with fp32 hyper-state
     assert fused_calls["n"] == n and torch.isfinite(opt.alpha("parameter")).all()
-    assert opt._last_path == "foreach"
+    assert opt._last_path == "multi_tensor"
     m = _ColumnUnits()
     opt = CAMHDAdam(m, levels=("global", "unit"), hypergrad_lr=1e-6)
     for _ in range(2):  # units along dim 1: foreach
         m(torch.randn(3, 4)).sum().backward()
         opt.step()
-    assert fused_calls["n"] == n and opt._last_path == "foreach"
+    assert fused_calls["n"] == n and opt._last_path == "multi_tensor"
 
 
 @pytest.mark.parametrize("case,match", [

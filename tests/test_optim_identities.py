@@ -186,8 +186,7 @@ def test_hypergradients_match_autograd(cls, decay_rate):
     u = [opt.state[p]["hypergrad_dir"] * opt.state[p]["hypergrad_dir_scale"] for p in model.parameters()]
     alphas = {lv: opt.alpha(lv, dtype=torch.float64) for lv in levels}
     gamma = opt.param_groups[0]["camhd_gamma"].clone()
-    step = opt.num_steps - 1
-    tau = math.exp(-decay_rate * step)
+    tau = math.exp(-decay_rate * opt.num_steps)  # τ(t) of the step just taken (t = 1 on the first step)
 
     def theta_of(al, ga):
         """θ_{t-1} as a function of the rates: θ_{t-2} − s κ(α*) d with u = −s τ d."""
@@ -274,35 +273,36 @@ def test_learned_gamma_moves_and_foreach_equals_reference_on_state():
     """foreach and reference agree in float64 on parameters AND state (u, α at every level, γ, moments)."""
     levels = ("global", "block", "layer", "unit", "parameter")
     for cls, kw in ((CAMHDAdamW, dict(lr=1e-2, weight_decay=0.1)), (CAMHDSGD, dict(lr=0.05, momentum=0.9))):
-        for device_path in (False, True):
-            ms = [make_net(dtype=torch.float64), make_net(dtype=torch.float64)]
-            opts = [cls(m, levels=levels, hypergrad_lr=1e-4, gamma_lr=0.1, decay_rate=0.01, foreach=fe, **kw)
-                    for m, fe in zip(ms, (True, False))]
-            opts[0]._force_device_path = device_path
-            for m, o in zip(ms, opts):
-                train(m, o, 20, torch.float64)
-            assert not torch.allclose(opts[0].gamma, torch.full((5,), 0.2))
-            assert rel_err(opts[0].param_groups[0]["camhd_gamma"], opts[1].param_groups[0]["camhd_gamma"]) <= 1e-12
-            for lv in levels:
-                assert rel_err(opts[0].alpha(lv, dtype=None), opts[1].alpha(lv, dtype=None)) <= 1e-12
-            for p, q in zip(ms[0].parameters(), ms[1].parameters()):
-                assert rel_err(p, q) <= 1e-12
-                s0, s1 = opts[0].state[p], opts[1].state[q]
-                u0 = s0["hypergrad_dir"] * s0["hypergrad_dir_scale"]
-                u1 = s1["hypergrad_dir"] * s1["hypergrad_dir_scale"]
-                assert rel_err(u0, u1) <= 1e-12
-                for k in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
-                    if k in s0:
-                        assert rel_err(s0[k], s1[k]) <= 1e-12
+        ms = [make_net(dtype=torch.float64), make_net(dtype=torch.float64)]
+        opts = [cls(m, levels=levels, hypergrad_lr=1e-4, gamma_lr=0.1, decay_rate=0.01, foreach=fe, **kw)
+                for m, fe in zip(ms, (True, False))]
+        for m, o in zip(ms, opts):
+            train(m, o, 20, torch.float64)
+        assert not torch.allclose(opts[0].gamma, torch.full((5,), 0.2))
+        assert rel_err(opts[0].param_groups[0]["camhd_gamma"], opts[1].param_groups[0]["camhd_gamma"]) <= 1e-12
+        for lv in levels:
+            assert rel_err(opts[0].alpha(lv, dtype=None), opts[1].alpha(lv, dtype=None)) <= 1e-12
+        for p, q in zip(ms[0].parameters(), ms[1].parameters()):
+            assert rel_err(p, q) <= 1e-12
+            s0, s1 = opts[0].state[p], opts[1].state[q]
+            u0 = s0["hypergrad_dir"] * s0["hypergrad_dir_scale"]
+            u1 = s1["hypergrad_dir"] * s1["hypergrad_dir_scale"]
+            assert rel_err(u0, u1) <= 1e-12
+            for k in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+                if k in s0:
+                    assert rel_err(s0[k], s1[k]) <= 1e-12
 
 
-def test_first_step_is_the_base_optimizer():
-    """u = 0 before the first step: nothing adapts and the first step is the base optimizer's."""
+@pytest.mark.parametrize("path", list(PATHS))
+def test_first_step_is_the_base_optimizer(path):
+    """u = 0 before the first step: nothing adapts, and the first step is the base optimizer's at the decayed
+    rate κ_1 = τ(1) α₀ + (1 − τ(1)) α_∞ with τ(1) = exp(−r) (Algorithm 1 counts t from 1)."""
     m1, m2 = make_net(dtype=torch.float64), make_net(dtype=torch.float64)
     opt = CAMHDAdam(m1, lr=1e-3, levels=("global", "layer", "parameter"), hypergrad_lr=1.0, gamma_lr=1.0,
-                    decay_rate=0.5, alpha_inf=1e-4)
+                    decay_rate=0.5, alpha_inf=1e-4, **PATHS[path])
     train(m1, opt, 1, torch.float64)
-    train(m2, torch.optim.Adam(m2.parameters(), lr=1e-3), 1, torch.float64)
+    tau = math.exp(-0.5)
+    train(m2, torch.optim.Adam(m2.parameters(), lr=tau * 1e-3 + (1 - tau) * 1e-4), 1, torch.float64)
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert rel_err(a, b) <= 1e-12
     assert torch.equal(opt.alpha("layer"), torch.full_like(opt.alpha("layer"), 1e-3))

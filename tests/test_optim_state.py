@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ from torch import nn
 
 from hf_camhd import CAMHDAdam, CAMHDAdamW, CAMHDSGD, build_hierarchy
 
-from conftest import batch, make_net, rel_err, train
+from conftest import batch, make_net, rel_err, torch_roundtrip, train
 
 LEVELS = ("global", "block", "layer", "unit", "parameter")
 CONFIGS = {
@@ -21,13 +20,6 @@ CONFIGS = {
     "adamw-softmax": (CAMHDAdamW, dict(lr=1e-3, hypergrad_lr=1e-6, gamma_lr=0.05, gamma_update="softmax")),
     "sgdn": (CAMHDSGD, dict(lr=0.05, momentum=0.9, nesterov=True, hypergrad_lr=1e-4, gamma_lr=0.05)),
 }
-
-
-def _roundtrip(sd):
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -40,7 +32,7 @@ def test_state_dict_roundtrip_continues_bitwise(name):
     m_a = make_net()
     opt_a = cls(m_a, levels=LEVELS, **kw)
     train(m_a, opt_a, 10)
-    model_sd, opt_sd = _roundtrip(m_a.state_dict()), _roundtrip(opt_a.state_dict())
+    model_sd, opt_sd = torch_roundtrip(m_a.state_dict()), torch_roundtrip(opt_a.state_dict())
     m_b = make_net(seed=123)  # a fresh model: different init, overwritten by the checkpoint
     m_b.load_state_dict(model_sd)
     opt_b = cls(m_b, levels=LEVELS, **kw)
@@ -91,7 +83,7 @@ def test_checkpoint_is_plain_data():
     opt = CAMHDAdam(m, levels=LEVELS, hypergrad_lr=1e-6)
     train(m, opt, 2)
     sd = opt.state_dict()
-    loaded = _roundtrip(sd)  # weights_only=True raises on anything but tensors and plain containers
+    loaded = torch_roundtrip(sd)  # weights_only=True raises on anything but tensors and plain containers
     assert loaded["param_groups"][0]["camhd_tree"]["levels"] == list(LEVELS)
     assert loaded["param_groups"][0]["camhd_step"] == 2
 
@@ -150,11 +142,12 @@ def test_named_groups_share_layer_nodes_across_groups():
     assert opt.alpha("unit").numel() == ref.num_nodes("unit")
 
 
-def test_params_without_grad_are_skipped_and_frozen_params_left_out():
+def test_params_without_grad_are_skipped_and_frozen_params_stay_in_the_tree():
     m = make_net()
     m.features[0].weight.requires_grad_(False)
     opt = CAMHDAdam(m, levels=("global", "layer", "parameter"), hypergrad_lr=1e-4)
-    assert "features.0.weight" not in opt.tree.param_names
+    assert "features.0.weight" in opt.tree.param_names  # as torch.optim holds it: unfreezing it trains it
+    frozen = m.features[0].weight.detach().clone()
     head_w = m.head.weight
     for t in range(4):
         x, y = batch(t)
@@ -166,6 +159,7 @@ def test_params_without_grad_are_skipped_and_frozen_params_left_out():
         assert torch.equal(head_w, before)
     assert head_w not in opt.state or "exp_avg" not in opt.state[head_w]
     assert opt.num_steps == 4
+    assert torch.equal(m.features[0].weight, frozen) and m.features[0].weight not in opt.state
 
 
 def test_bf16_model_keeps_fp32_hyper_state_across_load():
@@ -173,7 +167,7 @@ def test_bf16_model_keeps_fp32_hyper_state_across_load():
     opt = CAMHDAdam(m, levels=LEVELS, hypergrad_lr=1e-6, gamma_lr=0.01)
     train(m, opt, 3, dtype=torch.bfloat16)
     opt2 = CAMHDAdam(m, levels=LEVELS, hypergrad_lr=1e-6, gamma_lr=0.01)
-    opt2.load_state_dict(_roundtrip(opt.state_dict()))
+    opt2.load_state_dict(torch_roundtrip(opt.state_dict()))
     for o in (opt, opt2):
         assert o.param_groups[0]["camhd_gamma"].dtype == torch.float32
         for lv in ("global", "block", "layer"):

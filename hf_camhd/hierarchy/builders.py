@@ -187,16 +187,20 @@ def select_builder(model: nn.Module, builder: str | None = None) -> HierarchyBui
 
 def build_hierarchy(model: nn.Module, levels: Iterable[str] | str = ("global", "layer"), *,
                     builder: str | None = None,
-                    blocks: Mapping[str, Iterable[str]] | None = None) -> LRTree:
+                    blocks: Mapping[str, Iterable[str]] | None = None,
+                    include_frozen: bool = False) -> LRTree:
     """Build the learning-rate tree of ``model`` for ``levels`` (spec §1).
 
     Args:
-        model: any ``nn.Module``. Frozen parameters are left out; tied parameters appear once.
+        model: any ``nn.Module``. Frozen parameters are left out (unless ``include_frozen``); tied
+            parameters appear once.
         levels: an ordered subset of ``global, block, layer, unit, parameter`` (``global`` first), as a
             tuple or a comma-separated string.
         builder: force a builder by name (see :func:`list_builders`); default: detect from the model.
         blocks: a custom block grouping ``{"block name": ["regex", ...]}`` matched with ``re.search``
             against parameter names; parameters no regex matches keep the builder's block.
+        include_frozen: keep tensors with ``requires_grad=False`` in the tree (what a CAM-HD optimizer
+            built from a model does, so that unfreezing them later trains them).
 
     Returns:
         An :class:`LRTree` whose entries follow ``model.named_parameters()`` order.
@@ -204,9 +208,10 @@ def build_hierarchy(model: nn.Module, levels: Iterable[str] | str = ("global", "
     levels = validate_levels(levels)
     if not isinstance(model, nn.Module):
         raise ValueError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
-    named = trainable_named_parameters(model)
-    if not named:
-        raise ValueError("Invalid params: the model has no trainable parameters")
+    named = list(model.named_parameters()) if include_frozen else trainable_named_parameters(model)
+    if not any(p.requires_grad for _, p in named):
+        raise ValueError(f"Invalid params: the model has no trainable parameters ({len(named)} frozen); "
+                         "set requires_grad=True on the tensors to train")
     names = [n for n, _ in named]
     chosen = select_builder(model, builder)
     block_map = dict(chosen.blocks(model, names)) if chosen is not None else generic_blocks(model, names)
@@ -229,10 +234,11 @@ def build_hierarchy(model: nn.Module, levels: Iterable[str] | str = ("global", "
 
 
 def tree_from_named_parameters(named: Iterable[tuple[str, torch.Tensor]],
-                               levels: Iterable[str] | str = ("global", "layer")) -> LRTree:
+                               levels: Iterable[str] | str = ("global", "layer"), *,
+                               include_frozen: bool = False) -> LRTree:
     """A tree from ``(name, tensor)`` pairs alone: layer = owning module path, block = first name
-    component (the top-level child module). Frozen tensors are left out."""
-    named = [(n, p) for n, p in named if p.requires_grad]
+    component (the top-level child module). Frozen tensors are left out unless ``include_frozen``."""
+    named = [(n, p) for n, p in named if include_frozen or p.requires_grad]
     if not named:
         raise ValueError("Invalid params: empty parameter list (or every parameter is frozen)")
     names = [n for n, _ in named]

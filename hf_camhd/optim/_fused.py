@@ -1,6 +1,6 @@
 """The fused CPU step: CAM-HD's per-element work and the base rule in two passes over memory.
 
-The foreach path (:mod:`hf_camhd.optim._kernels`) is a sequence of multi-tensor ops, each one pass over
+The multi-tensor path (:mod:`hf_camhd.optim._functional`) is a sequence of foreach ops, each one pass over
 the model; with a parameter-level tree that is about twice the memory traffic of torch's Adam. Here the
 same maths runs as two C loops per tensor (``csrc/camhd_fused.c``):
 
@@ -36,12 +36,12 @@ import sys
 import tempfile
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ._kernels import PartialSums
 
 SOURCE = Path(__file__).with_name("csrc") / "camhd_fused.c"
 _FLAGS = ["-O3", "-std=gnu99", "-fPIC", "-shared", "-fno-math-errno"]
@@ -202,8 +202,16 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+@dataclass
+class RawSums:
+    """Pass 1's output, before the per-tensor factor of ``u = scale · dir`` is applied."""
+
+    totals: Tensor                          # (T, 2) float64: Σ g ⊙ dir, Σ α_offset ⊙ g ⊙ dir per tensor
+    unit_rows: list[Tensor] | None = None   # Σ g ⊙ dir per unit (units along dim 0), per tensor
+
+
 def partial_sums(grads: list[Tensor], dirs: list[Tensor], offsets: list[Tensor] | None,
-                 unit_counts: list[int] | None = None) -> PartialSums:
+                 unit_counts: list[int] | None = None) -> RawSums:
     """Pass 1: per tensor ``Σ g ⊙ dir`` and ``Σ off ⊙ g ⊙ dir`` (0 without ``offsets``) as a ``(T, 2)`` float64
     tensor and, with ``unit_counts`` (units along dim 0), the first of these per unit. Sums accumulate in float64
     in an order fixed by the shapes and the thread count."""
@@ -221,7 +229,7 @@ def partial_sums(grads: list[Tensor], dirs: list[Tensor], offsets: list[Tensor] 
         getattr(lib, f"camhd_hsum_rows_{sfx}")(g.data_ptr(), d.data_ptr(), off, g.numel(), _row_len(g, count),
                                                r.data_ptr(), base + i * stride)
         rows.append(r[0])
-    return PartialSums(totals, rows)
+    return RawSums(totals, rows)
 
 
 def _row_len(p: Tensor, count: int) -> int:

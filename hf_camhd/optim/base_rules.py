@@ -1,4 +1,4 @@
-"""Base direction rules: the d_t that CAM-HD's learned step size multiplies (spec §2).
+"""Base direction rules: the d_t that CAM-HD's learned step size multiplies (``docs/algorithm.md`` §2).
 
 A base rule owns the base optimizer's state (moments, momentum buffers) and turns gradients into a
 direction ``d_t``; the CAM-HD layer (:mod:`hf_camhd.optim.camhd`) then moves
@@ -209,19 +209,20 @@ class AdamRule(BaseRule):
         return group["weight_decay"] if self.decoupled else 0.0
 
     @staticmethod
-    def _bias_terms(states: list[dict], group: dict) -> tuple[list[float], list[float]]:
+    def _bias_terms(states: list[dict], group: dict) -> tuple[list, list]:
         """Count the step; return per tensor ``scale = sqrt(bc2) / bc1`` and ``shift = ε · sqrt(bc2)``.
 
         note: d = (m / bc1) / (sqrt(v) / sqrt(bc2) + ε) = scale · m / (sqrt(v) + shift): the per-tensor
-        constant is folded into the step size instead of costing a pass over the moments.
+        constant is folded into the step size instead of costing a pass over the moments. The step counters
+        are CPU tensors: read once on the host in eager mode (no device sync), kept as tensors while compiling
+        (so the compiled graph does not recompile as they count).
         """
         beta1, beta2 = group["betas"]
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
-        # one host read of all CPU step counters (no device sync); bias corrections in Python floats
-        step_vals = torch.stack(steps).tolist()
-        bc2_sqrt = [math.sqrt(1 - beta2 ** s) for s in step_vals]
-        scale = [b2 / (1 - beta1 ** s) for s, b2 in zip(step_vals, bc2_sqrt)]
+        values = [s.double() for s in steps] if torch.compiler.is_compiling() else torch.stack(steps).tolist()
+        bc2_sqrt = [_sqrt(1 - beta2 ** s) for s in values]
+        scale = [b2 / (1 - beta1 ** s) for s, b2 in zip(values, bc2_sqrt)]
         return scale, [group["eps"] * b2 for b2 in bc2_sqrt]
 
     def directions_foreach(self, params, grads, states, group, out=None):
@@ -256,7 +257,7 @@ class AdamRule(BaseRule):
             q = list(torch._foreach_div(ms, den))
             del den
         if wd != 0 and self.decoupled:
-            d = [torch.add(x, p, alpha=wd / c) for x, p, c in zip(q, params, scale)]
+            d = [_axpy(x, p, wd / c) for x, p, c in zip(q, params, scale)]
             return Directions(d, [True] * len(q), q, wd, scale)
         return Directions(q, [True] * len(q), scale=scale)
 
@@ -276,3 +277,12 @@ class AdamRule(BaseRule):
                         wd * ka if decoupled else 0.0, wd * kb if decoupled else 0.0, wd / c if decoupled else 0.0,
                         l2, beta1, beta2, shift[i])
         return scale
+
+
+def _sqrt(x):
+    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
+
+
+def _axpy(y: Tensor, x: Tensor, a) -> Tensor:
+    """``y + a · x`` for a Python float or a 0-d tensor ``a``."""
+    return torch.addcmul(y, x, a) if isinstance(a, Tensor) else torch.add(y, x, alpha=a)

@@ -20,22 +20,37 @@ def _is_number(x) -> bool:
 
 
 def check_nonnegative(name: str, value, *, label: str | None = None) -> float:
-    """``value`` must be a finite number ≥ 0."""
+    """``value`` must be a finite number ≥ 0 (a Python number)."""
     if isinstance(value, torch.Tensor):
-        raise ValueError(f"Invalid {label or name}: {name} must be a Python float, got a Tensor "
-                         "(tensor learning rates are not supported)")
+        raise ValueError(f"Invalid {label or name}: {name} must be a Python float, got a Tensor ({value!r}); "
+                         f"pass float({name})")
     if not _is_number(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"Invalid {label or (name + ' value')}: {value}")
     return float(value)
 
 
 def check_lr(lr) -> float:
-    """The initial learning rate α₀ must be > 0: it is the starting value of every α."""
+    """The initial learning rate α₀ must be > 0: it is the starting value of every α.
+
+    A 0-d Tensor is accepted, as ``torch.optim`` does, so that a scheduler changing it does not recompile a
+    compiled step (``group["lr"]`` stays that tensor; α₀ is its value at construction)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or lr.is_complex() or lr.dtype == torch.bool:
+            raise ValueError(f"Invalid learning rate: a Tensor lr must hold one real number, got shape "
+                             f"{tuple(lr.shape)} and dtype {lr.dtype}")
+        lr = float(lr.detach().cpu())
     lr = check_nonnegative("lr", lr, label="learning rate")
     if lr == 0:
         raise ValueError("Invalid learning rate: 0.0 (CAM-HD needs lr > 0: it is the initial value α₀ of every "
                          "learned rate; scale steps to zero with a scheduler instead)")
     return lr
+
+
+def check_flag(name: str, value) -> bool | None:
+    """An implementation switch: ``True``, ``False`` or ``None`` (the default choice)."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r}; expected True, False or None")
+    return value
 
 
 def check_betas(betas) -> tuple[float, float]:

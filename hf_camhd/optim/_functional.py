@@ -1,0 +1,485 @@
+"""The CAM-HD step as functions (``docs/algorithm.md`` §3–§4): one entry point, three implementations.
+
+:func:`camhd_step` runs one optimizer step over the tensors that have a gradient::
+
+    1.   h = g_t ⊙ u_{t-1}: sums per tensor and per unit (+ ∂f/∂γ partials)     each implementation
+         ... over whole nodes (one all_reduce when sharded)                       sharding.reduce
+    2–3. α of the global / block / layer / unit levels, then γ                     hyper_update (shared)
+    2'.  α of the parameter level, element-wise                                    each implementation
+    4.   the combined rate K = −s κ of every tensor (per unit where needed)        combined_rates (shared)
+    5–6. the base direction d_t, θ ← θ + K ⊙ d_t, u_t = −s τ d_t stored            each implementation
+
+The implementations share inputs and outputs (like ``torch.optim.adam``'s ``_single_tensor_adam`` /
+``_multi_tensor_adam`` / ``_fused_adam``):
+
+* :func:`_camhd_step_reference` — one tensor at a time, written plainly: the readable statement of the
+  algorithm that the tests hold the others to (in float64, on parameters and every piece of state);
+* :func:`_camhd_step_multi_tensor` — foreach ops, every per-step number a tensor on the device: no host
+  synchronisation and no graph break under ``torch.compile``; compiled (inductor → Triton on CUDA) it is
+  the fused path on GPUs (:func:`compiled_multi_tensor_step`);
+* :func:`_camhd_step_fused_cpu` — the C kernels of :mod:`hf_camhd.optim._fused`: pass 1 (the sums) and pass
+  2 (parameter-level α, base rule, θ and the next direction) over each tensor.
+
+Numbers that change every step — the step number ``t``, the scheduler's multiplier ``s`` — are Python
+floats in eager mode (read from CPU tensors: no device sync) and 0-d tensors while compiling (so a
+compiled step neither breaks its graph nor recompiles when they change).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import _fused
+from ._state import HyperConfig, HyperState, NodeSums, PartialSums, StepTensors, TreeIndex
+
+IMPLEMENTATIONS = ("reference", "multi_tensor", "fused_cpu", "compiled")
+
+
+def camhd_step(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: HyperConfig, rule, t, sharding, *,
+               impl: str) -> dict:
+    """Steps 1–6 of one CAM-HD step, in place. ``t``: this step's number (1 on the first step).
+
+    Returns diagnostics of the hyper-update (``finite``: whether it was applied, ``G``: ∂f/∂γ, ``sums``:
+    the node sums), empty when nothing adapted this step.
+    """
+    fn = {"reference": _camhd_step_reference, "multi_tensor": _camhd_step_multi_tensor,
+          "fused_cpu": _camhd_step_fused_cpu, "compiled": compiled_multi_tensor_step}[impl]
+    return fn(step, hyper, index, cfg, rule, t, sharding)
+
+
+# ------------------------------------------------------------------------------------------ scalars
+def value(x):
+    """A per-step number for the step's arithmetic: a Python float in eager mode (read from a CPU
+    tensor: no device sync), left a tensor while compiling or when it lives on an accelerator."""
+    if isinstance(x, Tensor):
+        return x if torch.compiler.is_compiling() or x.device.type != "cpu" else x.item()
+    return x
+
+
+def decay_factor(cfg: HyperConfig, t):
+    """τ(t) = exp(−r t) for step number ``t`` (1 on the first step); 1 when ``decay_rate`` is 0."""
+    if cfg.decay_rate == 0:
+        return 1.0
+    return torch.exp(-cfg.decay_rate * t) if isinstance(t, Tensor) else math.exp(-cfg.decay_rate * t)
+
+
+def adapts_now(cfg: HyperConfig, t) -> bool:
+    """Whether this step runs the hyper-update at all: something is learned and (in eager mode) this is
+    not the first step, where u = 0 and nothing can move. While compiling ``t`` is a tensor: the update
+    always runs and masks the first step (see :func:`hyper_update`)."""
+    return cfg.adapts and (isinstance(t, Tensor) or t > 1)
+
+
+def _fill(dst: list[Tensor], values: list) -> None:
+    """``dst[i] ← values[i]`` for 0-d tensors, from Python floats or 0-d tensors, without a host round trip."""
+    if values and isinstance(values[0], Tensor):
+        torch._foreach_copy_(dst, [v.to(device=d.device, dtype=d.dtype).reshape(d.shape) for v, d in zip(values, dst)])
+    else:
+        torch._foreach_zero_(dst)
+        torch._foreach_add_(dst, values)
+
+
+def _scaled(values: list, s) -> list:
+    """``[v · s]`` for Python floats or tensors."""
+    return [v * s for v in values]
+
+
+# ------------------------------------------------------------------------------------------ step 1 helpers
+def unit_sums(h: Tensor, unit_dim: int, count: int) -> Tensor:
+    """Sum ``h`` over every dimension but ``unit_dim`` → a vector of ``count`` unit sums."""
+    if h.ndim == 0:
+        return h.reshape(1)
+    if h.numel() == 0:  # an empty shard (FSDP2: fewer rows than ranks)
+        return h.new_zeros(count)
+    if unit_dim == 0:
+        return h.reshape(count, -1).sum(1)
+    return h.sum(dim=[d for d in range(h.ndim) if d != unit_dim])
+
+
+def unit_view_shape(shape, unit_dim: int, count: int) -> tuple[int, ...]:
+    """The shape that broadcasts a per-unit vector over a tensor of ``shape``."""
+    if len(shape) == 0:
+        return ()
+    out = [1] * len(shape)
+    out[unit_dim] = count
+    return tuple(out)
+
+
+def unit_alpha_view(step: StepTensors, i: int) -> Tensor:
+    """The unit level's α of the units tensor ``i`` of the step holds (all of them unless sharded)."""
+    alpha, start = step.unit_vectors[step.unit_groups[i]]
+    lo, hi = step.unit_ranges[i]
+    if lo - start < 0 or hi - start > alpha.shape[0]:
+        raise RuntimeError(f"CAM-HD: the unit-level α shard [{start}, {start + alpha.shape[0]}) does not cover this "
+                           f"rank's units [{lo}, {hi}) of a tensor; the α vector's placement does not match the parameter's")
+    return alpha[lo - start:hi - start]
+
+
+def _vdot(a: Tensor, b: Tensor) -> Tensor:
+    """``Σ a ⊙ b`` as a 0-d tensor (``linalg.vecdot``: a multi-threaded fused reduction on CPU)."""
+    return torch.linalg.vecdot(a.reshape(-1), b.reshape(-1))
+
+
+def _to(x: Tensor, like: Tensor) -> Tensor:
+    return x if x.dtype == like.dtype and x.device == like.device else x.to(device=like.device, dtype=like.dtype)
+
+
+def _home(hyper: HyperState) -> Tensor:
+    return hyper.gamma
+
+
+# ------------------------------------------------------------------------------------------ steps 2–3 (shared)
+@dataclass
+class HyperUpdate:
+    """What the parameter level's element-wise update needs from :func:`hyper_update`."""
+
+    ok: Tensor                  # 0-d bool: the hyper-gradient was finite (and, compiled, t > 1)
+    gamma_param: Tensor | None  # γ_parameter of step t−1 (the γ that produced α*_{t−1})
+    diag: dict
+
+
+def hyper_update(sums: NodeSums, hyper: HyperState, step: StepTensors, index: TreeIndex, cfg: HyperConfig,
+                 t) -> HyperUpdate:
+    """Steps 2–3 on the node sums: α of every coarse and unit node (clamped to the bounds), then γ.
+
+    Nothing moves when the hyper-gradient is not finite (and the skip is counted in ``hyper.skipped``) or,
+    while compiling, on the first step. No host synchronisation.
+    """
+    gamma, levels = hyper.gamma, cfg.levels
+    S = sums.tensor
+    node = {"global": S.sum().reshape(1)}
+    block_of, layer_of = index.nodes_of(step.index)
+    if "block" in hyper.coarse:
+        node["block"] = torch.zeros_like(hyper.coarse["block"]).index_add_(0, block_of, S)
+    if "layer" in hyper.coarse:
+        node["layer"] = torch.zeros_like(hyper.coarse["layer"]).index_add_(0, layer_of, S)
+    finite = torch.isfinite(node["global"][0])
+    ok = finite & (t > 1) if isinstance(t, Tensor) else finite
+    hyper.skipped.add_((~finite).to(hyper.skipped.dtype))
+    G = _gamma_gradient(sums, node, hyper, cfg) if cfg.gamma_lr > 0 else None
+    gamma_param = gamma[cfg.position("parameter")].clone() if "parameter" in levels else None
+    lo, hi = cfg.alpha_min, cfg.alpha_max
+    for lv, alpha in hyper.coarse.items():  # step 2: α ← α − β_j γ_j Σh (clamped)
+        new = (alpha - index.beta[lv] * (gamma[cfg.position(lv)] * node[lv])).clamp_(lo, hi)
+        alpha.copy_(torch.where(ok, new, alpha))
+    if "unit" in levels:
+        g_unit = gamma[cfg.position("unit")]
+        for gi, u in sums.units.items():
+            alpha, start = step.unit_vectors[gi]
+            u = u[start:start + alpha.shape[0]].to(alpha.device)
+            new = (alpha - (index.beta_unit[gi] * g_unit) * u).clamp_(lo, hi)
+            alpha.copy_(torch.where(ok.to(alpha.device), new, alpha))
+    if G is not None:
+        update_gamma(hyper, G, ok, cfg)
+    return HyperUpdate(ok, gamma_param, dict(finite=ok, G=G, sums=node))
+
+
+def _gamma_gradient(sums: NodeSums, node: dict, hyper: HyperState, cfg: HyperConfig) -> Tensor:
+    """``G_j = ∂f/∂γ_j = Σ_n α_j[n] Σ_{p∈n} h_p`` with the α of step t−1 (non-finite entries → 0)."""
+    parts = [(hyper.coarse[lv] * node[lv]).sum() for lv in cfg.levels if lv in hyper.coarse]
+    if "unit" in cfg.levels:
+        parts.append(sums.gamma_unit)
+    if "parameter" in cfg.levels:  # Σ α h with α = α₀ + offset: α₀ Σh + Σ offset·h
+        parts.append(sums.gamma_param + cfg.lr * node["global"][0])
+    home = hyper.gamma
+    G = torch.stack([_to(x.reshape(()), home) for x in parts])
+    return torch.where(torch.isfinite(G), G, torch.zeros_like(G))
+
+
+def update_gamma(hyper: HyperState, G: Tensor, ok: Tensor, cfg: HyperConfig) -> None:
+    """Step 3: ``γ' = γ − δ G`` clamped at 0 and renormalised, or a gradient step on the softmax logits.
+
+    Keeps the previous γ when ``ok`` is false, or when every γ'_j ≤ 0. No host sync.
+    """
+    gamma = hyper.gamma
+    if cfg.gamma_update == "softmax":
+        logits = hyper.gamma_logits
+        grad_c = gamma * (G - (gamma * G).sum())          # ∂f/∂c_j = γ_j (G_j − Σ_k γ_k G_k)
+        new_logits = logits - cfg.gamma_lr * grad_c
+        new_logits = new_logits - new_logits.max()       # softmax is shift-invariant; keeps logits bounded
+        keep = ok & torch.isfinite(new_logits).all()
+        logits.copy_(torch.where(keep, new_logits, logits))
+        gamma.copy_(torch.softmax(logits, dim=0))
+        return
+    proposal = (gamma - cfg.gamma_lr * G).clamp_min(0)
+    total = proposal.sum()
+    keep = ok & torch.isfinite(total) & (total > 0)
+    gamma.copy_(torch.where(keep, proposal / torch.where(keep, total, torch.ones_like(total)), gamma))
+
+
+# ------------------------------------------------------------------------------------------ step 4 (shared)
+@dataclass
+class Rates:
+    """Step 4: ``K_i = −s_i (w_i + τ γ_unit (α_unit − α₀) + τ γ_param (α_param − α₀))`` for tensor i.
+
+    ``w = τ (α₀ + Σ_{coarse j} γ_j (α_j[node] − α₀)) + (1 − τ) α_∞`` (one entry per tensor).
+    note: α* is formed as α₀ + Σ_j γ_j (α_j − α₀) (equal since Σ γ_j = 1): exactly α₀ while nothing has
+    adapted, so hypergrad_lr = gamma_lr = 0 reproduces the base optimizer to the last bit of the rate. The
+    parameter level is stored as offsets α − α₀ for the same reason (and for precision).
+    """
+
+    w: Tensor
+    unit_coef: Tensor | None    # τ γ_unit
+    fine_coef: Tensor | None    # τ γ_param
+    tau: object
+
+
+def combined_rates(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: HyperConfig, t) -> Rates:
+    """The pieces of every tensor's combined rate (:class:`Rates`) from the current α and γ."""
+    gamma, a0 = hyper.gamma, cfg.lr
+    tau = decay_factor(cfg, t)
+    block_of, layer_of = index.nodes_of(step.index)
+    dev = (gamma[0] * (hyper.coarse["global"][0] - a0)).expand(len(step.index))
+    if "block" in hyper.coarse:
+        dev = dev + gamma[cfg.position("block")] * (hyper.coarse["block"][block_of] - a0)
+    if "layer" in hyper.coarse:
+        dev = dev + gamma[cfg.position("layer")] * (hyper.coarse["layer"][layer_of] - a0)
+    w = dev + a0
+    if cfg.decay_rate:
+        w = tau * w + (1.0 - tau) * cfg.alpha_inf
+    unit = tau * gamma[cfg.position("unit")] if "unit" in cfg.levels else None
+    fine = tau * gamma[cfg.position("parameter")] if "parameter" in cfg.levels else None
+    return Rates(w, unit, fine, tau)
+
+
+def _unit_rate(step: StepTensors, rates: Rates, i: int, w_i, a0: float) -> Tensor:
+    """``w_i + τ γ_unit (α_unit − α₀)`` for the units tensor ``i`` holds, shaped to broadcast over it."""
+    view = unit_alpha_view(step, i)
+    k = torch.addcmul(_to(torch.as_tensor(w_i), view) if isinstance(w_i, Tensor) else torch.full_like(view, w_i),
+                      view - a0, _to(rates.unit_coef, view))
+    p = step.params[i]
+    return k.reshape(unit_view_shape(p.shape, step.unit_dims[i], k.shape[0]))
+
+
+def _store_dir_scales(scales: list[Tensor], s, tau, rule_scale: list | None) -> None:
+    """``u_t = −s_t τ_t · scale · d_t``: the 0-d factors of the stored directions."""
+    u = -s * tau
+    _fill(scales, [u] * len(scales) if rule_scale is None else _scaled(rule_scale, u))
+
+
+# ------------------------------------------------------------------------------------------ reference
+def _camhd_step_reference(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: HyperConfig, rule, t,
+                          sharding) -> dict:
+    """Steps 1–6 one tensor at a time, with dense per-element rates: the plain statement of the algorithm."""
+    home = _home(hyper)
+    diag: dict = {}
+    if adapts_now(cfg, t):
+        h = [_to(g, d) * (c * d) for g, d, c in zip(step.grads, step.dirs, step.dir_scales)]  # 1. h = g ⊙ u
+        part = PartialSums(torch.stack([_to(x.sum(), home) for x in h]))
+        if step.unit_groups is not None:
+            part.unit_rows = [_to(unit_sums(x, step.unit_dims[i], step.unit_ranges[i][1] - step.unit_ranges[i][0]),
+                                  home) for i, x in enumerate(h)]
+            part.gamma_unit = torch.stack([(_to(unit_alpha_view(step, i), home) * r).sum()
+                                           for i, r in enumerate(part.unit_rows)])
+        if step.offsets is not None and cfg.gamma_lr > 0:
+            part.gamma_param = torch.stack([_to((off * x).sum(), home) for off, x in zip(step.offsets, h)])
+        upd = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t)  # 2–3
+        if step.offsets is not None:  # 2'. α_param ← clamp(α_param − β_p γ_p h), kept when not finite
+            for off, x in zip(step.offsets, h):
+                new = (off - index.beta_param * _to(upd.gamma_param, off) * x).clamp(*cfg.offset_bounds(off.dtype))
+                off.copy_(torch.where(upd.ok.to(off.device), new, off))
+        diag = upd.diag
+    rates = combined_rates(step, hyper, index, cfg, t)                                             # 4
+    for group, members, s in step.groups:                                                          # 5–6
+        decay = rule.decoupled_decay(group)
+        for m in members:
+            p = step.params[m]
+            d, _ = rule.direction_reference(p, step.grads[m], step.states[m], group)
+            kappa = _unit_rate(step, rates, m, rates.w[m], cfg.lr) if step.unit_groups is not None else rates.w[m]
+            if step.offsets is not None:
+                kappa = kappa + rates.fine_coef * step.offsets[m]
+            k = -s * _to(torch.as_tensor(kappa), step.dirs[m])
+            full = d + decay * p if decay else d          # the direction the rate scales (AdamW: + λθ_{t-1})
+            if decay:
+                p.mul_(1.0 + decay * k)                   # θ (1 + λK) + K q, rounded as torch's AdamW
+            p.add_((k * d).to(p.dtype))
+            step.dirs[m].copy_(full)
+        _store_dir_scales([step.dir_scales[m] for m in members], s, rates.tau, None)
+    return diag
+
+
+# ------------------------------------------------------------------------------------------ multi-tensor
+def _camhd_step_multi_tensor(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: HyperConfig, rule, t,
+                             sharding) -> dict:
+    """Steps 1–6 with multi-tensor (foreach) ops; no host synchronisation, no graph break under compile."""
+    diag: dict = {}
+    if adapts_now(cfg, t):
+        part = _partial_sums_multi_tensor(step, cfg, _home(hyper))                                  # 1
+        upd = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t)  # 2–3
+        if step.offsets is not None:                                                                # 2'
+            _parameter_level_multi_tensor(step, upd, index, cfg)
+        diag = upd.diag
+    rates = combined_rates(step, hyper, index, cfg, t)                                              # 4
+    for group, members, s in step.groups:                                                           # 5–6
+        pick = lambda xs: [xs[m] for m in members]  # noqa: E731
+        params, dirs = pick(step.params), pick(step.dirs)
+        out = rule.directions(params, pick(step.grads), pick(step.states), group, foreach=True, out=dirs)
+        base, fine = _multi_tensor_rates(step, rates, members, s, cfg.lr)
+        _apply_multi_tensor(params, out, base, fine, pick(step.offsets) if step.offsets is not None else None)
+        for d, old in zip(out.d, dirs):
+            if d is not old:
+                old.copy_(d)
+        _store_dir_scales(pick(step.dir_scales), s, rates.tau, out.scale)
+    return diag
+
+
+def _partial_sums_multi_tensor(step: StepTensors, cfg: HyperConfig, home: Tensor) -> PartialSums:
+    """Step 1 with foreach ops. Where the unit or parameter level needs ``g ⊙ d_{t-1}`` element-wise it is
+    written into the direction buffers (dead once h is formed), so nothing model-sized is allocated."""
+    grads, dirs, scales = step.grads, step.dirs, step.dir_scales
+    need_h = step.unit_groups is not None or step.offsets is not None
+    if need_h:
+        _mul_mixed(dirs, grads)  # dirs ← g ⊙ d_{t-1}
+        if step.unit_groups is not None:
+            rows = [unit_sums(x, step.unit_dims[i], step.unit_ranges[i][1] - step.unit_ranges[i][0])
+                    for i, x in enumerate(dirs)]
+            raw = [r.sum() for r in rows]
+        else:
+            raw = [x.sum() for x in dirs]
+    else:
+        raw = [_vdot(_to(g, d), d) for g, d in zip(grads, dirs)]
+    part = PartialSums(torch.stack([_to(x, home) for x in torch._foreach_mul(raw, scales)]))
+    if step.unit_groups is not None:
+        part.unit_rows = [_to(r * c, home) for r, c in zip(rows, scales)]
+        part.gamma_unit = torch.stack([(_to(unit_alpha_view(step, i), home) * r).sum()
+                                       for i, r in enumerate(part.unit_rows)])
+    if step.offsets is not None and cfg.gamma_lr > 0:
+        gp = torch._foreach_mul([_vdot(off, x) for off, x in zip(step.offsets, dirs)], scales)
+        part.gamma_param = torch.stack([_to(x, home) for x in gp])
+    return part
+
+
+def _parameter_level_multi_tensor(step: StepTensors, upd: HyperUpdate, index: TreeIndex, cfg: HyperConfig) -> None:
+    """Step 2' with ``g ⊙ d_{t-1}`` in the direction buffers: ``α_off ← clamp(α_off − β_p γ_p c · g ⊙ d)``."""
+    coef = -index.beta_param * upd.gamma_param
+    for off, x, c in zip(step.offsets, step.dirs, step.dir_scales):
+        new = torch.addcmul(off, x, _to(coef * c, off)).clamp_(*cfg.offset_bounds(off.dtype))
+        off.copy_(torch.where(upd.ok.to(off.device), new, off))
+
+
+def _multi_tensor_rates(step: StepTensors, rates: Rates, members: list[int], s, a0: float) -> tuple[list, list | None]:
+    """Per member tensor: ``base`` (0-d, or per unit) and ``fine`` (multiplies α_param − α₀) of K = −s κ."""
+    if step.unit_groups is not None:
+        base = [-s * _unit_rate(step, rates, m, rates.w[m], a0) for m in members]
+    else:
+        w = rates.w[torch.as_tensor(members, device=rates.w.device)] if len(members) != rates.w.shape[0] else rates.w
+        base = [_to(k, step.dirs[m]) for k, m in zip(list((-s * w).unbind()), members)]
+    fine = None if rates.fine_coef is None else [_to(-s * rates.fine_coef, step.dirs[m]) for m in members]
+    return base, fine
+
+
+def _apply_multi_tensor(params: list[Tensor], out, base: list, fine: list | None, offsets: list | None) -> None:
+    """Step 6: ``θ ← θ + K ⊙ d`` with ``K = base (+ fine · α_off)``; the base rule's per-tensor ``scale`` is folded
+    into K (small tensors) rather than into d. With decoupled decay (``d = scale · q + λθ``):
+    ``θ ← θ (1 + λK) + K · scale ⊙ q``, rounded as torch's AdamW."""
+    q = out.q if out.decay else out.d
+    K = base if fine is None else [torch.addcmul(b, off, f) for b, off, f in zip(base, offsets, fine)]
+    Kc = K if out.scale is None else [k * c for k, c in zip(K, out.scale)]
+    if out.decay:
+        _mul_mixed(params, [k * out.decay + 1.0 for k in K])
+    _addcmul_mixed(params, q, Kc)
+
+
+def _mul_mixed(acc: list[Tensor], other: list[Tensor]) -> None:
+    """``acc[i] *= other[i]`` in place (``acc`` may be fp32 while ``other`` is bf16, or a broadcast view)."""
+    if all(a.dtype == o.dtype and a.shape == o.shape for a, o in zip(acc, other)):
+        torch._foreach_mul_(acc, other)
+    else:
+        for a, o in zip(acc, other):
+            a.mul_(o)
+
+
+def _addcmul_mixed(acc: list[Tensor], t1: list[Tensor], t2: list[Tensor]) -> None:
+    """``acc[i] += t1[i] ⊙ t2[i]`` (``t2`` broadcasts; dtypes may differ: computed in the wider one)."""
+    if all(a.dtype == x.dtype == y.dtype for a, x, y in zip(acc, t1, t2)):
+        torch._foreach_addcmul_(acc, t1, t2)
+    else:
+        for a, x, y in zip(acc, t1, t2):
+            a.add_((x * y).to(a.dtype))
+
+
+_compiled = None
+_compile_failure: str | None = None
+
+
+def compiled_multi_tensor_step(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: HyperConfig, rule, t,
+                               sharding) -> dict:
+    """The multi-tensor step through ``torch.compile`` (inductor: Triton kernels on CUDA, C++ on CPU): the
+    foreach ops of each phase fuse into a few kernels. ``t`` and every ``s`` must be 0-d CPU tensors, so
+    the compiled graph neither syncs nor recompiles when they change.
+
+    If compiling fails (it fails before the graph runs), a warning says why once and every later step runs
+    the multi-tensor implementation eagerly (same results; :func:`compiled_unavailable_reason` says why).
+    """
+    global _compiled, _compile_failure
+    if _compile_failure is None:
+        try:
+            if _compiled is None:
+                _compiled = torch.compile(_camhd_step_multi_tensor, fullgraph=True, dynamic=False)
+            return _compiled(step, hyper, index, cfg, rule, t, sharding)
+        except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the eager kernels
+            _compile_failure = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
+            warnings.warn(f"hf_camhd: torch.compile of the CAM-HD step failed ({_compile_failure}); using the "
+                          "multi-tensor kernels eagerly (same results, slower). Pass fused=False to silence this.",
+                          stacklevel=4)
+    return _camhd_step_multi_tensor(step, hyper, index, cfg, rule, t, sharding)
+
+
+def compiled_unavailable_reason() -> str | None:
+    """Why the compiled (CUDA fused) implementation cannot run here, or ``None``."""
+    if _compile_failure is not None:
+        return f"torch.compile of the step failed earlier ({_compile_failure})"
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile is not supported on this platform"
+    from torch.utils._triton import has_triton
+
+    if not has_triton():
+        return "Triton is not available (pip install triton)"
+    return None
+
+
+# ------------------------------------------------------------------------------------------ fused CPU
+def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: HyperConfig, rule, t,
+                          sharding) -> dict:
+    """Steps 1–6 with the C kernels: pass 1 (sums) → α / γ on those few numbers → pass 2 per param group."""
+    diag: dict = {}
+    T = len(step.params)
+    alpha = [(0, 0.0, 0.0, 0.0)] * T
+    if adapts_now(cfg, t):
+        want_off = step.offsets is not None and cfg.gamma_lr > 0
+        counts = [hi - lo for lo, hi in step.unit_ranges] if step.unit_groups is not None else None
+        raw = _fused.partial_sums(step.grads, step.dirs, step.offsets if want_off else None, counts)     # 1
+        scales = torch.stack(step.dir_scales).to(torch.float64)
+        home = _home(hyper)
+        part = PartialSums(_to(raw.totals[:, 0] * scales, home))
+        if counts is not None:
+            part.unit_rows = [_to(r * c, home) for r, c in zip(raw.unit_rows, scales)]
+            part.gamma_unit = torch.stack([(_to(unit_alpha_view(step, i), home) * r).sum()
+                                           for i, r in enumerate(part.unit_rows)])
+        if want_off:
+            part.gamma_param = _to(raw.totals[:, 1] * scales, home)
+        upd = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t)   # 2–3
+        if step.offsets is not None and bool(upd.ok):  # 2' runs inside pass 2 (it reads d_{t-1} there)
+            coefs = (scales * (-index.beta_param * float(upd.gamma_param))).tolist()
+            alpha = [(1, c, *cfg.offset_bounds(o.dtype)) for c, o in zip(coefs, step.offsets)]
+        diag = upd.diag
+    rates = combined_rates(step, hyper, index, cfg, t)                                              # 4
+    w = rates.w.tolist()
+    fine = float(rates.fine_coef) if rates.fine_coef is not None else 0.0
+    offsets = step.offsets or [None] * T
+    for group, members, s in step.groups:                                                           # 5–6
+        pick = lambda xs: [xs[m] for m in members]  # noqa: E731
+        if step.unit_groups is not None:  # per-unit K (units along dim 0): the kernels scale these factors
+            k_rows = [(-s * _unit_rate(step, rates, m, w[m], cfg.lr)).reshape(-1).to(torch.float64) for m in members]
+            k_base = [1.0] * len(members)
+        else:
+            k_rows, k_base = [None] * len(members), [-s * w[m] for m in members]
+        scale = rule.fused_update(pick(step.params), pick(step.grads), pick(step.states), group, pick(step.dirs),
+                                  pick(offsets), k_rows, k_base, [-s * fine] * len(members), pick(alpha))
+        _store_dir_scales(pick(step.dir_scales), s, rates.tau, scale)
+    return diag

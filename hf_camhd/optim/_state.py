@@ -1,0 +1,221 @@
+"""What a CAM-HD optimizer stores, by name: state keys, the hyper-parameters, and static views of the tree.
+
+Model-wide state lives in ``param_groups[0]`` under the ``camhd_`` keys (group entries survive
+``accelerate``'s ``prepare()``, FSDP2's ``get_optimizer_state_dict`` and are never cast to a bf16
+parameter dtype); per-parameter state lives in ``optimizer.state[p]`` beside the base rule's buffers.
+See ``docs/algorithm.md`` §4 for the maths each entry belongs to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------- state keys
+# per parameter (fp32, or float64 for float64 parameters, whatever the parameter dtype)
+DIR = "hypergrad_dir"                        # d_{t-1}: the last update's direction ...
+DIR_SCALE = "hypergrad_dir_scale"            # ... and its 0-d factor: u_{t-1} = DIR_SCALE · DIR
+ALPHA_UNIT = "camhd_alpha_unit"              # the unit level's α of a layer (on the tensor owning its units)
+ALPHA_OFFSET = "camhd_alpha_parameter_offset"  # the parameter level's α − α₀, element-wise
+HYPER_PARAM_KEYS = (DIR, DIR_SCALE, ALPHA_UNIT, ALPHA_OFFSET)
+
+# model-wide, in param_groups[0]
+PREFIX = "camhd_"
+STEP = "camhd_step"                # completed steps (CPU float64 0-d tensor: read on the host, no device sync)
+SKIPPED = "camhd_skipped_steps"    # hyper-steps skipped because the hyper-gradient was not finite
+LR0 = "camhd_lr"                   # α₀, the initial value of every learned rate
+LAST_LR_SCALE = "camhd_last_lr_scale"  # s = group lr / α₀ of param group 0 at the last step (for logging)
+GAMMA = "camhd_gamma"              # γ, one weight per level
+GAMMA_LOGITS = "camhd_gamma_logits"  # c with γ = softmax(c) (gamma_update="softmax")
+TREE = "camhd_tree"                # the learning-rate tree as plain data
+COARSE_LEVELS = ("global", "block", "layer")
+HYPER_GROUP_KEYS = (GAMMA, GAMMA_LOGITS) + tuple(PREFIX + "alpha_" + lv for lv in COARSE_LEVELS)
+"""Group-0 tensors kept in the hyper dtype on the parameters' device."""
+
+
+def alpha_key(level: str) -> str:
+    """The ``param_groups[0]`` key of a coarse level's α vector (``global`` / ``block`` / ``layer``)."""
+    return PREFIX + "alpha_" + level
+
+
+def hyper_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Hyper-state dtype for parameters of ``dtype``: float64 stays float64, everything else is fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------- hyper-parameters
+@dataclass(frozen=True)
+class HyperConfig:
+    """The CAM-HD hyper-parameters as Python numbers (see the optimizer docstring for each one)."""
+
+    levels: tuple[str, ...]
+    lr: float
+    hypergrad_lr: float
+    gamma_lr: float
+    decay_rate: float
+    alpha_inf: float
+    hypergrad_scaling: str
+    gamma_update: str
+    alpha_min: float
+    alpha_max: float
+
+    @property
+    def adapts(self) -> bool:
+        """Whether anything is learned (β > 0 or δ > 0); otherwise the step is the base optimizer's."""
+        return self.hypergrad_lr > 0 or self.gamma_lr > 0
+
+    def position(self, level: str) -> int:
+        return self.levels.index(level)
+
+    def __post_init__(self):
+        # plain floats, computed once here: the step (possibly being compiled) only reads them
+        bounds = {dt: _offset_bounds(self.lr, self.alpha_min, self.alpha_max, dt)
+                  for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+        object.__setattr__(self, "_offset_bounds", bounds)
+
+    def offset_bounds(self, dtype: torch.dtype) -> tuple[float, float]:
+        """Bounds of a stored offset α − α₀ such that α₀ + offset, evaluated in ``dtype``, stays within
+        [alpha_min, alpha_max] (α₀ rounded to ``dtype`` first, so α = alpha_min is exact)."""
+        return self._offset_bounds[dtype]
+
+
+def _offset_bounds(lr: float, lo: float, hi: float, dtype: torch.dtype) -> tuple[float, float]:
+    a0 = torch.tensor(lr, dtype=dtype)
+    return float(torch.tensor(lo, dtype=dtype) - a0), float(torch.tensor(hi, dtype=dtype) - a0)
+
+
+# ---------------------------------------------------------------------------------------- views
+@dataclass
+class HyperState:
+    """The model-wide hyper-state: views of the tensors in ``param_groups[0]`` (updated in place)."""
+
+    gamma: Tensor
+    coarse: dict[str, Tensor]           # "global" / "block" / "layer" -> α vector
+    skipped: Tensor                     # count of skipped hyper-steps
+    gamma_logits: Tensor | None = None  # softmax option
+
+
+@dataclass
+class TreeIndex:
+    """Static per-tree tensors on one device: node indices of each entry and per-node β factors.
+
+    ``β_j[n] = β · N / N_n`` (``"equal"`` scaling) with N and N_n counted over the tensors that are
+    trainable now (``requires_grad``), so freezing or unfreezing part of the model keeps every level
+    moving at the global level's scale; ``"sum"`` scaling uses β for every node.
+    """
+
+    block_of: Tensor | None             # entry -> block node
+    layer_of: Tensor | None             # entry -> layer node
+    beta: dict[str, Tensor]             # coarse level -> β per node
+    beta_unit: list[float]              # unit group -> β of each of its units
+    beta_param: float
+    unit_count: list[int]               # unit group -> number of units
+    unit_dims: list[int]                # entry -> dimension of its units
+    _gather_cache: dict = field(default_factory=dict)
+
+    def nodes_of(self, index: list[int]) -> tuple[Tensor | None, Tensor | None]:
+        """Block and layer node of each tensor of a step (cached per set of tensors)."""
+        key = tuple(index)
+        hit = self._gather_cache.get(key)
+        if hit is None:
+            if len(self._gather_cache) > 64:
+                self._gather_cache.clear()
+            ref = self.block_of if self.block_of is not None else self.layer_of
+            idx = torch.tensor(index, dtype=torch.long, device=ref.device if ref is not None else None)
+            hit = (self.block_of[idx] if self.block_of is not None else None,
+                   self.layer_of[idx] if self.layer_of is not None else None)
+            self._gather_cache[key] = hit
+        return hit
+
+
+def build_tree_index(tree, cfg: HyperConfig, trainable: list[bool], device: torch.device,
+                     dtype: torch.dtype) -> TreeIndex:
+    """β per node (algorithm §4) and node indices. ``trainable[i]``: whether entry ``i`` counts in N and N_n."""
+    beta = cfg.hypergrad_lr
+    equal = cfg.hypergrad_scaling == "equal"
+    numels = [n if ok else 0 for n, ok in zip(tree.numels, trainable)]
+    n_total = sum(numels)
+
+    def node_beta(size: int) -> float:
+        if not equal:
+            return beta
+        return beta * n_total / size if size else 0.0
+
+    def per_node(of_entry: list[int], count: int) -> Tensor:
+        sizes = [0] * count
+        for e, node in enumerate(of_entry):
+            sizes[node] += numels[e]
+        return torch.tensor([node_beta(s) for s in sizes], dtype=dtype, device=device)
+
+    betas = {"global": torch.tensor([node_beta(n_total)], dtype=dtype, device=device)}
+    block_of = layer_of = None
+    if "block" in cfg.levels:
+        betas["block"] = per_node(tree.entry_block, len(tree.block_names))
+        block_of = torch.tensor(tree.entry_block, dtype=torch.long, device=device)
+    if "layer" in cfg.levels:
+        betas["layer"] = per_node(tree.entry_layer, len(tree.layer_names))
+        layer_of = torch.tensor(tree.entry_layer, dtype=torch.long, device=device)
+    unit_dims = [0] * len(tree.entries)
+    beta_unit = []
+    for g in tree.unit_groups:
+        size = sum(numels[m] // g.count for m, _ in g.members) if g.count else 0
+        beta_unit.append(node_beta(size))
+        for m, dim in g.members:
+            unit_dims[m] = dim
+    return TreeIndex(block_of, layer_of, betas, beta_unit, node_beta(1),
+                     [g.count for g in tree.unit_groups], unit_dims)
+
+
+# ---------------------------------------------------------------------------------------- one step
+@dataclass
+class StepTensors:
+    """The tensors taking part in one step (those with a gradient), in optimizer order.
+
+    Under sharding (FSDP2) ``params``, ``grads``, ``states`` and ``dirs`` are this rank's local shards.
+    ``groups`` lists each param group with the positions of its tensors in these lists and its
+    scheduler multiplier ``s = group["lr"] / α₀`` (a Python float, or a 0-d tensor while compiling).
+    """
+
+    index: list[int]                    # tree entry of each tensor
+    params: list[Tensor]
+    grads: list[Tensor]
+    states: list[dict]
+    dirs: list[Tensor]                  # previous direction (hyper dtype); u_{t-1} = dir_scale · dir
+    dir_scales: list[Tensor]            # 0-d
+    groups: list[tuple[dict, list[int], object]]
+    stored: list[Tensor] | None = None         # the parameters as the optimizer holds them (DTensors under FSDP2)
+    offsets: list[Tensor] | None = None        # parameter level: α − α₀ per element
+    unit_groups: list[int] | None = None       # unit level: unit group of each tensor
+    unit_dims: list[int] | None = None         # unit level: the dimension of each tensor's units
+    unit_ranges: list[tuple[int, int]] | None = None  # unit level: the units each tensor holds (local range)
+    unit_vectors: dict[int, tuple[Tensor, int]] | None = None  # unit group -> (local α vector, first unit in it)
+
+    @property
+    def lr_scales(self) -> list:
+        out = [None] * len(self.params)
+        for _, members, s in self.groups:
+            for m in members:
+                out[m] = s
+        return out
+
+
+@dataclass
+class PartialSums:
+    """Step 1's sums of ``h = g ⊙ u`` as each rank sees them (``(T,)`` vectors: one entry per tensor)."""
+
+    tensor: Tensor                      # Σ h
+    unit_rows: list[Tensor] | None = None    # Σ h per unit held locally, per tensor
+    gamma_unit: Tensor | None = None    # Σ_units α_unit · Σ h (∂f/∂γ_unit's part from each tensor)
+    gamma_param: Tensor | None = None   # Σ (α_param − α₀) ⊙ h
+
+
+@dataclass
+class NodeSums:
+    """Step 1's sums over whole nodes (across ranks): what the hyper-update needs."""
+
+    tensor: Tensor                      # Σ h per tensor
+    units: dict[int, Tensor]            # unit group -> Σ h per unit
+    gamma_unit: Tensor | None = None
+    gamma_param: Tensor | None = None

@@ -1,0 +1,150 @@
+"""An independent statement of CAM-HD (docs/algorithm.md §1–§4) for the tests, in float64.
+
+Written from the algorithm document, not from the package: the whole model is one flat vector θ of N
+scalars, every level is an integer map ``node_j[p]`` from scalar to node, every α is one vector per level,
+and every sum is a ``bincount``. It shares nothing with ``hf_camhd.optim`` but the tree (node membership).
+Every implementation of the package (reference, multi-tensor, fused, compiled) is held to it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+F64 = torch.float64
+
+
+def node_maps(tree, levels) -> dict[str, torch.Tensor]:
+    """``node[level][p]``: the node of scalar p (flat, in tree order) at each level (§1)."""
+    offsets = [0]
+    for n in tree.numels:
+        offsets.append(offsets[-1] + n)
+    N = offsets[-1]
+    maps = {}
+    for lv in levels:
+        m = torch.empty(N, dtype=torch.long)
+        for e, entry in enumerate(tree.entries):
+            sl = slice(offsets[e], offsets[e + 1])
+            if lv == "global":
+                m[sl] = 0
+            elif lv == "block":
+                m[sl] = tree.entry_block[e]
+            elif lv == "layer":
+                m[sl] = tree.entry_layer[e]
+            elif lv == "parameter":
+                m[sl] = torch.arange(offsets[e], offsets[e + 1])
+            else:  # unit: index along the tensor's unit dimension, numbered within its unit group
+                g = tree.unit_groups[tree.entry_unit_group[e]]
+                dim = dict(g.members)[e]
+                if entry.ndim == 0:
+                    idx = torch.zeros((), dtype=torch.long)
+                else:
+                    shape = [1] * entry.ndim
+                    shape[dim] = entry.shape[dim]
+                    idx = torch.arange(entry.shape[dim]).reshape(shape).expand(entry.shape)
+                m[sl] = g.offset + idx.reshape(-1)
+        maps[lv] = m
+    return maps
+
+
+class ReferenceCAMHD:
+    """Dense CAM-HD over tensors ``params`` (in tree order) with per-tensor scheduler multipliers.
+
+    ``base``: "sgd" (momentum, dampening, nesterov, L2 weight_decay), "adam" (L2) or "adamw" (decoupled).
+    """
+
+    def __init__(self, params, tree, *, base, lr, levels, gamma=None, hypergrad_lr=0.0, gamma_lr=0.0,
+                 decay_rate=0.0, alpha_inf=None, hypergrad_scaling="equal", gamma_update="clamp", alpha_min=0.0,
+                 alpha_max=None, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                 betas=(0.9, 0.999), eps=1e-8, amsgrad=False, maximize=False):
+        self.params = list(params)
+        self.shapes = [p.shape for p in self.params]
+        self.theta = torch.cat([p.detach().reshape(-1).to(F64) for p in self.params])
+        N = self.theta.numel()
+        self.levels = tuple(levels)
+        self.node = node_maps(tree, self.levels)
+        self.count = {lv: int(self.node[lv].max()) + 1 for lv in self.levels}
+        sizes = {lv: torch.bincount(self.node[lv], minlength=self.count[lv]).to(F64) for lv in self.levels}
+        self.beta = {lv: (hypergrad_lr * N / sizes[lv]) if hypergrad_scaling == "equal"
+                     else torch.full_like(sizes[lv], hypergrad_lr) for lv in self.levels}
+        self.alpha = {lv: torch.full((self.count[lv],), lr, dtype=F64) for lv in self.levels}
+        L = len(self.levels)
+        g0 = [1.0 / L] * L if gamma is None else [float(x) for x in gamma]
+        self.gamma = torch.tensor(g0, dtype=F64) / sum(g0)
+        self.logits = torch.log(self.gamma)
+        self.lr, self.delta, self.r = lr, gamma_lr, decay_rate
+        self.alpha_inf = lr if alpha_inf is None else alpha_inf
+        self.lo, self.hi = alpha_min, (1000.0 * lr if alpha_max is None else alpha_max)
+        self.gamma_update = gamma_update
+        self.base, self.mu, self.damp, self.nesterov, self.wd = base, momentum, dampening, nesterov, weight_decay
+        self.b1, self.b2, self.eps, self.amsgrad, self.maximize = betas[0], betas[1], eps, amsgrad, maximize
+        self.u = torch.zeros(N, dtype=F64)
+        self.buf = self.m = self.v = self.vmax = None
+        self.t = 0
+
+    # ------------------------------------------------------------------ one step (§4)
+    def step(self, grads, lr_scale=None):
+        """One step with gradients ``grads`` (one per tensor) and per-tensor multipliers ``s``."""
+        g = torch.cat([x.detach().reshape(-1).to(F64) for x in grads])
+        if self.maximize:
+            g = -g
+        s = torch.cat([torch.full((int(math.prod(sh)),), 1.0 if lr_scale is None else lr_scale[i], dtype=F64)
+                       for i, sh in enumerate(self.shapes)])
+        self.t += 1
+        t = self.t
+        tau = math.exp(-self.r * t)
+        h = g * self.u                                              # 1. h_p = g_p u_p
+        node_sums = {lv: torch.bincount(self.node[lv], weights=h, minlength=self.count[lv]) for lv in self.levels}
+        if torch.isfinite(h.sum()) and t > 1:
+            old = {lv: a.clone() for lv, a in self.alpha.items()}
+            for j, lv in enumerate(self.levels):                    # 2. α_j ← α_j − β_j γ_j Σh (clamped)
+                self.alpha[lv] = (self.alpha[lv] - self.beta[lv] * self.gamma[j] * node_sums[lv]).clamp(self.lo, self.hi)
+            if self.delta > 0:                                      # 3. γ with G_j = Σ_n α_j^old[n] Σ h
+                G = torch.stack([(old[lv] * node_sums[lv]).sum() for lv in self.levels])
+                self._update_gamma(G)
+        a_star = sum(self.gamma[j] * self.alpha[lv][self.node[lv]] for j, lv in enumerate(self.levels))  # 4.
+        kappa = tau * a_star + (1 - tau) * self.alpha_inf
+        d = self._direction(g, t)                                   # 5.
+        self.theta = self.theta - s * kappa * d                     # 6.
+        self.u = -s * tau * d
+        return self.theta
+
+    def _update_gamma(self, G):
+        if self.gamma_update == "softmax":
+            grad_c = self.gamma * (G - (self.gamma * G).sum())
+            self.logits = self.logits - self.delta * grad_c
+            self.gamma = torch.softmax(self.logits, 0)
+            return
+        prop = (self.gamma - self.delta * G).clamp_min(0)
+        if prop.sum() > 0:
+            self.gamma = prop / prop.sum()
+
+    def _direction(self, g, t):
+        theta = self.theta
+        if self.base == "sgd":
+            d = g + self.wd * theta
+            if self.mu:
+                self.buf = d.clone() if self.buf is None else self.mu * self.buf + (1 - self.damp) * d
+                d = d + self.mu * self.buf if self.nesterov else self.buf
+            return d
+        gg = g + self.wd * theta if self.base == "adam" else g
+        if self.m is None:
+            self.m, self.v, self.vmax = torch.zeros_like(g), torch.zeros_like(g), torch.zeros_like(g)
+        self.m = self.b1 * self.m + (1 - self.b1) * gg
+        self.v = self.b2 * self.v + (1 - self.b2) * gg * gg
+        v = self.v
+        if self.amsgrad:
+            self.vmax = torch.maximum(self.vmax, self.v)
+            v = self.vmax
+        d = (self.m / (1 - self.b1 ** t)) / ((v / (1 - self.b2 ** t)).sqrt() + self.eps)
+        return d + self.wd * theta if self.base == "adamw" else d
+
+    # ------------------------------------------------------------------ reading
+    def tensors(self, flat):
+        out, o = [], 0
+        for sh in self.shapes:
+            n = int(math.prod(sh))
+            out.append(flat[o:o + n].reshape(sh))
+            o += n
+        return out
