@@ -1,36 +1,39 @@
-"""Time ``optimizer.step()`` of CAM-HD against torch's foreach Adam / SGD in the same run.
+"""Time ``optimizer.step()`` of CAM-HD against torch's fused optimizers (the ones users run) in the same run.
 
 Parameter sets: the shapes of a timm ResNet-18 and of a BERT-base-sized transformer (both built from
-config, no weights). Trees: global; global+layer; global+layer+unit; global+layer+parameter. Steps are
-interleaved round-robin across optimizers (so machine noise hits all of them alike) and each ratio is
-median(step time) / median(step time of the torch baseline) over ``--steps`` steps after ``--warmup``.
-State bytes count every tensor the optimizer holds (per-parameter state and group tensors) divided by
-the parameter bytes.
+config, no weights). Each base is timed against its torch counterpart: ``CAMHDAdam`` vs
+``torch.optim.Adam(fused=True)``, ``CAMHDAdamW`` vs ``AdamW(fused=True)``, ``CAMHDSGD`` (momentum 0.9) vs
+``SGD(fused=True)``; the ``foreach`` version of the torch optimizer is a second column. Trees: global;
+global+layer; global+layer+unit; global+layer+parameter. Steps are interleaved round-robin across
+optimizers (so machine noise hits all of them alike) and each ratio is median(step time) / median(step time
+of the torch baseline) over ``--steps`` steps after ``--warmup``. State bytes count every tensor the
+optimizer holds (per-parameter state and group tensors) divided by the parameter bytes.
 
-    python scripts/bench_step.py                 # both models, markdown table
-    python scripts/bench_step.py --models resnet18 --steps 30
+    python scripts/bench_step.py                   # both models, every base, markdown table
+    python scripts/bench_step.py --models resnet18 --bases adam --steps 30
+    python scripts/bench_step.py --compiled         # also torch.compile(opt.step) rows (slow to compile)
     python scripts/bench_step.py --allocator no-trim   # glibc keeps freed memory: no page-fault cost
 
-Allocator note: torch.optim.Adam allocates one parameter-sized temporary per step (CAM-HD allocates
-none); with glibc's default settings that memory is returned to the OS and page-faulted back every
-step, which can dominate Adam's step on CPU. ``--allocator no-trim`` re-runs the script with
-``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set so allocations are recycled: the
-conservative comparison of the arithmetic alone.
+Allocator note: torch's foreach optimizers allocate parameter-sized temporaries every step; with glibc's
+default settings that memory is returned to the OS and page-faulted back every step. The fused ones (the
+anchor) and CAM-HD's fused kernels allocate none. ``--allocator no-trim`` re-runs the script with
+``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set so allocations are recycled.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
-import subprocess
 import statistics
+import subprocess
 import sys
 import time
 
 import torch
 
-from hf_camhd import CAMHDAdam, CAMHDSGD, build_hierarchy
+from hf_camhd import CAMHDAdam, CAMHDAdamW, CAMHDSGD, build_hierarchy
 
 TREES = {
     "global": ("global",),
@@ -38,7 +41,12 @@ TREES = {
     "global+layer+unit": ("global", "layer", "unit"),
     "global+layer+parameter": ("global", "layer", "parameter"),
 }
-FOREACH_TOO = ("global+layer", "global+layer+parameter")
+BASES = {  # CAM-HD class and settings, the torch class and settings
+    "adam": (CAMHDAdam, dict(lr=1e-3, hypergrad_lr=1e-8), torch.optim.Adam, dict(lr=1e-3)),
+    "adamw": (CAMHDAdamW, dict(lr=1e-3, weight_decay=1e-2, hypergrad_lr=1e-8), torch.optim.AdamW,
+              dict(lr=1e-3, weight_decay=1e-2)),
+    "sgd": (CAMHDSGD, dict(lr=0.1, momentum=0.9, hypergrad_lr=1e-6), torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+}
 
 
 def build_model(name: str) -> torch.nn.Module:
@@ -48,7 +56,7 @@ def build_model(name: str) -> torch.nn.Module:
     if name == "bert-base":
         from transformers import BertConfig, BertForSequenceClassification
         return BertForSequenceClassification(BertConfig())  # 12 layers, hidden 768: ~110M parameters
-    raise ValueError(f"Unknown model {name!r}")
+    raise ValueError(f"Unknown model {name!r}; expected resnet18 or bert-base")
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -69,8 +77,8 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def bench_model(name: str, base: str, steps: int, warmup: int, gamma_lr: float) -> list[dict]:
-    """One (parameter set, base rule): the torch baseline and the four trees, steps interleaved round-robin.
+def bench_model(name: str, base: str, steps: int, warmup: int, gamma_lr: float, compiled: bool) -> list[dict]:
+    """One (parameter set, base rule): torch fused and foreach, and the four trees, steps interleaved.
 
     Every optimizer updates its own copy of the parameters (fixed random gradients), so no optimizer's
     trajectory changes another's numbers.
@@ -81,78 +89,75 @@ def bench_model(name: str, base: str, steps: int, warmup: int, gamma_lr: float) 
     grads = [torch.randn_like(p) * 1e-2 for p in params]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     trees = {k: build_hierarchy(model, v) for k, v in TREES.items()}
+    cls, kw, torch_cls, torch_kw = BASES[base]
 
-    def copy():
-        import copy as _copy
-        m = _copy.deepcopy(model)
+    def copy_model():
+        m = copy.deepcopy(model)
         for p, g in zip([q for q in m.parameters() if q.requires_grad], grads):
             p.grad = g
         return m
 
-    opts = {}
-    # every tree with the default kernels (fused where they apply), and the coarse / parameter trees again
-    # with foreach=True, to show what the fused kernels save
-    variants = [(k, {}) for k in trees] + [(k, dict(foreach=True)) for k in FOREACH_TOO]
-    if base == "adam":
-        m = copy()
-        opts["torch.optim.Adam(foreach=True)"] = torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True)
-        for k, kw in variants:
-            opts[(k, bool(kw))] = CAMHDAdam(copy(), lr=1e-3, tree=trees[k], hypergrad_lr=1e-8, gamma_lr=gamma_lr, **kw)
-    else:
-        m = copy()
-        opts["torch.optim.SGD(foreach=True)"] = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, foreach=True)
-        for k, kw in variants:
-            opts[(k, bool(kw))] = CAMHDSGD(copy(), lr=0.1, momentum=0.9, tree=trees[k], hypergrad_lr=1e-6,
-                                           gamma_lr=gamma_lr, **kw)
+    opts = {"fused": torch_cls(copy_model().parameters(), fused=True, **torch_kw),
+            "foreach": torch_cls(copy_model().parameters(), foreach=True, **torch_kw)}
+    for k, tree in trees.items():
+        opts[k] = cls(copy_model(), tree=tree, gamma_lr=gamma_lr, **kw)
+    steppers = {k: o.step for k, o in opts.items()}
+    if compiled:  # the whole step through torch.compile (inductor), as a user compiling their train step would
+        for k in ("global+layer", "global+layer+parameter"):
+            opt = cls(copy_model(), tree=trees[k], gamma_lr=gamma_lr, lr=torch.tensor(kw["lr"]),
+                      **{a: v for a, v in kw.items() if a != "lr"})
+            opts[k + " (compiled)"] = opt
+            steppers[k + " (compiled)"] = torch.compile(opt.step)
     times = {k: [] for k in opts}
     for r in range(warmup + steps):
-        for k, opt in opts.items():
+        for k, step in steppers.items():
             t0 = time.perf_counter()
-            opt.step()
+            step()
             dt = time.perf_counter() - t0
             if r >= warmup:
                 times[k].append(dt)
-    ref = next(iter(opts))
-    ref_med = statistics.median(times[ref])
+    med = {k: statistics.median(v) for k, v in times.items()}
     rows = []
     for k, opt in opts.items():
-        med = statistics.median(times[k])
-        tree, path = (k[0], opt._last_path) if k != ref else ("(torch baseline)", "")
-        rows.append(dict(model=name, base=base, tree=tree, path=path, ms=med * 1e3,
-                         ratio=med / ref_med, state=state_bytes(opt) / param_bytes))
+        path = "torch" if k in ("fused", "foreach") else ("torch.compile" if "compiled" in k else opt._last_path)
+        rows.append(dict(model=name, base=base, tree=f"torch {torch_cls.__name__}({k}=True)" if k in ("fused", "foreach")
+                         else k, path=path, ms=med[k] * 1e3, fused=med[k] / med["fused"],
+                         foreach=med[k] / med["foreach"], state=state_bytes(opt) / param_bytes))
     return rows
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet18,bert-base")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--bases", default="adam,adamw,sgd")
+    ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gamma-lr", type=float, default=0.01, help="δ used by the CAM-HD runs (0 = fixed γ)")
+    ap.add_argument("--compiled", action="store_true", help="add torch.compile(opt.step) rows")
     ap.add_argument("--allocator", choices=("default", "no-trim"), default="default",
                     help="no-trim: glibc recycles freed memory (see the module docstring)")
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)  # internal: one model:base, JSON out
     args = ap.parse_args(argv)
     if args._one:
         name, base = args._one.split(":")
-        print(json.dumps(bench_model(name, base, args.steps, args.warmup, args.gamma_lr)))
+        print(json.dumps(bench_model(name, base, args.steps, args.warmup, args.gamma_lr, args.compiled)))
         return
     if args.allocator == "no-trim" and "MALLOC_TRIM_THRESHOLD_" not in os.environ:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 32), MALLOC_TRIM_THRESHOLD_=str(1 << 36))
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.steps} steps after "
           f"{args.warmup} warm-up, gamma_lr={args.gamma_lr}, allocator={args.allocator}\n")
-    print("| parameters | base | tree | kernels | step (ms) | × torch foreach | state bytes / param bytes |")
-    print("|---|---|---|---|---:|---:|---:|")
+    print("| parameters | base | tree | kernels | step (ms) | × torch fused | × torch foreach | state bytes / param bytes |")
+    print("|---|---|---|---|---:|---:|---:|---:|")
     for name in args.models.split(","):
-        for base in ("adam", "sgd"):
+        for base in args.bases.split(","):
             # note: each (parameter set, base) in a fresh process: no memory or allocator state carries over
             cmd = [sys.executable, __file__, "--_one", f"{name}:{base}", "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--gamma-lr", str(args.gamma_lr)]
+                   "--warmup", str(args.warmup), "--gamma-lr", str(args.gamma_lr)] + (["--compiled"] if args.compiled else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             for r in json.loads(out.strip().splitlines()[-1]):
-                print(f"| {r['model']} | {r['base']} | {r['tree']} | {r['path']} | {r['ms']:.1f} | {r['ratio']:.2f} | "
-                      f"{r['state']:.2f} |", flush=True)
+                print(f"| {r['model']} | {r['base']} | {r['tree']} | {r['path']} | {r['ms']:.1f} | {r['fused']:.2f} | "
+                      f"{r['foreach']:.2f} | {r['state']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
