@@ -140,7 +140,7 @@ def test_gradual_unfreezing_trains_tensors_frozen_at_construction(name):
     assert len(opt.tree.entries) == 6
     beta = opt.config.hypergrad_lr
     head_n = sum(p.numel() for p in model.head.parameters())
-    layer_beta = opt._tree_index().beta["layer"]
+    layer_beta = opt._tree_index(opt._flat_params()).beta["layer"]
     assert layer_beta[opt.tree.layer_names.index("head")] == pytest.approx(beta * head_n / head_n)
     backbone_before = [p.detach().clone() for p in model.backbone.parameters()]
     _train_net(model, opt, 4)
@@ -149,7 +149,7 @@ def test_gradual_unfreezing_trains_tensors_frozen_at_construction(name):
     _train_net(model, opt, 4, start=4)
     assert all(not torch.equal(a, b) for a, b in zip(backbone_before, model.backbone.parameters()))
     total = sum(p.numel() for p in model.parameters())
-    assert opt._tree_index().beta["layer"][opt.tree.layer_names.index("head")] == pytest.approx(beta * total / head_n)
+    assert opt._tree_index(opt._flat_params()).beta["layer"][opt.tree.layer_names.index("head")] == pytest.approx(beta * total / head_n)
     backbone_layers = [opt.tree.layer_names.index(n) for n in ("backbone.0", "backbone.2")]
     assert not torch.equal(opt.alpha("layer")[backbone_layers], torch.full((2,), float(kw["lr"])))
 

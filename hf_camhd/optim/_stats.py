@@ -68,7 +68,7 @@ def _parameter_level_stats(opt, trainable: list[bool]) -> tuple[Tensor, Tensor, 
     offset in the offset's dtype, as the step does); sharded tensors are reduced across ranks."""
     lr = opt.config.lr
     device = opt.param_groups[0][GAMMA].device
-    sharding = opt._get_sharding()
+    sharding = opt._get_sharding(opt._flat_params())
     acc: dict = {}     # reduction key -> [Σα, min α, max α]; keys in parameter order (the same on every rank)
     groups: dict = {}
     for i, p in enumerate(opt._flat_params()):

@@ -147,10 +147,12 @@ class CAMHDOptimizer(Optimizer):
         coarse = {lv: g0[alpha_key(lv)] for lv in COARSE_LEVELS if alpha_key(lv) in g0}
         return HyperState(g0[GAMMA], coarse, g0[SKIPPED], g0.get(GAMMA_LOGITS))
 
-    def _tree_index(self):
-        """β per node and node indices, for the tensors trainable now (rebuilt when that set changes)."""
-        device, dtype = self._home()
-        trainable = tuple(p.requires_grad for p in self._flat_params())
+    def _tree_index(self, flat: list[Tensor]):
+        """β per node and node indices, for the tensors trainable now (rebuilt when that set changes), on the
+        hyper-state's device and in its dtype."""
+        gamma = self.param_groups[0][GAMMA]
+        device, dtype = gamma.device, gamma.dtype
+        trainable = tuple(p.requires_grad for p in flat)
         key = (device, dtype, trainable)
         if key not in self._index_cache:
             if len(self._index_cache) > 8:
@@ -192,23 +194,23 @@ class CAMHDOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        sharding = self._get_sharding()
-        if self._is_state_init_step(sharding):
-            self._create_state(sharding)
+        flat = self._flat_params()
+        sharding = self._get_sharding(flat)
+        if self._is_state_init_step(sharding, flat):
+            self._create_state(sharding, flat)
             return loss
-        step = self._gather(sharding)
+        step = self._gather(sharding, flat)
         if step is None:
             return loss
         impl = self._implementation(step, sharding)
         t = self._count_step(step, compiled=impl == "compiled")
-        self._last_hyper = camhd_step(step, self._hyper_state(), self._tree_index(), self.config, self.rule, t,
+        self._last_hyper = camhd_step(step, self._hyper_state(), self._tree_index(flat), self.config, self.rule, t,
                                       sharding, impl=impl)
         self._last_path = impl
         return loss
 
-    def _get_sharding(self):
+    def _get_sharding(self, flat: list[Tensor]):
         """The sharding strategy (chosen at the first step: FSDP2 swaps parameters in before it)."""
-        flat = self._flat_params()
         check_not_flattened(self, flat)
         if self._sharding is None:
             self._sharding = choose_sharding(flat, self.tree)
@@ -226,11 +228,10 @@ class CAMHDOptimizer(Optimizer):
         step.groups = [(g, m, torch.as_tensor(s, dtype=torch.float64)) for g, m, s in step.groups]
         return g0[STEP]
 
-    def _gather(self, sharding) -> StepTensors | None:
+    def _gather(self, sharding, flat: list[Tensor]) -> StepTensors | None:
         """The tensors with a gradient, their (lazily created) state and per-group multipliers, as local views."""
         levels = self.tree.levels
         unit, param = "unit" in levels, "parameter" in levels
-        flat = self._flat_params()
         st = StepTensors([], [], [], [], [], [], [], stored=[])
         if unit:
             st.unit_groups, st.unit_dims, st.unit_ranges, st.unit_vectors = [], [], [], {}
@@ -331,18 +332,17 @@ class CAMHDOptimizer(Optimizer):
         return None
 
     # ------------------------------------------------------------------------------------ state-creating step
-    def _is_state_init_step(self, sharding) -> bool:
+    def _is_state_init_step(self, sharding, flat: list[Tensor]) -> bool:
         """``torch.distributed.checkpoint.state_dict`` creates missing state by calling ``step()`` once with
         zero gradients and every group's ``lr`` set to 0 (``_init_optim_state``). That call must change
         nothing — no step counted, no moments, no hyper-update — so it only creates the state."""
         if self.state or torch.compiler.is_compiling() or any(value(g["lr"]) != 0 for g in self.param_groups):
             return False
-        with_grad = [(i, p.grad) for i, p in enumerate(self._flat_params()) if p.grad is not None]
+        with_grad = [(i, p.grad) for i, p in enumerate(flat) if p.grad is not None]
         return bool(with_grad) and not sharding.any_nonzero(with_grad)
 
-    def _create_state(self, sharding) -> None:
+    def _create_state(self, sharding, flat: list[Tensor]) -> None:
         """Create every per-parameter state entry a real step would (zeros / α₀), changing nothing else."""
-        flat = self._flat_params()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
