@@ -13,6 +13,7 @@ optimizer holds (per-parameter state and group tensors) divided by the parameter
     python scripts/bench_step.py --models resnet18 --bases adam --steps 30
     python scripts/bench_step.py --compiled         # also torch.compile(opt.step) rows (slow to compile)
     python scripts/bench_step.py --allocator no-trim   # glibc keeps freed memory: no page-fault cost
+    python scripts/bench_step.py --device cuda --dtype bfloat16 --models resnet50,bert-base --bases adamw
 
 Allocator note: torch's foreach optimizers allocate parameter-sized temporaries every step; with glibc's
 default settings that memory is returned to the OS and page-faulted back every step. The fused ones (the
@@ -50,13 +51,13 @@ BASES = {  # CAM-HD class and settings, the torch class and settings
 
 
 def build_model(name: str) -> torch.nn.Module:
-    if name == "resnet18":
+    if name in ("resnet18", "resnet50"):
         import timm
-        return timm.create_model("resnet18", pretrained=False, num_classes=1000)
+        return timm.create_model(name, pretrained=False, num_classes=1000)
     if name == "bert-base":
         from transformers import BertConfig, BertForSequenceClassification
         return BertForSequenceClassification(BertConfig())  # 12 layers, hidden 768: ~110M parameters
-    raise ValueError(f"Unknown model {name!r}; expected resnet18 or bert-base")
+    raise ValueError(f"Unknown model {name!r}; expected resnet18, resnet50 or bert-base")
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -77,18 +78,19 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def bench_model(name: str, base: str, steps: int, warmup: int, gamma_lr: float, compiled: bool) -> list[dict]:
+def bench_model(name: str, base: str, steps: int, warmup: int, gamma_lr: float, compiled: bool, device: str,
+                dtype: torch.dtype, tree_names: list[str]) -> list[dict]:
     """One (parameter set, base rule): torch fused and foreach, and the four trees, steps interleaved.
 
     Every optimizer updates its own copy of the parameters (fixed random gradients), so no optimizer's
     trajectory changes another's numbers.
     """
     torch.manual_seed(0)
-    model = build_model(name)
+    model = build_model(name).to(device=device, dtype=dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [torch.randn_like(p) * 1e-2 for p in params]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    trees = {k: build_hierarchy(model, v) for k, v in TREES.items()}
+    trees = {k: build_hierarchy(model, TREES[k]) for k in tree_names}
     cls, kw, torch_cls, torch_kw = BASES[base]
 
     def copy_model():
@@ -103,16 +105,19 @@ def bench_model(name: str, base: str, steps: int, warmup: int, gamma_lr: float, 
         opts[k] = cls(copy_model(), tree=tree, gamma_lr=gamma_lr, **kw)
     steppers = {k: o.step for k, o in opts.items()}
     if compiled:  # the whole step through torch.compile (inductor), as a user compiling their train step would
-        for k in ("global+layer", "global+layer+parameter"):
+        for k in [t for t in ("global+layer", "global+layer+parameter") if t in trees]:
             opt = cls(copy_model(), tree=trees[k], gamma_lr=gamma_lr, lr=torch.tensor(kw["lr"]),
                       **{a: v for a, v in kw.items() if a != "lr"})
             opts[k + " (compiled)"] = opt
             steppers[k + " (compiled)"] = torch.compile(opt.step)
     times = {k: [] for k in opts}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for r in range(warmup + steps):
         for k, step in steppers.items():
+            sync()
             t0 = time.perf_counter()
             step()
+            sync()
             dt = time.perf_counter() - t0
             if r >= warmup:
                 times[k].append(dt)
@@ -134,18 +139,23 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gamma-lr", type=float, default=0.01, help="δ used by the CAM-HD runs (0 = fixed γ)")
     ap.add_argument("--compiled", action="store_true", help="add torch.compile(opt.step) rows")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA CAM-HD's default is its compiled step)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="parameter dtype")
+    ap.add_argument("--trees", default=",".join(TREES), help=f"comma-separated, from {', '.join(TREES)}")
     ap.add_argument("--allocator", choices=("default", "no-trim"), default="default",
                     help="no-trim: glibc recycles freed memory (see the module docstring)")
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)  # internal: one model:base, JSON out
     args = ap.parse_args(argv)
     if args._one:
         name, base = args._one.split(":")
-        print(json.dumps(bench_model(name, base, args.steps, args.warmup, args.gamma_lr, args.compiled)))
+        print(json.dumps(bench_model(name, base, args.steps, args.warmup, args.gamma_lr, args.compiled, args.device,
+                                     getattr(torch, args.dtype), args.trees.split(","))))
         return
     if args.allocator == "no-trim" and "MALLOC_TRIM_THRESHOLD_" not in os.environ:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 32), MALLOC_TRIM_THRESHOLD_=str(1 << 36))
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.steps} steps after "
+    where = (torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads")
+    print(f"torch {torch.__version__}, {where}, {args.dtype} parameters, median of {args.steps} steps after "
           f"{args.warmup} warm-up, gamma_lr={args.gamma_lr}, allocator={args.allocator}\n")
     print("| parameters | base | tree | kernels | step (ms) | × torch fused | × torch foreach | state bytes / param bytes |")
     print("|---|---|---|---|---:|---:|---:|---:|")
@@ -153,7 +163,8 @@ def main(argv=None) -> None:
         for base in args.bases.split(","):
             # note: each (parameter set, base) in a fresh process: no memory or allocator state carries over
             cmd = [sys.executable, __file__, "--_one", f"{name}:{base}", "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--gamma-lr", str(args.gamma_lr)] + (["--compiled"] if args.compiled else [])
+                   "--warmup", str(args.warmup), "--gamma-lr", str(args.gamma_lr), "--device", args.device,
+                   "--dtype", args.dtype, "--trees", args.trees] + (["--compiled"] if args.compiled else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             for r in json.loads(out.strip().splitlines()[-1]):
                 print(f"| {r['model']} | {r['base']} | {r['tree']} | {r['path']} | {r['ms']:.1f} | {r['fused']:.2f} | "

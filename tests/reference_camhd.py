@@ -49,7 +49,8 @@ def node_maps(tree, levels) -> dict[str, torch.Tensor]:
 
 
 class ReferenceCAMHD:
-    """Dense CAM-HD over tensors ``params`` (in tree order) with per-tensor scheduler multipliers.
+    """Dense CAM-HD over tensors ``params`` (in tree order) with per-tensor scheduler multipliers, on the CPU
+    whatever the device of the tensors it is given.
 
     ``base``: "sgd" (momentum, dampening, nesterov, L2 weight_decay), "adam" (L2) or "adamw" (decoupled).
     """
@@ -60,7 +61,7 @@ class ReferenceCAMHD:
                  betas=(0.9, 0.999), eps=1e-8, amsgrad=False, maximize=False):
         self.params = list(params)
         self.shapes = [p.shape for p in self.params]
-        self.theta = torch.cat([p.detach().reshape(-1).to(F64) for p in self.params])
+        self.theta = torch.cat([p.detach().reshape(-1).to(device="cpu", dtype=F64) for p in self.params])
         N = self.theta.numel()
         self.levels = tuple(levels)
         self.node = node_maps(tree, self.levels)
@@ -86,7 +87,7 @@ class ReferenceCAMHD:
     # ------------------------------------------------------------------ one step (§4)
     def step(self, grads, lr_scale=None):
         """One step with gradients ``grads`` (one per tensor) and per-tensor multipliers ``s``."""
-        g = torch.cat([x.detach().reshape(-1).to(F64) for x in grads])
+        g = torch.cat([x.detach().reshape(-1).to(device="cpu", dtype=F64) for x in grads])
         if self.maximize:
             g = -g
         s = torch.cat([torch.full((int(math.prod(sh)),), 1.0 if lr_scale is None else lr_scale[i], dtype=F64)

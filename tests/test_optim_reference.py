@@ -25,10 +25,11 @@ def _groups(model):
             {"params": [(n, p) for n, p in named if not n.startswith("features.")], "lr_factor": 1.0}]
 
 
-def run_against_reference(base: str, levels, impl_kwargs: dict, steps: int = 12, _force: str | None = None, **extra):
+def run_against_reference(base: str, levels, impl_kwargs: dict, steps: int = 12, _force: str | None = None,
+                          device: str = "cpu", **extra):
     cls, _, kw = BASES[base]
     kw = {**kw, **extra}
-    model = make_net(dtype=torch.float64)
+    model = make_net(dtype=torch.float64).to(device)
     groups = _groups(model)
     for g in groups:
         g["lr"] = kw["lr"] * g.pop("lr_factor")
@@ -43,7 +44,7 @@ def run_against_reference(base: str, levels, impl_kwargs: dict, steps: int = 12,
     for t in range(steps):
         x, y = batch(t, torch.float64)
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
         scales = [g["lr"] / kw["lr"] for g in opt.param_groups for _ in g["params"]]
         ref.step([p.grad for p in params], scales)
         opt.step()
