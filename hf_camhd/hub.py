@@ -30,6 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._extras import require
+
+require("hf_camhd.hub", "huggingface_hub")
+
 CARD_TEMPLATES = {"hf_camhd": "image_classifier.md", "timm": "timm.md", "transformers": "transformers.md"}
 
 #: Display names as the paper writes them, keyed by (base rule name, nesterov).

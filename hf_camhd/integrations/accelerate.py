@@ -26,7 +26,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._extras import require
 from . import unwrap_camhd
+
+require("hf_camhd.integrations.accelerate", "accelerate")
 
 __all__ = ["camhd_stats", "check_accelerator", "log_camhd_stats", "unwrap_camhd"]
 

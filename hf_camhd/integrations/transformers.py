@@ -36,12 +36,11 @@ from torch import nn
 from ..hierarchy import LRTree, build_hierarchy
 from ..optim import CAMHDOptimizer
 from ..optim.registry import create_optimizer, get_optimizer_info
+from .._extras import require
 from . import unwrap_camhd
 
-try:
-    from transformers import Trainer, TrainerCallback
-except ImportError as e:  # pragma: no cover
-    raise ImportError("hf_camhd.integrations.transformers needs transformers: pip install transformers") from e
+require("hf_camhd.integrations.transformers", "transformers")
+from transformers import Trainer, TrainerCallback  # noqa: E402
 
 __all__ = ["CAMHDCallback", "CAMHDOptimizerFactory", "CAMHDTrainer", "camhd_optimizer_description",
            "decay_parameter_names", "fix_model_card", "unwrap_camhd"]
