@@ -1,4 +1,4 @@
-"""Tests of the learning-rate tree (spec §1 node membership) and of the generic builder: levels,
+"""Tests of the learning-rate tree (docs/algorithm.md §1 node membership) and of the generic builder: levels,
 layers, unit pairing, blocks (generic and custom regexes), bad input, JSON round trip, and the
 optimizer refusing a checkpoint whose tree differs."""
 
@@ -20,7 +20,7 @@ ALL = ("global", "block", "layer", "unit", "parameter")
 
 
 class Net(nn.Module):
-    """Every kind of tensor spec §1 names: conv with bias, conv without, norm, linear, a root-owned
+    """Every kind of tensor docs/algorithm.md §1 names: conv with bias, conv without, norm, linear, a root-owned
     vector, a root-owned scalar, and a module holding a weight and an unpaired extra vector."""
 
     def __init__(self):

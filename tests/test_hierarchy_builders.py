@@ -1,6 +1,6 @@
 """Tests of the hierarchy builders for timm, transformers and hf_camhd.models, and of the
 ``python -m hf_camhd.hierarchy`` CLI. Node counts are checked against counts computed independently
-here from ``named_modules()`` (spec §1), not read back from the tree."""
+here from ``named_modules()`` (docs/algorithm.md §1), not read back from the tree."""
 
 from __future__ import annotations
 

@@ -123,3 +123,37 @@ def test_core_imports_and_trains_with_torch_alone_and_extras_name_themselves(tmp
     assert ("hf-camhd: error: hf-camhd compare needs accelerate, which is not installed: "
             "pip install 'hf_camhd[experiments]'") in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------------------------------ README commands
+def _readme_commands() -> list[str]:
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)  # the first screen's two commands
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_first_screen_installs_what_each_command_needs_and_ci_runs_command_2():
+    main_job, tests = _readme_commands()
+    assert main_job == 'pip install -e ".[all]" && hf-camhd compare'
+    assert tests.endswith('pip install -e ".[test]" && python -m pytest -q')
+    assert "apt-get install -y -qq dataset-fashion-mnist" in tests  # the data the Fashion-MNIST test reads
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == tests  # CI runs README command 2, exactly
+
+
+def test_extras_cover_the_packages_and_the_test_extra_installs_everything():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert [d.split(">")[0] for d in project["dependencies"]] == ["torch"]
+    names = {extra: {d.split(">")[0].split("[")[0] for d in deps} for extra, deps in extras.items()}
+    assert {"transformers", "accelerate", "datasets", "timm", "evaluate", "huggingface_hub", "safetensors"} <= names["hf"]
+    assert {"matplotlib", "scikit-learn", "tqdm", "pillow"} <= names["experiments"]
+    assert "hf_camhd[hf]" in extras["experiments"] and "hf_camhd[hf,experiments]" in extras["all"]
+    assert "hf_camhd[all]" in extras["test"] and {"pytest", "hypothesis"} <= names["test"]
+    from hf_camhd._extras import EXTRA_OF
+
+    pip_name = {"sklearn": "scikit-learn", "PIL": "pillow"}
+    for module, extra in EXTRA_OF.items():  # the extra an ImportError names really installs the package
+        assert pip_name.get(module, module) in names[extra], module

@@ -2,7 +2,7 @@
 
 :func:`build_hierarchy` picks a builder for the model (the first registered builder whose
 ``matches(model)`` is true, else the generic one), asks it for each parameter's block, and derives
-layers and units from the module structure (spec §1). Builders for timm, transformers and the
+layers and units from the module structure (docs/algorithm.md §1). Builders for timm, transformers and the
 models of :mod:`hf_camhd.models` register themselves through :func:`register_builder`; a builder only
 says which block each parameter belongs to (and, rarely, a parameter's unit dimension).
 
@@ -343,7 +343,7 @@ def select_builder(model: nn.Module, builder: str | None = None) -> HierarchyBui
 def build_hierarchy(model: nn.Module, levels: Iterable[str] | str = ("global", "layer"), *,
                     builder: str | None = None,
                     blocks: Mapping[str, Iterable[str]] | None = None) -> LRTree:
-    """Build the learning-rate tree of ``model`` for ``levels`` (spec §1).
+    """Build the learning-rate tree of ``model`` for ``levels`` (docs/algorithm.md §1).
 
     Args:
         model: any ``nn.Module``. Frozen parameters are left out; tied parameters appear once.

@@ -33,17 +33,25 @@ from typing import Any
 
 from ..optim import CAMHDOptimizer
 
-__all__ = ["register_timm_optimizers_lazily", "unwrap_camhd"]
+__all__ = ["register_timm_optimizers_lazily", "unwrap_camhd", "unwrap_optimizer"]
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer inside wrappers that keep it as ``.optimizer`` (``accelerate``'s ``AcceleratedOptimizer``, which
+    is also what ``Trainer.optimizer`` is after training starts, timm's ``Lookahead``, ...): the innermost one."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if isinstance(optimizer, CAMHDOptimizer) or inner is None or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
 
 
 def unwrap_camhd(optimizer: Any) -> CAMHDOptimizer | None:
-    """The CAM-HD optimizer inside ``optimizer`` (itself, or inside ``accelerate``'s ``AcceleratedOptimizer``, the
-    Trainer's optimizer or any wrapper that keeps it as ``.optimizer``), or ``None`` when there is none."""
-    for _ in range(8):
-        if optimizer is None or isinstance(optimizer, CAMHDOptimizer):
-            break
-        optimizer = getattr(optimizer, "optimizer", None)
-    return optimizer if isinstance(optimizer, CAMHDOptimizer) else None
+    """The CAM-HD optimizer inside ``optimizer`` (itself, or inside any wrapper :func:`unwrap_optimizer` sees
+    through), or ``None`` when there is none."""
+    inner = unwrap_optimizer(optimizer)
+    return inner if isinstance(inner, CAMHDOptimizer) else None
 
 
 # ------------------------------------------------------------------------------------------ timm, lazily

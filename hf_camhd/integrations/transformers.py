@@ -10,7 +10,7 @@ Three ways in (all resumable with ``trainer.train(resume_from_checkpoint=...)``)
                         callbacks=[CAMHDCallback()])
 
 * ``Trainer(optimizers=(CAMHDAdam(model, ...), None))`` — the Trainer adds its linear schedule, which CAM-HD
-  reads as a multiplier on the learned rates (spec §2);
+  reads as a multiplier on the learned rates (docs/algorithm.md §2);
 * :class:`CAMHDTrainer` — a ``Trainer`` that does both of the above by itself: the factory by default (``lr``
   and ``weight_decay`` from ``TrainingArguments`` unless given), the CAM-HD scalars in every training log
   (so they reach ``log_history``, the progress bar, TensorBoard, W&B, ...), and a model card that names
