@@ -10,13 +10,20 @@ It works for the models of :mod:`hf_camhd.models` (``PyTorchModelHubMixin`` form
 (timm's own Hub format, so ``timm.create_model("hf-hub:<repo>", pretrained=True)`` loads them) and
 transformers models (``save_pretrained``).
 
-Example::
+Example (``push=True, repo_id="me/lenet5-fmnist-camhd"`` would also upload the folder)::
 
+    >>> import tempfile
+    >>> from hf_camhd import CAMHDAdam
     >>> from hf_camhd.hub import publish
-    >>> folder = publish(model, "outputs/lenet5-fmnist", results={"accuracy": 0.905},
-    ...                  optimizer=opt, dataset="zalando-datasets/fashion_mnist")       # doctest: +SKIP
-    >>> publish(model, "outputs/lenet5-fmnist", results=..., optimizer=opt, dataset=...,
-    ...         push=True, repo_id="me/lenet5-fmnist-camhd")                          # doctest: +SKIP
+    >>> from hf_camhd.models import LeNet5
+    >>> model = LeNet5()
+    >>> opt = CAMHDAdam(model, lr=1e-3, levels=("global", "unit"), gamma=(0.8, 0.2))
+    >>> folder = publish(model, tempfile.mkdtemp(), results={"accuracy": 0.905}, optimizer=opt,
+    ...                  dataset="zalando-datasets/fashion_mnist")
+    >>> sorted(p.name for p in folder.iterdir())
+    ['README.md', 'camhd_config.json', 'config.json', 'model.safetensors']
+    >>> "| levels | global, unit |" in (folder / "README.md").read_text()
+    True
 """
 
 from __future__ import annotations

@@ -134,6 +134,12 @@ def repeated_stacks(model: nn.Module, names: Sequence[str]) -> list[str]:
     stacks of much smaller modules (mean layer under 1/4 of the largest stack's: a pair of output heads, two
     convolutions of a stem). They count only when their layers together hold more than half of the model's
     trainable parameters — two stacks (an encoder's and a decoder's) both count.
+
+        >>> from torch import nn
+        >>> model = nn.Transformer(d_model=8, nhead=2, num_encoder_layers=2, num_decoder_layers=2,
+        ...                        dim_feedforward=16, batch_first=True)
+        >>> repeated_stacks(model, [n for n, _ in model.named_parameters()])
+        ['encoder.layers.0', 'encoder.layers.1', 'decoder.layers.0', 'decoder.layers.1']
     """
     params = dict(model.named_parameters())
     size: dict[str, int] = {}

@@ -38,7 +38,15 @@ __all__ = ["register_timm_optimizers_lazily", "unwrap_camhd", "unwrap_optimizer"
 
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The optimizer inside wrappers that keep it as ``.optimizer`` (``accelerate``'s ``AcceleratedOptimizer``, which
-    is also what ``Trainer.optimizer`` is after training starts, timm's ``Lookahead``, ...): the innermost one."""
+    is also what ``Trainer.optimizer`` is after training starts, timm's ``Lookahead``, ...): the innermost one.
+
+        >>> import torch
+        >>> sgd = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+        >>> class Wrapper:
+        ...     optimizer = sgd
+        >>> unwrap_optimizer(Wrapper()) is sgd, unwrap_optimizer(sgd) is sgd
+        (True, True)
+    """
     for _ in range(8):
         inner = getattr(optimizer, "optimizer", None)
         if isinstance(optimizer, CAMHDOptimizer) or inner is None or inner is optimizer:

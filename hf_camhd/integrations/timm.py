@@ -54,8 +54,10 @@ from timm.optim import _optim_factory as _timm_factory  # noqa: E402
 
 from ..hierarchy import LRTree, build_hierarchy  # noqa: E402
 from ..optim import CAMHDAdam, CAMHDAdamW, CAMHDOptimizer, CAMHDSGD  # noqa: E402
+from . import register_timm_optimizers_lazily  # noqa: E402,F401  (its home is hf_camhd.integrations: no timm there)
 
-__all__ = ["DEFAULT_LEVELS", "TIMM_NAMES", "create_optimizer_v2", "is_camhd_name", "register_timm_optimizers"]
+__all__ = ["DEFAULT_LEVELS", "TIMM_NAMES", "create_optimizer_v2", "is_camhd_name", "register_timm_optimizers",
+           "register_timm_optimizers_lazily"]
 
 #: The levels :func:`create_optimizer_v2` builds when given a model and no ``levels``.
 DEFAULT_LEVELS = ("global", "block", "layer")
@@ -76,7 +78,11 @@ TIMM_NAMES = tuple(_SPECS)
 
 def is_camhd_name(opt: str) -> bool:
     """Whether timm's ``opt`` string names a CAM-HD optimizer (timm reads the part after the last ``_``, so
-    ``"lookahead_camhdadam"`` does too)."""
+    ``"lookahead_camhdadam"`` does too).
+
+        >>> is_camhd_name("camhdadamw"), is_camhd_name("lookahead_camhdsgd"), is_camhd_name("adamw")
+        (True, True, False)
+    """
     return isinstance(opt, str) and opt.lower().split("_")[-1] in _SPECS
 
 
@@ -139,7 +145,12 @@ def _make_factory(name: str):
 
 
 def register_timm_optimizers() -> bool:
-    """Register the CAM-HD optimizers with timm's optimizer registry (safe to call more than once); returns True."""
+    """Register the CAM-HD optimizers with timm's optimizer registry (safe to call more than once); returns True.
+
+        >>> from timm.optim import list_optimizers
+        >>> register_timm_optimizers() and {"camhdadam", "camhdsgdn"} <= set(list_optimizers())
+        True
+    """
     registry = _timm_factory.default_registry
     known = getattr(registry, "_optimizers", {})
     for name, (_cls, _fixed, description, has_betas, has_momentum, has_eps) in _SPECS.items():
