@@ -277,3 +277,5 @@ def test_publish_says_clearly_when_the_optimizer_is_not_camhd(tmp_path, dataset)
     card = ModelCard.load(folder / "README.md").text
     assert "trained with **AdamW**, not a CAM-HD optimizer" in card and "AcceleratedOptimizer" not in card
     assert "| lr | 0.002 |" in card and "Learned rates" not in card
+    with pytest.raises(ValueError, match=r"AdamW \(inside AcceleratedOptimizer\) is not a CAM-HD optimizer"):
+        camhd_optimizer_description(trainer.optimizer)

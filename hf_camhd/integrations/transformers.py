@@ -38,7 +38,7 @@ from ..hierarchy import LRTree, build_hierarchy
 from ..optim import CAMHDOptimizer
 from ..optim.registry import create_optimizer, get_optimizer_info
 from .._extras import require
-from . import unwrap_camhd
+from . import unwrap_camhd, unwrap_optimizer
 
 require("hf_camhd.integrations.transformers", "transformers")
 from transformers import Trainer, TrainerCallback  # noqa: E402
@@ -198,7 +198,10 @@ def camhd_optimizer_description(optimizer: Any) -> str:
     and the learned γ."""
     opt = unwrap_camhd(optimizer)
     if opt is None:
-        raise ValueError(f"Not a CAM-HD optimizer: {type(optimizer).__name__}")
+        inner = unwrap_optimizer(optimizer)
+        raise ValueError(f"Invalid optimizer: {type(inner).__name__}"
+                         + (f" (inside {type(optimizer).__name__})" if inner is not optimizer else "")
+                         + " is not a CAM-HD optimizer, so there is no CAM-HD description or learned rates to write")
     cfg, g = opt.config, opt.param_groups[0]
     base = [f"{k}={_fmt(g[k])}" for k in ("betas", "eps", "momentum", "nesterov", "amsgrad") if k in g]
     decays = sorted({float(grp["weight_decay"]) for grp in opt.param_groups})
