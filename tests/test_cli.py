@@ -81,6 +81,9 @@ def test_shortened_default_prints_the_table(tmp_path, capsys):
         assert name in out
     data = json.loads((out_dir / "results.json").read_text())
     assert len(data["runs"]) == 9 and data["command"].startswith("hf-camhd compare --epochs 1")
+    for run in data["runs"]:  # evaluate's metric names and values, beside the percentage
+        assert run["final"]["test_metrics"] == {"accuracy": pytest.approx(run["final"]["test_accuracy"] / 100)}
+        assert set(run["epochs"][-1]["test_metrics"]) == {"accuracy"}
     assert (out_dir / "results.md").read_text().count("hf-camhd compare --epochs 1") == 1
     assert {"learning_curves.png", "gamma_trajectories.png"} <= {p.name for p in out_dir.iterdir()}
 
