@@ -50,9 +50,11 @@ def _error(message: str) -> int:
 
 # ------------------------------------------------------------------------------------------------ compare
 def _add_compare_parser(subparsers) -> None:
-    from .data import list_datasets
-    from .experiments import DEFAULT_TASK, SWEEP_GAMMAS, TASKS, arm_names
+    # note: only the light modules (names and presets): `hf-camhd --help` imports no model or data stack
+    from .data.info import list_datasets
+    from .experiments.arms import arm_names
     from .experiments.models import MODELS
+    from .experiments.presets import DEFAULT_TASK, SWEEP_GAMMAS, TASKS
 
     tasks = "\n".join(f"  {name:22s} {t.description}" for name, t in TASKS.items())
     p = subparsers.add_parser(
@@ -117,8 +119,11 @@ def _add_compare_parser(subparsers) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .data import DatasetUnavailableError
-    from .experiments import CompareConfig, run_comparison
+    try:
+        from .experiments import CompareConfig, run_comparison  # first: its error names the experiments extra
+        from .data import DatasetUnavailableError
+    except ImportError as err:  # `pip install hf_camhd` without the experiments extra: the message names it
+        return _error(str(err))
 
     try:
         cfg = CompareConfig(

@@ -10,25 +10,37 @@ It works for the models of :mod:`hf_camhd.models` (``PyTorchModelHubMixin`` form
 (timm's own Hub format, so ``timm.create_model("hf-hub:<repo>", pretrained=True)`` loads them) and
 transformers models (``save_pretrained``).
 
-Example::
+Example (``push=True, repo_id="me/lenet5-fmnist-camhd"`` would also upload the folder)::
 
+    >>> import tempfile
+    >>> from hf_camhd import CAMHDAdam
     >>> from hf_camhd.hub import publish
-    >>> folder = publish(model, "outputs/lenet5-fmnist", results={"accuracy": 0.905},
-    ...                  optimizer=opt, dataset="zalando-datasets/fashion_mnist")       # doctest: +SKIP
-    >>> publish(model, "outputs/lenet5-fmnist", results=..., optimizer=opt, dataset=...,
-    ...         push=True, repo_id="me/lenet5-fmnist-camhd")                          # doctest: +SKIP
+    >>> from hf_camhd.models import LeNet5
+    >>> model = LeNet5()
+    >>> opt = CAMHDAdam(model, lr=1e-3, levels=("global", "unit"), gamma=(0.8, 0.2))
+    >>> folder = publish(model, tempfile.mkdtemp(), results={"accuracy": 0.905}, optimizer=opt,
+    ...                  dataset="zalando-datasets/fashion_mnist")
+    >>> sorted(p.name for p in folder.iterdir())
+    ['README.md', 'camhd_config.json', 'config.json', 'model.safetensors']
+    >>> "| levels | global, unit |" in (folder / "README.md").read_text()
+    True
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ._extras import require
+
+require("hf_camhd.hub", "huggingface_hub")
 
 CARD_TEMPLATES = {"hf_camhd": "image_classifier.md", "timm": "timm.md", "transformers": "transformers.md"}
 
@@ -61,26 +73,46 @@ def template_path(name: str) -> Path:
 def summarize_optimizer(optimizer: Any) -> dict:
     """Plain-data description of an optimizer for the card and ``camhd_config.json``.
 
-    A CAM-HD optimizer gives its settings, final γ and the mean/min/max α per level; any other
-    ``torch.optim.Optimizer`` gives its class and hyper-parameters; a mapping is taken as already
-    summarised (it must have ``name``).
+    Wrappers are seen through (``accelerate``'s ``AcceleratedOptimizer``, i.e. ``trainer.optimizer``; see
+    :func:`hf_camhd.integrations.unwrap_optimizer`). A CAM-HD optimizer gives its class, settings, final γ and the
+    mean/min/max α per level (``"camhd": True``); any other ``torch.optim.Optimizer`` gives its class and
+    hyper-parameters (``"camhd": False``: the card then says it is not a CAM-HD optimizer); a mapping is taken as
+    already summarised (it must have ``name``).
+
+        >>> import torch
+        >>> from hf_camhd import CAMHDSGD
+        >>> model = torch.nn.Linear(3, 2)
+        >>> s = summarize_optimizer(CAMHDSGD(model, lr=0.1, levels=("global", "layer")))
+        >>> s["class"], s["camhd"], s["levels"], [row["level"] for row in s["final"]]
+        ('CAMHDSGD', True, ['global', 'layer'], ['global', 'layer'])
+        >>> s = summarize_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
+        >>> s["class"], s["camhd"], s["settings"]["lr"]
+        ('AdamW', False, 0.001)
     """
     if isinstance(optimizer, Mapping):
         if "name" not in optimizer:
             raise ValueError("Invalid optimizer summary: a mapping needs at least a 'name' key")
         out = {"display_name": optimizer["name"], "base": "", "levels": [], "settings": {}, "final": []}
         out.update(optimizer)
+        out.setdefault("camhd", bool(out["levels"]))
         return out
+    from .integrations import unwrap_optimizer
     from .optim import CAMHDOptimizer
 
+    wrapped = optimizer
+    optimizer = unwrap_optimizer(optimizer)
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ValueError(f"Invalid optimizer: expected a torch.optim.Optimizer or a mapping, got {type(optimizer).__name__}")
+        raise ValueError(f"Invalid optimizer: expected a torch.optim.Optimizer (or a wrapper of one, or a summary "
+                         f"mapping), got {type(wrapped).__name__}")
     group = optimizer.param_groups[0]
     base_keys = ("lr", "betas", "eps", "weight_decay", "momentum", "nesterov", "dampening", "amsgrad")
     base = {k: _plain(group[k]) for k in base_keys if k in group}
     if not isinstance(optimizer, CAMHDOptimizer):
         name = type(optimizer).__name__
-        return {"name": name, "display_name": name, "base": name.lower(), "levels": [], "settings": base, "final": []}
+        if "initial_lr" in group:  # a scheduler ran: its multiplier is not the optimizer's setting
+            base["lr"] = _plain(group["initial_lr"])
+        return {"name": name, "display_name": name, "class": name, "camhd": False, "base": name.lower(),
+                "levels": [], "settings": base, "final": []}
     cfg = optimizer.config
     rule = optimizer.rule.name
     nesterov = bool(group.get("nesterov", False))
@@ -94,7 +126,7 @@ def summarize_optimizer(optimizer: Any) -> dict:
              for lv in optimizer.levels]
     short = {"sgd": "sgdn" if nesterov else "sgd"}.get(rule, rule)
     return {"name": f"{short}-camhd", "display_name": _DISPLAY.get((rule, nesterov), f"{rule}-CAM-HD"),
-            "class": type(optimizer).__name__, "base": rule + (" (Nesterov)" if nesterov else ""),
+            "class": type(optimizer).__name__, "camhd": True, "base": rule + (" (Nesterov)" if nesterov else ""),
             "levels": list(optimizer.levels), "settings": settings, "final": final, "steps": optimizer.num_steps,
             "tree": optimizer.tree.to_dict()}
 
@@ -193,6 +225,9 @@ def write_card(model: nn.Module, output_dir: str | Path, *, results: Mapping[str
     out.mkdir(parents=True, exist_ok=True)
     family = family or model_family(model)
     summary = summarize_optimizer(optimizer)
+    if not summary["camhd"] and not isinstance(optimizer, Mapping):
+        warnings.warn(f"hf_camhd.hub: the optimizer is {summary['class']}, not a CAM-HD optimizer; the card says so "
+                      "and has no learned rates", stacklevel=3)
     data = _dataset_info(dataset)
     plot_files = {}
     for title, src in (plots or {}).items():
@@ -231,7 +266,9 @@ def write_card(model: nn.Module, output_dir: str | Path, *, results: Mapping[str
 def learned_rates_table(optimizer: Any) -> str:
     """The card's "learned rates" table (final γ and mean/min/max α per level) as markdown; ``optimizer``
     is an optimizer or a summary from :func:`summarize_optimizer`."""
-    summary = optimizer if isinstance(optimizer, Mapping) else summarize_optimizer(optimizer)
+    summary = summarize_optimizer(optimizer)
+    if not summary["camhd"]:
+        return f"None: {summary['display_name']} is not a CAM-HD optimizer, so it learns no rates."
     rows = ["| level | γ (final) | mean α | min α | max α |", "|---|---:|---:|---:|---:|"]
     rows += [f"| {r['level']} | {r['gamma']:.4f} | {r['alpha_mean']:.3e} | {r['alpha_min']:.3e} | {r['alpha_max']:.3e} |"
              for r in summary.get("final", [])]

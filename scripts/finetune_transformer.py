@@ -133,7 +133,9 @@ def tiny_model_and_tokenizer(folder: Path, num_labels: int, id2label: dict):
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(_POS + _NEG + _FILL))]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # note: from the folder, which every transformers release reads (transformers 5 ignores `vocab_file=`, and a
+    # tokenizer built that way maps every word to [UNK])
+    tokenizer = BertTokenizerFast.from_pretrained(str(folder), do_lower_case=True)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
                         id2label=id2label, label2id={v: k for k, v in id2label.items()})
@@ -180,10 +182,25 @@ def label_names(train) -> list[str]:
 LABEL = "label"
 
 
-def compute_metrics(eval_pred) -> dict:
-    logits, labels = eval_pred
-    logits = logits[0] if isinstance(logits, tuple) else logits
-    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+def build_compute_metrics(num_labels: int):
+    """The Trainer's ``compute_metrics``, built on ``evaluate`` as the transformers examples build it: accuracy, F1
+    (binary with two labels, macro otherwise) and Matthews correlation, from the evaluate modules shipped in
+    :mod:`hf_camhd.metrics` (``evaluate.load`` of a local module: no network). The Trainer logs them as
+    ``eval_accuracy``, ``eval_f1``, ``eval_matthews_correlation``."""
+    from hf_camhd import metrics
+
+    accuracy, f1, mcc = (metrics.load(name) for name in ("accuracy", "f1", "matthews_correlation"))
+    average = "binary" if num_labels == 2 else "macro"
+
+    def compute_metrics(eval_pred) -> dict:
+        logits, labels = eval_pred
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        predictions = np.argmax(logits, axis=-1)
+        return {**accuracy.compute(predictions=predictions, references=labels),
+                **f1.compute(predictions=predictions, references=labels, average=average),
+                **mcc.compute(predictions=predictions, references=labels)}
+
+    return compute_metrics
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -246,7 +263,7 @@ def main(argv=None) -> dict:
     # note: CAMHDTrainer logs the CAM-HD scalars itself (before every reporting integration) and cards the optimizer
     trainer = CAMHDTrainer(model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
                            processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-                           compute_metrics=compute_metrics,
+                           compute_metrics=build_compute_metrics(len(names)),
                            optimizer_cls_and_kwargs=(CAMHDOptimizerFactory, optim_kwargs))
 
     resume = args.resume_from_checkpoint

@@ -154,19 +154,21 @@ def find_checkpoint(output_dir: Path, wanted: str) -> Path:
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader) -> dict:
+def evaluate(accelerator, model, loader, metric) -> dict:
+    """Accuracy (``metric``: the evaluate module of :mod:`hf_camhd.metrics`), mean loss and the number of examples
+    over the whole eval split, gathered over processes."""
     model.eval()
-    correct = total = 0
+    total = 0
     loss_sum = 0.0
     for batch in loader:
         logits = logits_of(model(batch["pixel_values"])).float()
         loss = nn.functional.cross_entropy(logits, batch["labels"], reduction="none")  # per example: gathered
         preds, labels, loss = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], loss))
-        correct += int((preds == labels).sum())
+        metric.add_batch(predictions=preds.cpu().numpy(), references=labels.cpu().numpy())
         total += int(labels.numel())
         loss_sum += float(loss.sum())
     model.train()
-    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "examples": total}
+    return {**metric.compute(), "loss": loss_sum / max(total, 1), "examples": total}
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -176,6 +178,7 @@ def main(argv=None) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    from hf_camhd import metrics
     from hf_camhd.data import as_dataloader, dataset_info, load_image_dataset, train_transform
     from hf_camhd.integrations.accelerate import camhd_stats, check_accelerator, log_camhd_stats
 
@@ -200,6 +203,7 @@ def main(argv=None) -> dict:
     eval_loader = as_dataloader(ds["test"], args.eval_batch_size)
     model = build_model(args, info)
     optimizer = build_optimizer(args, model)
+    accuracy = metrics.load("accuracy")
 
     # note: the prepared scheduler steps once per process per optimizer step (accelerate's convention), so the
     # schedule's horizon is total_steps * num_processes; it is known once the loader is sharded
@@ -230,7 +234,7 @@ def main(argv=None) -> dict:
         accelerator.print(f"resumed from {ckpt} at step {global_step}")
         if global_step % steps_per_epoch == 0 and len(history) < global_step // steps_per_epoch:
             # saved at the end of an epoch, before its evaluation: evaluate now, as the uninterrupted run did
-            metrics = evaluate(accelerator, model, eval_loader)
+            metrics = evaluate(accelerator, model, eval_loader, accuracy)
             metrics.update(epoch=global_step // steps_per_epoch, step=global_step, train_loss=state["train_loss"])
             history.append(metrics)
 
@@ -280,7 +284,7 @@ def main(argv=None) -> dict:
                 save_checkpoint()
             if global_step >= total_steps:
                 break
-        metrics = evaluate(accelerator, model, eval_loader)
+        metrics = evaluate(accelerator, model, eval_loader, accuracy)
         metrics.update(epoch=epoch + 1, step=global_step, train_loss=last_loss)
         history.append(metrics)
         accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=global_step)

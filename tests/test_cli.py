@@ -36,6 +36,30 @@ def test_console_script_help():
     assert proc.returncode == 0 and "--sweep-gamma" in proc.stdout
 
 
+HEAVY = ("transformers", "timm", "datasets", "matplotlib", "accelerate", "evaluate", "sklearn", "huggingface_hub",
+         "pyarrow", "pandas")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["compare", "--help"]])
+def test_help_imports_no_model_data_or_plot_stack(argv):
+    code = ("import sys, json\nfrom hf_camhd.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
+            f"    print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage: hf-camhd" in proc.stdout
+    assert json.loads(proc.stderr.strip().splitlines()[-1]) == []
+
+
+def test_a_normal_run_prints_no_warning(tmp_path):
+    """The default task for one seed and epoch, progress bar on (it shows the loss every 20 steps), in a fresh
+    interpreter: nothing on stderr but the progress bar."""
+    proc = subprocess.run([sys.executable, "-m", "hf_camhd.cli", "compare", "--seeds", "1", "--epochs", "1",
+                           "--optimizers", "adam-camhd", "--output-dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "loss=" in proc.stderr  # the bar ran past step 20, where it reports the loss
+    assert "Warning" not in proc.stderr and "warn" not in proc.stderr.lower(), proc.stderr[-2000:]
+
+
 def test_no_arguments_is_the_small_default():
     args = build_parser().parse_args(["compare"])
     assert (args.task, args.seeds, args.optimizers, args.epochs, args.device) == ("mlp-digits", 3, None, None, "auto")
@@ -57,6 +81,9 @@ def test_shortened_default_prints_the_table(tmp_path, capsys):
         assert name in out
     data = json.loads((out_dir / "results.json").read_text())
     assert len(data["runs"]) == 9 and data["command"].startswith("hf-camhd compare --epochs 1")
+    for run in data["runs"]:  # evaluate's metric names and values, beside the percentage
+        assert run["final"]["test_metrics"] == {"accuracy": pytest.approx(run["final"]["test_accuracy"] / 100)}
+        assert set(run["epochs"][-1]["test_metrics"]) == {"accuracy"}
     assert (out_dir / "results.md").read_text().count("hf-camhd compare --epochs 1") == 1
     assert {"learning_curves.png", "gamma_trajectories.png"} <= {p.name for p in out_dir.iterdir()}
 

@@ -55,6 +55,8 @@ def test_compare_publishes_the_best_seed_of_the_camhd_arm(tmp_path, recorded_hub
     card = ModelCard.load(tmp_path / "hub" / "README.md")
     accuracy = {r.metric_type: r.metric_value for r in card.data.eval_results}["accuracy"]
     assert accuracy == pytest.approx(best["final"]["test_accuracy"] / 100)
+    # the model-index carries the evaluate module's name and value, as results.json records them
+    assert best["final"]["test_metrics"] == {"accuracy": accuracy}
     # the published weights are the best run's: they reproduce its test accuracy
     model = MLP.from_pretrained(tmp_path / "hub", strict=True)
     from hf_camhd.data import as_tensors, load_image_dataset

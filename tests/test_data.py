@@ -341,10 +341,27 @@ def test_unavailable_everywhere_names_the_hub_dataset_and_the_fixes(monkeypatch,
 # ----------------------------------------------------------------------------------------------- Debian package
 
 
+def test_system_folder_idx_files_load_without_data_dir(monkeypatch, tmp_path, offline):
+    """The path the Debian package takes (IDX files in the dataset's system folder, found with no data_dir), on
+    files written here: it runs on every machine, whatever is installed."""
+    arrays = _write_mnist_style_folder(tmp_path / "system", n_train=12, n_test=4)
+    info = dataset_info("fashion_mnist")
+    monkeypatch.setitem(DATASETS, "fashion_mnist", dataclasses.replace(info, system_dir=tmp_path / "system"))
+    loaded = load_image_dataset("fashion_mnist", use_hub=False, cache_dir=offline)
+    for split, (images, labels) in arrays.items():
+        x, y = as_tensors(loaded[split])
+        torch.testing.assert_close(x, (torch.from_numpy(images).float().unsqueeze(1) / 255 - info.mean[0]) / info.std[0])
+        assert torch.equal(y, torch.from_numpy(labels).long())
+
+
 def test_debian_fashion_mnist_loads_full_splits():
-    # .ci/run and the README install the Debian package; its absence is a setup error, not a skip
+    # the real data: README command 2 installs the Debian package (.ci/run runs that command); without it this is
+    # a setup error with the exact fix, not a skip
     assert (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(), (
-        "apt-get install dataset-fashion-mnist (the README's test command does this)")
+        f"Fashion-MNIST is not in {DEBIAN_FASHION_MNIST}. On Debian / Ubuntu (as root): apt-get update && apt-get "
+        "install -y dataset-fashion-mnist (README command 2 runs this). Elsewhere: put the four files "
+        "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz "
+        f"of https://github.com/zalandoresearch/fashion-mnist in {DEBIAN_FASHION_MNIST}")
     assert sorted(p.name for p in DEBIAN_FASHION_MNIST.iterdir() if "idx" in p.name) == [
         "t10k-images-idx3-ubyte.gz",
         "t10k-labels-idx1-ubyte.gz",

@@ -1,4 +1,4 @@
-"""Distributed CAM-HD: DDP and FSDP2 equal one process (spec §5.6), FSDP2 checkpoints, flattened groups.
+"""Distributed CAM-HD: DDP and FSDP2 equal one process (docs/algorithm.md §5.6), FSDP2 checkpoints, flattened groups.
 
 The multi-process tests launch ``torchrun --nproc_per_node 2`` (gloo on CPU) on
 ``tests/dist_workers/train_worker.py`` twice: ``train`` (a DDP run, an FSDP2 run saving a rank-sharded DCP

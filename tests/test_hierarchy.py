@@ -1,4 +1,4 @@
-"""Tests of the learning-rate tree (spec §1 node membership) and of the generic builder: levels,
+"""Tests of the learning-rate tree (docs/algorithm.md §1 node membership) and of the generic builder: levels,
 layers, unit pairing, blocks (generic and custom regexes), bad input, JSON round trip, and the
 optimizer refusing a checkpoint whose tree differs."""
 
@@ -20,7 +20,7 @@ ALL = ("global", "block", "layer", "unit", "parameter")
 
 
 class Net(nn.Module):
-    """Every kind of tensor spec §1 names: conv with bias, conv without, norm, linear, a root-owned
+    """Every kind of tensor docs/algorithm.md §1 names: conv with bias, conv without, norm, linear, a root-owned
     vector, a root-owned scalar, and a module holding a weight and an unpaired extra vector."""
 
     def __init__(self):
@@ -172,13 +172,16 @@ def test_generic_builder_uses_top_level_children():
 
 
 def test_generic_builder_warns_when_everything_lands_in_one_block():
-    model = nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.LayerNorm(4)))  # one child, no stack
     with pytest.warns(UserWarning, match=r"lands in one block.*blocks="):
         build_hierarchy(model, ("global", "block"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_hierarchy(model, ("global", "layer"))  # no block level: nothing to warn about
-        build_hierarchy(model, ("global", "block"), blocks={"a": [r"^0\.0\."], "b": [r"^0\.1\."]})
+        build_hierarchy(model, ("global", "block"), blocks={"a": [r"^0\.0\."], "b": [r"^0\.2\."]})
+        # a stack of two Linear inside the one child: a block each
+        stacked = nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
+        assert build_hierarchy(stacked, ("global", "block")).node_names("block") == ["0.0", "0.1"]
 
 
 def test_custom_blocks_by_regex_and_fallback():

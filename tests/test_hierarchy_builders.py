@@ -1,11 +1,12 @@
 """Tests of the hierarchy builders for timm, transformers and hf_camhd.models, and of the
 ``python -m hf_camhd.hierarchy`` CLI. Node counts are checked against counts computed independently
-here from ``named_modules()`` (spec §1), not read back from the tree."""
+here from ``named_modules()`` (docs/algorithm.md §1), not read back from the tree."""
 
 from __future__ import annotations
 
 import functools
 import json
+import warnings
 
 import pytest
 import timm
@@ -298,7 +299,7 @@ class _OldStyleModel(transformers.PreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.embed = nn.Embedding(5, 4)
-        self.blocks = nn.ModuleList(_Block() for _ in range(3))
+        self.blocks = nn.ModuleList(_Block() for _ in range(getattr(config, "n_blocks", 3)))
         self.out = nn.Linear(4, 2)
         self.post_init()
 
@@ -307,9 +308,120 @@ def test_transformers_layers_without_the_base_class_fall_back_to_no_split_module
     tree = build_hierarchy(_OldStyleModel(transformers.PretrainedConfig()), ALL)
     assert tree.node_names("block") == ["stem", "blocks.0", "blocks.1", "blocks.2", "head"]
     monkeypatch.setattr(_OldStyleModel, "_no_split_modules", [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the generic builder finds the repeated stack: nothing to warn about
+        tree = build_hierarchy(_OldStyleModel(transformers.PretrainedConfig()), ALL)
+    assert tree.node_names("block") == ["stem", "blocks.0", "blocks.1", "blocks.2", "head"]
     with pytest.warns(UserWarning, match="found no transformer layers in _OldStyleModel.*blocks="):
-        tree = build_hierarchy(_OldStyleModel(transformers.PretrainedConfig()), ("global", "block"))
+        tree = build_hierarchy(_OldStyleModel(transformers.PretrainedConfig(n_blocks=1)), ("global", "block"))
     assert tree.node_names("block") == ["embed", "blocks", "out"]
+
+
+# ------------------------------------------------------------------------------------------ generic: stacks
+def _encoder_layer(d: int = 16) -> nn.TransformerEncoderLayer:
+    return nn.TransformerEncoderLayer(d_model=d, nhead=2, dim_feedforward=32, batch_first=True)
+
+
+class NanoBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.Linear(d, 3 * d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+
+class NanoGPT(nn.Module):
+    """Written as nanoGPT is: embeddings, a ModuleList of blocks and a final norm in a ModuleDict, a tied head."""
+
+    def __init__(self, n_layer: int, d: int = 16, vocab: int = 50, tied: bool = True):
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(vocab, d), wpe=nn.Embedding(8, d), drop=nn.Dropout(),
+                                              h=nn.ModuleList(NanoBlock(d) for _ in range(n_layer)),
+                                              ln_f=nn.LayerNorm(d)))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.lm_head.weight = self.transformer.wte.weight
+
+
+def _no_warning_tree(model: nn.Module, levels=ALL) -> LRTree:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tree = build_hierarchy(model, levels)
+        assert_every_scalar_in_one_node_per_level(model, build_hierarchy(model, ALL))
+    return tree
+
+
+def _block_of(tree: LRTree) -> dict[str, str]:
+    return {e.name: e.block for e in tree.entries}
+
+
+def test_torch_transformer_encoder_gets_one_block_per_layer():
+    layer = _encoder_layer()
+    tree = _no_warning_tree(nn.TransformerEncoder(layer, num_layers=6), ("global", "block", "layer"))
+    # nothing is registered before or after the layers, so there is no stem and no head block
+    assert tree.node_names("block") == [f"layers.{i}" for i in range(6)]
+    assert all(b == ".".join(n.split(".")[:2]) for n, b in _block_of(tree).items())
+    with_norm = _no_warning_tree(nn.TransformerEncoder(layer, 3, norm=nn.LayerNorm(16)))
+    assert with_norm.node_names("block") == ["layers.0", "layers.1", "layers.2", "head"]
+    assert _block_of(with_norm)["norm.weight"] == "head"
+
+
+def test_torch_transformer_gets_both_stacks_and_their_norms():
+    model = nn.Transformer(d_model=16, nhead=2, num_encoder_layers=3, num_decoder_layers=2, dim_feedforward=32,
+                           batch_first=True)
+    tree = _no_warning_tree(model)
+    assert tree.node_names("block") == ["encoder.layers.0", "encoder.layers.1", "encoder.layers.2", "encoder.head",
+                                        "decoder.layers.0", "decoder.layers.1", "head"]
+    blocks = _block_of(tree)
+    assert blocks["encoder.norm.weight"] == "encoder.head" and blocks["decoder.norm.bias"] == "head"
+    assert blocks["decoder.layers.1.multihead_attn.in_proj_weight"] == "decoder.layers.1"
+
+
+@pytest.mark.parametrize("n_layer", [2, 4, 6])
+def test_nanogpt_style_model_has_stem_each_layer_head(n_layer):
+    tree = _no_warning_tree(NanoGPT(n_layer))
+    assert tree.node_names("block") == ["stem", *[f"transformer.h.{i}" for i in range(n_layer)], "head"]
+    assert tree.num_nodes("block") == n_layer + 2
+    blocks = _block_of(tree)
+    assert blocks["transformer.wte.weight"] == blocks["transformer.wpe.weight"] == "stem"  # lm_head is wte (tied)
+    assert blocks["transformer.ln_f.weight"] == "head"
+    assert blocks["transformer.h.1.mlp.2.weight"] == "transformer.h.1"  # the block's own Sequential is inside it
+    untied = _no_warning_tree(NanoGPT(n_layer, tied=False))
+    assert _block_of(untied)["lm_head.weight"] == "head" and untied.num_nodes("block") == n_layer + 2
+
+
+class _Wrap(nn.Module):
+    def __init__(self, **children):
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
+
+
+def test_a_stack_nested_in_wrappers_and_small_stacks_that_do_not_count():
+    blocks = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)) for _ in range(3)])
+    heads = nn.ModuleList([nn.Linear(32, 2), nn.Linear(32, 2)])  # a stack too, of much smaller modules
+    model = _Wrap(patch=nn.Linear(8, 32), backbone=_Wrap(inner=_Wrap(encoder=blocks)), heads=heads)
+    tree = _no_warning_tree(model)
+    assert tree.node_names("block") == ["stem", "backbone.inner.encoder.0", "backbone.inner.encoder.1",
+                                        "backbone.inner.encoder.2", "head"]
+    assert {n for n, b in _block_of(tree).items() if b == "head"} == {f"heads.{i}.{k}" for i in (0, 1)
+                                                                       for k in ("weight", "bias")}
+    # a frozen layer is in no block; the stack is what stays trainable
+    blocks[0].requires_grad_(False)
+    tree = _no_warning_tree(model)
+    assert tree.node_names("block") == ["stem", "backbone.inner.encoder.1", "backbone.inner.encoder.2", "head"]
+
+
+@pytest.mark.parametrize("model, blocks", [
+    # no stack: today's top-level children
+    (_Wrap(a=nn.Linear(4, 4), b=nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.LayerNorm(8))), ["a", "b"]),
+    # a stack holding less than half of the parameters does not count
+    (_Wrap(big=nn.Linear(64, 64), small=nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))), ["big", "small"]),
+    # an MLP written as one Sequential: the stack is the model itself, each Linear a block (as before)
+    (nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), ["0", "2", "4"]),
+])
+def test_models_without_a_counting_stack_keep_top_level_children(model, blocks):
+    assert _no_warning_tree(model, ("global", "block")).node_names("block") == blocks
 
 
 # ------------------------------------------------------------------------------------------ our models

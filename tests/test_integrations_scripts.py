@@ -105,3 +105,31 @@ def test_finetune_script_tiny_run_logs_camhd_and_cards_the_optimizer(tmp_path):
         "--output_dir", str(tmp_path / "again"), "--resume_from_checkpoint", str(tmp_path / "checkpoint-2")])
     assert resumed["global_step"] == 4
     assert resumed["camhd"] == result["camhd"]
+
+
+def test_finetune_script_eval_metrics_come_from_the_evaluate_modules(tmp_path):
+    """eval_accuracy / eval_f1 / eval_matthews_correlation (evaluate's names) equal scikit-learn's scores of the
+    saved model's predictions on the validation split."""
+    import numpy as np
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    script = _script("finetune_transformer")
+    result = script.main([
+        "--tiny", "--max_steps", "20", "--logging_steps", "10", "--eval_strategy", "steps", "--eval_steps", "10",
+        "--save_steps", "100", "--per_device_train_batch_size", "16", "--optimizer", "adamw-camhd", "--lr", "3e-3",
+        "--use_cpu", "--disable_tqdm", "--output_dir", str(tmp_path)])
+    evals = [e for e in result["log_history"] if "eval_loss" in e]
+    assert len(evals) == 3 and all({"eval_accuracy", "eval_f1", "eval_matthews_correlation"} <= e.keys()
+                                   for e in evals)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    validation = script.synthetic_sentiment(128, 42 + 1)  # the script's validation split (seed 42 + 1)
+    with torch.no_grad():
+        logits = model(**tokenizer(list(validation["text"]), padding=True, return_tensors="pt")).logits
+    predictions, labels = logits.argmax(-1).numpy(), np.array(list(validation["label"]))
+    assert set(predictions.tolist()) == {0, 1}  # a model that learned something: both classes predicted
+    final = result["eval"]
+    assert final["eval_accuracy"] == pytest.approx(accuracy_score(labels, predictions), abs=1e-12)
+    assert final["eval_f1"] == pytest.approx(f1_score(labels, predictions), abs=1e-12)
+    assert final["eval_matthews_correlation"] == pytest.approx(matthews_corrcoef(labels, predictions), abs=1e-12)

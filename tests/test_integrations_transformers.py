@@ -6,6 +6,8 @@ A tiny BERT-config classifier (built from a config: nothing is downloaded) on a 
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +175,107 @@ def test_resume_from_checkpoint_is_bitwise_identical_to_an_uninterrupted_run(tmp
     for (n, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(p, q), n
     assert _camhd_logs(full)[-1] == _camhd_logs(resumed)[-1]
+
+
+# ------------------------------------------------------------------------------------------ the README's snippets
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_trainer_snippets() -> tuple[str, list[str]]:
+    """The README's `transformers.Trainer` section: its imports block and one block per way in."""
+    text = README.read_text()
+    section = text[text.index("### `transformers.Trainer`"):]
+    section = section[:re.search(r"\n##+ ", section).start()]  # up to the next heading
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    return blocks[0], blocks[1:]
+
+
+def test_readme_shows_three_trainer_paths():
+    imports, paths = readme_trainer_snippets()
+    assert "CAMHDCallback" in imports and len(paths) == 3
+    assert "optimizers=(CAMHDAdamW(model" in paths[0] and "CAMHDOptimizerFactory" in paths[1]
+    assert "CAMHDTrainer(" in paths[2]
+
+
+@pytest.mark.parametrize("path", range(3), ids=["optimizers", "factory", "CAMHDTrainer"])
+def test_each_readme_trainer_snippet_puts_the_learned_rates_in_log_history(tmp_path, dataset, path):
+    imports, paths = readme_trainer_snippets()
+    recorder = Recorder()
+    namespace = {"model": tiny_bert(), "args": _args(tmp_path), "ds": dataset}
+    exec(imports, namespace)
+    exec(paths[path], namespace)  # exactly the README's lines
+    trainer = namespace["trainer"]
+    trainer.add_callback(recorder)  # a reporting integration registered as the Trainer registers them
+    trainer.train()
+    opt = unwrap_camhd(trainer.optimizer)
+    logs = _camhd_logs(trainer)
+    assert len(logs) == 3 and opt.num_steps == 6
+    for e in logs:
+        assert {f"camhd/gamma_{lv}" for lv in opt.levels} <= e.keys(), e.keys()
+        assert {"camhd/effective_lr_mean", "camhd/alpha_star_mean", "learning_rate"} <= e.keys()
+    assert all(f"camhd/gamma_{opt.levels[-1]}" in e for e in recorder.logs if "loss" in e)
+    assert logs[-1][f"camhd/gamma_{opt.levels[0]}"] == pytest.approx(float(opt.gamma[0]), abs=1e-7)
+
+
+@pytest.mark.parametrize("scheduler", ["linear", "cosine"])
+def test_logged_effective_rate_is_the_rate_the_step_used(tmp_path, dataset, scheduler):
+    """With the rates frozen (β = δ = 0), the effective rate is α₀ · s, s the scheduler's multiplier for the step
+    just taken: exactly the Trainer's logged `learning_rate` at every log."""
+    model = tiny_bert()
+    opt = CAMHDAdam(model, lr=2e-3, levels=("global", "block", "layer"), hypergrad_lr=0.0, gamma_lr=0.0)
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=10, logging_steps=1, warmup_steps=3,
+                                              lr_scheduler_type=scheduler),
+                      train_dataset=dataset, optimizers=(opt, None))
+    CAMHDCallback.install(trainer)
+    trainer.train()
+    logs = _camhd_logs(trainer)
+    assert len(logs) == 10
+    for e in logs:
+        assert e["camhd/effective_lr_mean"] == pytest.approx(e["learning_rate"], rel=1e-6, abs=1e-12), e["step"]
+
+
+def test_publish_with_trainer_optimizer_writes_the_camhd_card(tmp_path, dataset):
+    """`publish(..., optimizer=trainer.optimizer)` after a Trainer run: trainer.optimizer is accelerate's
+    AcceleratedOptimizer; the card names the CAM-HD class, its levels and the learned rates."""
+    from accelerate.optimizer import AcceleratedOptimizer
+    from huggingface_hub import ModelCard
+
+    from hf_camhd.hub import publish
+
+    model = tiny_bert()
+    trainer = Trainer(model=model, args=_args(tmp_path / "run"), train_dataset=dataset,
+                      optimizers=(CAMHDAdamW(model, lr=2e-3, levels=("global", "block", "layer"), hypergrad_lr=1e-5,
+                                             gamma_lr=0.1), None))
+    trainer.train()
+    assert isinstance(trainer.optimizer, AcceleratedOptimizer)
+    folder = publish(trainer.model, tmp_path / "hub", results={"accuracy": 0.75}, optimizer=trainer.optimizer,
+                     dataset="synthetic", task="text-classification")
+    card = ModelCard.load(folder / "README.md")
+    assert "camhd" in card.data.tags
+    assert "`adamw-camhd` (`CAMHDAdamW`), base rule: adamw" in card.text
+    assert "| levels | global, block, layer |" in card.text and "AcceleratedOptimizer" not in card.text
+    opt = unwrap_camhd(trainer.optimizer)
+    rows = re.findall(r"^\| (global|block|layer) \| ([0-9.]+) \| ([0-9.e+-]+) \|", card.text, flags=re.M)
+    assert [r[0] for r in rows] == ["global", "block", "layer"]
+    assert [float(r[1]) for r in rows] == pytest.approx([round(x, 4) for x in opt.gamma.tolist()], abs=1e-4)
+    assert float(rows[2][2]) == pytest.approx(float(opt.alpha("layer").mean()), rel=1e-3)
+    assert "| lr (α₀) | 0.002 |" in card.text  # the optimizer's α₀, not the scheduler's final 0.0
+
+
+def test_publish_says_clearly_when_the_optimizer_is_not_camhd(tmp_path, dataset):
+    from huggingface_hub import ModelCard
+
+    from hf_camhd.hub import publish
+
+    model = tiny_bert()
+    trainer = Trainer(model=model, args=_args(tmp_path / "run"), train_dataset=dataset,
+                      optimizers=(torch.optim.AdamW(model.parameters(), lr=2e-3), None))
+    trainer.train()
+    with pytest.warns(UserWarning, match="the optimizer is AdamW, not a CAM-HD optimizer"):
+        folder = publish(trainer.model, tmp_path / "hub", results={"accuracy": 0.5}, optimizer=trainer.optimizer,
+                         dataset="synthetic", task="text-classification")
+    card = ModelCard.load(folder / "README.md").text
+    assert "trained with **AdamW**, not a CAM-HD optimizer" in card and "AcceleratedOptimizer" not in card
+    assert "| lr | 0.002 |" in card and "Learned rates" not in card
+    with pytest.raises(ValueError, match=r"AdamW \(inside AcceleratedOptimizer\) is not a CAM-HD optimizer"):
+        camhd_optimizer_description(trainer.optimizer)

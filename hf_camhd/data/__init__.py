@@ -12,29 +12,36 @@ Example:
     (torch.Size([1438, 1, 8, 8]), 10)
 """
 
-from .build import build_image_dataset, image_features, to_pixel_values
-from .idx import find_idx_files, read_idx
-from .info import DATASETS, ImageDatasetInfo, dataset_info, list_datasets
-from .loading import SPLITS, DatasetUnavailableError, load_image_dataset
-from .tensors import TensorImageDataset, as_dataloader, as_tensors
-from .transforms import RandomCropFlip, train_transform
+from importlib import import_module
 
-__all__ = [
-    "DATASETS",
-    "SPLITS",
-    "DatasetUnavailableError",
-    "ImageDatasetInfo",
-    "RandomCropFlip",
-    "TensorImageDataset",
-    "as_dataloader",
-    "as_tensors",
-    "build_image_dataset",
-    "dataset_info",
-    "find_idx_files",
-    "image_features",
-    "list_datasets",
-    "load_image_dataset",
-    "read_idx",
-    "to_pixel_values",
-    "train_transform",
-]
+# note: attributes load their submodule on first use (PEP 562), so `hf_camhd.data.info` / `list_datasets` (what
+# `hf-camhd --help` shows) import neither `datasets` nor numpy; the rest needs the `hf` extra
+_LAZY = {
+    "build_image_dataset": "build", "image_features": "build", "to_pixel_values": "build",
+    "find_idx_files": "idx", "read_idx": "idx",
+    "DATASETS": "info", "ImageDatasetInfo": "info", "dataset_info": "info", "list_datasets": "info",
+    "SPLITS": "loading", "DatasetUnavailableError": "loading", "load_image_dataset": "loading",
+    "TensorImageDataset": "tensors", "as_dataloader": "tensors", "as_tensors": "tensors",
+    "RandomCropFlip": "transforms", "train_transform": "transforms",
+}
+_NEEDS = {"build": "datasets", "idx": "numpy", "loading": "datasets", "tensors": "datasets"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _LAZY[name]
+    if module in _NEEDS:
+        from .._extras import require
+
+        require("hf_camhd.data", _NEEDS[module], extra="hf")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = sorted(_LAZY)

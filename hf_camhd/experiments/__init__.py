@@ -11,7 +11,19 @@ Example:
 from .arms import Arm, arm_hyperparameters, arm_names, build_optimizer, resolve_arm
 from .presets import DEFAULT_TASK, SWEEP_GAMMAS, TASKS, TaskPreset, get_task, list_tasks
 from .results import load_results, render_markdown, summarize, summarize_sweep
-from .runner import CompareConfig, CompareSummary, RunSpec, plan_runs, resolve_task, run_comparison
+
+_RUNNER = ("CompareConfig", "CompareSummary", "RunSpec", "plan_runs", "resolve_task", "run_comparison")
+
+
+def __getattr__(name: str):
+    # note: the runner (accelerate, datasets, evaluate, ...) loads on first use, so `hf-camhd --help` and the
+    # presets / arms / results stay light
+    if name in _RUNNER:
+        from . import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Arm",

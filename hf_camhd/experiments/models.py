@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
 
-from ..data import ImageDatasetInfo
-from ..models import MLP, LeNet5
+if TYPE_CHECKING:
+    from ..data import ImageDatasetInfo
 
 __all__ = ["MODELS", "build_model", "logits_of"]
 
@@ -26,6 +26,8 @@ def build_model(name: str, info: ImageDatasetInfo, model_kwargs: Mapping[str, An
       max-pool is removed — the usual CIFAR ResNet (He et al. 2016, §4.2; kuangliu/pytorch-cifar), so
       32x32 inputs keep a 4x4 map before the global pool instead of 1x1.
     """
+    from ..models import MLP, LeNet5  # note: here, so that MODELS (for `hf-camhd --help`) imports no model stack
+
     key = name.strip().lower().replace("-", "")
     kwargs = dict(model_kwargs or {})
     if key == "mlp":

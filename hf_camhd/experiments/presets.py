@@ -1,7 +1,7 @@
 """Task presets for ``hf-camhd compare``: the paper's Table 1 settings (and our small offline default), per task.
 
 A preset fixes the model, the dataset and every hyper-parameter the comparison arms read
-(:mod:`hf_camhd.experiments.arms`). Values come from the paper's Table 1 and text (spec §6); where the
+(:mod:`hf_camhd.experiments.arms`). Values come from the paper's Table 1 and text (docs/algorithm.md §6); where the
 paper is silent the choice is ours and is marked ``# ours`` below and in the README.
 
 | task                   | model          | dataset       | batch | epochs | Adam lr | SGD lr | β Adam / SGD | δ     | r     |

@@ -73,7 +73,10 @@ def publish_best(results: Mapping[str, Any], out_dir: Path, arm: str, model: nn.
     summary = {"folder": str(folder), "run": best["key"], "repo_id": repo_id,
                "test_accuracy": final["test_accuracy"]}
     try:
-        publish(model, folder, results={"accuracy": final["test_accuracy"] / 100.0, "loss": final["test_loss"]},
+        # note: the evaluate module's names and values ({"accuracy": 0.91}); a run recorded before results kept
+        # them has only the percentage
+        scores = final.get("test_metrics") or {"accuracy": final["test_accuracy"] / 100.0}
+        publish(model, folder, results={**scores, "loss": final["test_loss"]},
                 optimizer=optimizer, dataset={"name": info.name, "id": info.hub_id},
                 plots=plots, push=True, repo_id=repo_id, private=private, token=token,
                 description=(f"`{type(model).__name__}` trained on {info.name} by `hf-camhd compare` (seed "

@@ -20,11 +20,12 @@
          "optimizer": {"name", "class", "kind", "hyperparameters", "lr_schedule"},
          "num_parameters", "steps_per_epoch",
          "epochs": [{"epoch", "train_loss" (mean mini-batch loss during the epoch), "test_loss" (mean cross
-                     entropy on the test split after the epoch), "test_accuracy" (percent), "lr_factor" (the
+                     entropy on the test split after the epoch), "test_accuracy" (percent), "test_metrics" (the
+                     evaluate modules' results under their names: {"accuracy": fraction}), "lr_factor" (the
                      scheduler's multiplier), "wall_time_s" (cumulative)}, ...],
          "hyper_log": [{"step", "epoch" (fractional), "gamma": {level: value},
                         "alpha_mean": {level: value}, "effective_lr_mean"}, ...],   # CAM-HD / HD arms
-         "final": {"test_accuracy", "test_loss", "train_loss", "gamma", "alpha_mean"},
+         "final": {"test_accuracy", "test_metrics", "test_loss", "train_loss", "gamma", "alpha_mean"},
          "wall_time_s"}
       ],
       "plots": {"learning_curves.png": {"curves": 12, "axes": 3}, ...}

@@ -33,8 +33,14 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from ..baselines import requires_loss
-from ..data import TensorImageDataset, as_tensors, dataset_info, load_image_dataset, train_transform
+from .._extras import require
+
+for _package in ("accelerate", "datasets", "evaluate", "tqdm", "matplotlib", "sklearn"):
+    require("hf-camhd compare", _package, extra="experiments")
+
+from ..baselines import requires_loss  # noqa: E402
+from ..data import TensorImageDataset, as_tensors, dataset_info, load_image_dataset, train_transform  # noqa: E402
+from ..metrics import load as load_metric  # noqa: E402
 from .arms import Arm, arm_hyperparameters, build_optimizer, resolve_arm, uses_schedule
 from .models import build_model, logits_of
 from .presets import DEFAULT_TASK, SWEEP_GAMMAS, TaskPreset, get_task
@@ -319,6 +325,7 @@ def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, acce
     from tqdm.auto import tqdm
 
     x, y, xt, yt, info, _ = data
+    accuracy = load_metric("accuracy")  # the evaluate module shipped in hf_camhd.metrics
     set_seed(spec.seed)  # note: python, numpy and torch RNGs: the model's init depends on the seed only
     model = build_model(preset.model, info, preset.model_kwargs, cifar_stem=preset.resnet_cifar_stem)
     # note: move the model before building the optimizer, so CAM-HD's model-wide state (γ, coarse α) is
@@ -376,15 +383,16 @@ def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, acce
                 record["hyper_log"].append(_hyper_entry(inner, step, steps_per_epoch))
             bar.update(1)
             if step % 20 == 0 and bar.disable is False:
-                bar.set_postfix(epoch=epoch, loss=f"{float(loss):.4f}")
+                bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.4f}")
         if scheduler is not None:
             scheduler.step()
         loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")
         train_loss = float(loss_sum / count)
-        test_loss, test_acc = _evaluate(model, test_loader, accelerator)
+        test_loss, test_metrics = _evaluate(model, test_loader, accelerator, accuracy)
         group = inner.param_groups[0]
         record["epochs"].append({"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
-                                 "test_accuracy": test_acc, "lr_factor": group["lr"] / group.get("initial_lr", group["lr"])
+                                 "test_accuracy": 100.0 * test_metrics["accuracy"], "test_metrics": test_metrics,
+                                 "lr_factor": group["lr"] / group.get("initial_lr", group["lr"])
                                  if group.get("lr") else None,
                                  "wall_time_s": time.perf_counter() - start})
         on_epoch()
@@ -392,8 +400,8 @@ def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, acce
     if logs_hyper and (not record["hyper_log"] or record["hyper_log"][-1]["step"] != step):
         record["hyper_log"].append(_hyper_entry(inner, step, steps_per_epoch))
     last = record["epochs"][-1]
-    record["final"] = {"test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
-                       "train_loss": last["train_loss"],
+    record["final"] = {"test_accuracy": last["test_accuracy"], "test_metrics": last["test_metrics"],
+                       "test_loss": last["test_loss"], "train_loss": last["train_loss"],
                        "gamma": record["hyper_log"][-1]["gamma"] if logs_hyper else None,
                        "alpha_mean": record["hyper_log"][-1]["alpha_mean"] if logs_hyper else None}
     record["diverged"] = not all(math.isfinite(e["train_loss"]) for e in record["epochs"])
@@ -404,19 +412,19 @@ def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, acce
 
 
 @torch.no_grad()
-def _evaluate(model, loader, accelerator) -> tuple[float, float]:
-    """``(mean cross entropy, accuracy in %)`` over the whole test split (gathered over processes)."""
+def _evaluate(model, loader, accelerator, metric) -> tuple[float, dict[str, float]]:
+    """``(mean cross entropy, metric results)`` over the whole test split (gathered over processes); ``metric``
+    is an ``evaluate`` module (``{"accuracy": fraction}`` for :mod:`hf_camhd.metrics`' accuracy)."""
     model.eval()
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    correct = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     count = 0
     for batch in loader:
         logits = logits_of(model(batch["pixel_values"])).float()
         logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-        correct += (logits.argmax(-1) == labels).sum().double()
+        metric.add_batch(predictions=logits.argmax(-1).cpu().numpy(), references=labels.cpu().numpy())
         count += labels.shape[0]
-    return float(loss_sum) / count, 100.0 * float(correct) / count
+    return float(loss_sum) / count, metric.compute()
 
 
 def _check_arms(plan: Sequence[RunSpec], preset: TaskPreset, info, mixed_precision: str) -> None:

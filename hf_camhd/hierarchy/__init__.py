@@ -2,9 +2,11 @@
 
 from .builders import (
     HierarchyBuilder,
+    blocks_from_layers,
     build_hierarchy,
     list_builders,
     register_builder,
+    repeated_stacks,
     tree_from_named_parameters,
     tree_from_plain_params,
 )
@@ -16,9 +18,11 @@ __all__ = [
     "LRTree",
     "ParamEntry",
     "UnitGroup",
+    "blocks_from_layers",
     "build_hierarchy",
     "list_builders",
     "register_builder",
+    "repeated_stacks",
     "tree_from_named_parameters",
     "tree_from_plain_params",
     "validate_levels",

@@ -93,7 +93,7 @@ def build_named_model(name: str, *, device: str | torch.device = "meta") -> nn.M
         except ImportError:
             timm = None
         if timm is None or not timm.is_model(name):
-            hint = "" if timm is not None else " (timm is not installed: pip install timm)"
+            hint = "" if timm is not None else " (timm is not installed: pip install 'hf_camhd[hf]')"
             raise ValueError(f"Unknown model {name!r}: expected a timm model name{hint}, "
                              f"or one of {', '.join(model_names())}")
         make = lambda: timm.create_model(name, pretrained=False)  # noqa: E731
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         tree = build_hierarchy(model, args.levels, builder=args.builder)
         if args.nodes is not None and args.nodes not in tree.levels:
             raise ValueError(f"--nodes {args.nodes}: the level is not in --levels {','.join(tree.levels)}")
-    except ValueError as err:
+    except (ValueError, ImportError) as err:  # ImportError: the model needs an extra (the message names it)
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(f"{args.model} ({type(model).__name__})")
     print(tree)

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .builders import HierarchyBuilder, generic_blocks, register_builder
+from .builders import HierarchyBuilder, register_builder, top_level_blocks
 
 __all__ = ["is_hf_camhd_model", "stage_blocks"]
 
@@ -48,7 +48,7 @@ def stage_blocks(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
     """Block = the stage of ``model.block_names()`` that holds the parameter; a parameter outside
     every stage (a subclass's extra tensor) falls back to its top-level child."""
     stages = list(model.block_names())
-    fallback = generic_blocks(model, names)
+    fallback = top_level_blocks(names)
     out = {}
     for n in names:
         out[n] = next((s for s in stages if n.startswith(s + ".")), fallback[n])

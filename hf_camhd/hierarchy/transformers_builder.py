@@ -58,7 +58,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .builders import HierarchyBuilder, generic_blocks, register_builder
+from .builders import HierarchyBuilder, blocks_from_layers, register_builder, repeated_stacks, top_level_blocks
 
 __all__ = ["is_transformers_model", "transformer_layer_paths", "transformers_blocks"]
 
@@ -107,96 +107,20 @@ def transformer_layer_paths(model: nn.Module) -> list[str]:
     return _outermost(found)
 
 
-def _layer_of(name: str, layers: set[str]) -> str | None:
-    parts = name.split(".")
-    for k in range(len(parts) - 1, 0, -1):
-        p = ".".join(parts[:k])
-        if p in layers:
-            return p
-    return None
-
-
-def _is_embedding(name: str) -> bool:
-    """Whether a tensor belongs to an embedding module (``embeddings``, ``embed_tokens``,
-    ``embed_positions``, ``layernorm_embedding``; not GPT-NeoX's ``embed_out`` LM head)."""
-    return any("embedding" in c.lower() or c.startswith(("embed_tokens", "embed_positions"))
-               for c in name.split(".")[:-1])
-
-
-def _towers(stacks: list[str]) -> dict[str, str]:
-    """Each stack path's tower: the common prefix of all stack paths plus the stack's next component."""
-    split = [s.split(".") for s in stacks]
-    common = 0
-    while all(len(p) > common for p in split) and len({p[common] for p in split}) == 1:
-        common += 1
-    return {s: ".".join(p[:common + 1]) for s, p in zip(stacks, split)}
-
-
 def transformers_blocks(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
     """Block of each trainable parameter: its transformer layer, ``stem``, ``head`` or a tower's
-    ``stem`` / ``head`` between stacks (module docstring)."""
+    ``stem`` / ``head`` between stacks (module docstring; :func:`~hf_camhd.hierarchy.builders.blocks_from_layers`).
+    A model without recognisable transformer layers gets the generic builder's blocks."""
     layers = transformer_layer_paths(model)
     if not layers:
-        warnings.warn(
-            f"build_hierarchy: found no transformer layers in {type(model).__name__} (no GradientCheckpointingLayer "
-            "module, no ModuleList of a class in _no_split_modules); using the top-level children as blocks. "
-            "Pass blocks={'name': [regex, ...]} for a custom grouping", stacklevel=3)
-        return generic_blocks(model, names)
-    layer_set = set(layers)
-    all_names = [n for n, _ in model.named_parameters()]  # positions independent of freezing
-    pos = {n: i for i, n in enumerate(all_names)}
-    layer_of = {n: _layer_of(n, layer_set) for n in all_names}
-    stacks: list[str] = []  # the containers of the layers (e.g. "encoder.block"), in order
-    for lp in layers:
-        parent = lp.rsplit(".", 1)[0] if "." in lp else ""
-        if parent not in stacks:
-            stacks.append(parent)
-    stack_of_layer = {lp: (lp.rsplit(".", 1)[0] if "." in lp else "") for lp in layers}
-    # first / last parameter position of each stack
-    span: dict[str, list[int]] = {}
-    for n in all_names:
-        lp = layer_of[n]
-        if lp is not None:
-            s = span.setdefault(stack_of_layer[lp], [pos[n], pos[n]])
-            s[0], s[1] = min(s[0], pos[n]), max(s[1], pos[n])
-    if not span:  # the layers hold no parameters at all
-        return generic_blocks(model, names)
-    first = min(s[0] for s in span.values())
-    last = max(s[1] for s in span.values())
-    towers = _towers([s for s in stacks if s in span]) if len(span) > 1 else {}
-    ordered = sorted(span, key=lambda s: span[s][0])
-
-    first_tower = towers.get(ordered[0]) if towers else None
-
-    def stem_of(n: str) -> str:
-        """The stem on the side of ``n``'s tower (for an embedding registered after its layers)."""
-        tower = next((t for t in dict.fromkeys(towers.values()) if n.startswith(t + ".")), None)
-        return "stem" if tower is None or tower == first_tower else f"{tower}.stem"
-
-    out: dict[str, str] = {}
-    for n in names:
-        lp = layer_of[n]
-        if lp is not None:
-            out[n] = lp
-            continue
-        p = pos[n]
-        if p < first:
-            block = "stem"
-        elif p > last:
-            block = stem_of(n) if _is_embedding(n) else "head"
-        elif any(a < p < b for a, b in span.values()) or not towers:
-            # among one stack's layers (layers not in one list): the layer before
-            block = next((layer_of[m] for m in reversed(all_names[:p]) if layer_of[m] is not None), "stem")
-        else:
-            # note: between two stacks; the tower the tensor sits under decides (module docstring)
-            prev_stack = max((s for s in ordered if span[s][1] < p), key=lambda s: span[s][1])
-            next_stack = min((s for s in ordered if span[s][0] > p), key=lambda s: span[s][0])
-            if n.startswith(towers[prev_stack] + "."):
-                block = stem_of(n) if _is_embedding(n) else f"{towers[prev_stack]}.head"
-            else:  # under the next stack's tower, or under none
-                block = f"{towers[next_stack]}.stem"
-        out[n] = block
-    return out
+        layers = repeated_stacks(model, names)
+        if not layers:
+            warnings.warn(
+                f"build_hierarchy: found no transformer layers in {type(model).__name__} (no GradientCheckpointingLayer "
+                "module, no ModuleList of a class in _no_split_modules, no repeated stack of modules); using the "
+                "top-level children as blocks. Pass blocks={'name': [regex, ...]} for a custom grouping", stacklevel=3)
+            return top_level_blocks(names)
+    return blocks_from_layers(model, names, layers)
 
 
 TRANSFORMERS_BUILDER = register_builder(HierarchyBuilder(

@@ -2,7 +2,7 @@
 
 An :class:`LRTree` is plain data: parameter names, shapes and the node each parameter belongs to at
 every level. It holds no tensors, so it saves to JSON, goes into optimizer checkpoints, and can be
-compared with the tree of another model. Node membership follows spec §1 exactly:
+compared with the tree of another model. Node membership follows docs/algorithm.md §1 exactly:
 
 * ``global``: one node holding every trainable scalar.
 * ``block``: given by a hierarchy builder (a residual block, a transformer layer, the stem, the head).
@@ -140,7 +140,7 @@ class _NodeNames(Sequence):
 
 
 class LRTree:
-    """A learning-rate tree over a model's trainable tensors (spec §1).
+    """A learning-rate tree over a model's trainable tensors (docs/algorithm.md §1).
 
     Build one with :func:`hf_camhd.build_hierarchy` (from a model) or :meth:`from_entries`; pass it
     (or the model) to a CAM-HD optimizer. ``print(tree)`` shows one row per level.
@@ -216,7 +216,7 @@ class LRTree:
         self._build_units()
 
     def _build_units(self) -> None:
-        """Pair each layer's tensors into units (spec §1) and number the units in parameter order."""
+        """Pair each layer's tensors into units (docs/algorithm.md §1) and number the units in parameter order."""
         entries = self.entries
         by_layer: dict[int, list[int]] = {}
         for i, li in enumerate(self.entry_layer):

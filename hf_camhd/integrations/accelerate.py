@@ -18,15 +18,26 @@ What already works, and why (checked against accelerate 1.15):
 
 This module adds the two things a training script wants: logging the learned rates and an early check.
 
-    >>> stats = camhd_stats(optimizer)                      # doctest: +SKIP
-    >>> accelerator.log(stats, step=step)                  # doctest: +SKIP
+    >>> import torch
+    >>> from accelerate import Accelerator
+    >>> from hf_camhd import CAMHDAdam
+    >>> accelerator = Accelerator(cpu=True)
+    >>> check_accelerator(accelerator)                      # raises under DeepSpeed
+    >>> model = torch.nn.Linear(4, 2)
+    >>> model, optimizer = accelerator.prepare(model, CAMHDAdam(model, lr=1e-3, levels=("global", "layer")))
+    >>> stats = log_camhd_stats(accelerator, optimizer, step=0)  # accelerator.log(...) to every tracker
+    >>> sorted(k for k in stats if k.startswith("camhd/gamma"))
+    ['camhd/gamma_global', 'camhd/gamma_layer']
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from .._extras import require
 from . import unwrap_camhd
+
+require("hf_camhd.integrations.accelerate", "accelerate")
 
 __all__ = ["camhd_stats", "check_accelerator", "log_camhd_stats", "unwrap_camhd"]
 

@@ -1,16 +1,17 @@
 """CAM-HD in ``transformers.Trainer``: an optimizer factory, logging of the learned rates, and a truthful model card.
 
-Three ways in (all resumable with ``trainer.train(resume_from_checkpoint=...)``):
+Three ways in (all resumable with ``trainer.train(resume_from_checkpoint=...)``; the README shows each, and a
+test runs the README's lines):
 
+* ``Trainer(optimizers=(CAMHDAdam(model, ...), None))`` — the Trainer adds its linear schedule, which CAM-HD
+  reads as a multiplier on the learned rates (docs/algorithm.md §2); then ``CAMHDCallback.install(trainer)``;
 * the factory path — the hierarchy is built from the Trainer's model, with the Trainer's weight-decay split::
 
       trainer = Trainer(model=model, args=args, train_dataset=ds,
                         optimizer_cls_and_kwargs=(CAMHDOptimizerFactory, {"optimizer": "adam-camhd", "lr": 1e-3,
-                                                                          "levels": ("global", "block", "layer")}),
-                        callbacks=[CAMHDCallback()])
+                                                                          "levels": ("global", "block", "layer")}))
+      CAMHDCallback.install(trainer)   # the learned rates -> log_history and every reporting integration
 
-* ``Trainer(optimizers=(CAMHDAdam(model, ...), None))`` — the Trainer adds its linear schedule, which CAM-HD
-  reads as a multiplier on the learned rates (spec §2);
 * :class:`CAMHDTrainer` — a ``Trainer`` that does both of the above by itself: the factory by default (``lr``
   and ``weight_decay`` from ``TrainingArguments`` unless given), the CAM-HD scalars in every training log
   (so they reach ``log_history``, the progress bar, TensorBoard, W&B, ...), and a model card that names
@@ -36,12 +37,11 @@ from torch import nn
 from ..hierarchy import LRTree, build_hierarchy
 from ..optim import CAMHDOptimizer
 from ..optim.registry import create_optimizer, get_optimizer_info
-from . import unwrap_camhd
+from .._extras import require
+from . import unwrap_camhd, unwrap_optimizer
 
-try:
-    from transformers import Trainer, TrainerCallback
-except ImportError as e:  # pragma: no cover
-    raise ImportError("hf_camhd.integrations.transformers needs transformers: pip install transformers") from e
+require("hf_camhd.integrations.transformers", "transformers")
+from transformers import Trainer, TrainerCallback  # noqa: E402
 
 __all__ = ["CAMHDCallback", "CAMHDOptimizerFactory", "CAMHDTrainer", "camhd_optimizer_description",
            "decay_parameter_names", "fix_model_card", "unwrap_camhd"]
@@ -72,6 +72,13 @@ class CAMHDOptimizerFactory:
 
     note: on this path the Trainer does not pass ``TrainingArguments.learning_rate`` / ``weight_decay``;
     give ``lr`` and ``weight_decay`` in ``kwargs`` (or use :class:`CAMHDTrainer`, which fills them in).
+
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> model = BertForSequenceClassification(BertConfig(hidden_size=16, num_hidden_layers=2, vocab_size=50,
+        ...                                                  num_attention_heads=2, intermediate_size=32))
+        >>> opt = CAMHDOptimizerFactory()(model, optimizer="adamw-camhd", lr=1e-3, weight_decay=0.01)
+        >>> opt.tree.node_names("block"), [g["weight_decay"] for g in opt.param_groups]
+        (['stem', 'bert.encoder.layer.0', 'bert.encoder.layer.1', 'head'], [0.01, 0.0])
     """
 
     def __call__(self, model: nn.Module, optimizer: str = "adam-camhd", levels: Sequence[str] | str | None = None,
@@ -191,7 +198,10 @@ def camhd_optimizer_description(optimizer: Any) -> str:
     and the learned γ."""
     opt = unwrap_camhd(optimizer)
     if opt is None:
-        raise ValueError(f"Not a CAM-HD optimizer: {type(optimizer).__name__}")
+        inner = unwrap_optimizer(optimizer)
+        raise ValueError(f"Invalid optimizer: {type(inner).__name__}"
+                         + (f" (inside {type(optimizer).__name__})" if inner is not optimizer else "")
+                         + " is not a CAM-HD optimizer, so there is no CAM-HD description or learned rates to write")
     cfg, g = opt.config, opt.param_groups[0]
     base = [f"{k}={_fmt(g[k])}" for k in ("betas", "eps", "momentum", "nesterov", "amsgrad") if k in g]
     decays = sorted({float(grp["weight_decay"]) for grp in opt.param_groups})

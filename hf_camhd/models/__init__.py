@@ -5,7 +5,12 @@
 returns a ``transformers`` ``ImageClassifierOutput`` so ``transformers.Trainer`` can train them.
 """
 
-from .lenet import ACTIVATIONS, LeNet5
-from .mlp import MLP
+from .._extras import require
+
+require("hf_camhd.models", "huggingface_hub")
+require("hf_camhd.models", "transformers")
+
+from .lenet import ACTIVATIONS, LeNet5  # noqa: E402
+from .mlp import MLP  # noqa: E402
 
 __all__ = ["ACTIVATIONS", "LeNet5", "MLP"]
