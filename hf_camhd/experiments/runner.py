@@ -380,7 +380,7 @@ def _load_run_checkpoint(path: Path, key: str, config_hash_: str, num_processes:
 
 
 def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, accelerator, record: dict,
-               on_epoch: Callable[[], None], checkpoint: Path | None = None):
+               on_epoch: Callable[[], None], checkpoint: Path | None = None, log: Logger = None):
     """Train and evaluate one run, filling ``record`` (and calling ``on_epoch`` after every epoch).
 
     With ``checkpoint``, the run's state is saved there after every epoch but the last (and after the last
@@ -437,6 +437,7 @@ def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, acce
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
         record.update(saved["record"])
         first_epoch, step, elapsed = saved["epoch"] + 1, saved["step"], saved["elapsed_s"]
+        _say(log, f"{spec.key}: continuing after epoch {saved['epoch']} from {checkpoint}")
 
     bar = tqdm(total=preset.epochs * steps_per_epoch, initial=step, desc=f"{spec.display_name} seed {spec.seed}",
                disable=not (cfg.progress and accelerator.is_main_process), leave=False, dynamic_ncols=True,
@@ -640,7 +641,7 @@ def run_comparison(cfg: CompareConfig, *, log: Logger = print) -> CompareSummary
                   "environment": {k: results["environment"][k] for k in
                                   ("git_commit", "torch", "device", "num_processes", "mixed_precision")}}
         results["runs"].append(record)
-        trained, trained_opt = _train_run(spec, preset, cfg, data, accelerator, record, write, ckpt)
+        trained, trained_opt = _train_run(spec, preset, cfg, data, accelerator, record, write, ckpt, log)
         if hub_arm is not None and spec.arm.name == hub_arm and main:
             save_candidate(out_dir, spec.key, trained, trained_opt)
         record["status"] = "finished"

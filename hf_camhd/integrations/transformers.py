@@ -151,6 +151,7 @@ class CAMHDTrainer(Trainer):
     * Every training log carries the CAM-HD scalars (see :class:`CAMHDCallback`), so ``log_history`` and
       every reporting integration get them.
     * ``create_model_card`` names the CAM-HD optimizer and its settings instead of ``args.optim``.
+    * Resuming from the checkpoint of the last step trains nothing (the plain ``Trainer`` takes one more step).
 
     Example::
 
@@ -177,6 +178,14 @@ class CAMHDTrainer(Trainer):
                 kw.setdefault("eps", self.args.adam_epsilon)
             self.optimizer_cls_and_kwargs = (CAMHDOptimizerFactory, kw)
         return super().create_optimizer(model)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # note: transformers' loop checks max_steps only after a step, so resuming from the checkpoint of the
+        # last step would train one step too many (and save checkpoint-<max_steps + 1>); nothing is left to do
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         opt = unwrap_camhd(self.optimizer)

@@ -47,7 +47,9 @@ def _install(plan: str) -> None:
             if count[0] == target:
                 _die()
 
-        torch.optim.optimizer.register_optimizer_step_post_hook(hook)
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(hook)
     elif kind == "torn":
         import torch
 
