@@ -24,7 +24,7 @@ def _csv(kind: type = str) -> Callable[[str], tuple]:
     def parse(text: str) -> tuple:
         items = [t.strip() for t in text.split(",") if t.strip()]
         if not items:
-            raise argparse.ArgumentTypeError("expected a comma-separated list")
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
         try:
             return tuple(kind(t) for t in items)
         except ValueError as err:

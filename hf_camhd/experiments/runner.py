@@ -281,7 +281,8 @@ def _make_accelerator(cfg: CompareConfig):
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("Invalid device: 'cuda' requested but torch.cuda.is_available() is False")
+        raise ValueError("Invalid device: 'cuda' requested but torch.cuda.is_available() is False; use --device cpu "
+                         "(or auto)")
     # note: split_batches: --batch-size is the GLOBAL batch (Table 1's), divided over the processes
     return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision,
                        dataloader_config=DataLoaderConfiguration(split_batches=True))

@@ -206,7 +206,8 @@ def build_hierarchy(model: nn.Module, levels: Iterable[str] | str = ("global", "
         raise ValueError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
     named = trainable_named_parameters(model)
     if not named:
-        raise ValueError("Invalid params: the model has no trainable parameters")
+        raise ValueError(f"Invalid params: the model ({type(model).__name__}) has no trainable parameters (none, or "
+                         "all frozen with requires_grad=False); pass a model with parameters to train")
     names = [n for n, _ in named]
     chosen = select_builder(model, builder)
     block_map = dict(chosen.blocks(model, names)) if chosen is not None else generic_blocks(model, names)
