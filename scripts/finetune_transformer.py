@@ -101,6 +101,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         p.error("--push_to_hub needs --hub_model_id user/name")
+    if args.push_to_hub:
+        from hf_camhd.hub import check_repo_id
+
+        try:
+            check_repo_id(args.hub_model_id, flag="--hub_model_id")
+        except ValueError as err:  # before any training, not after it
+            p.error(str(err))
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
         p.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder; pass a checkpoint folder "
                 "(OUTPUT_DIR/checkpoint-<step>) or latest")

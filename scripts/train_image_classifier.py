@@ -101,6 +101,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                 "(OUTPUT_DIR/checkpoints/step_<k>) or latest")
     if args.push_to_hub and not args.hub_model_id:
         p.error("--push_to_hub needs --hub_model_id user/name")
+    if args.push_to_hub:
+        from hf_camhd.hub import check_repo_id
+
+        try:
+            check_repo_id(args.hub_model_id, flag="--hub_model_id")
+        except ValueError as err:  # before any training, not after it
+            p.error(str(err))
     return args
 
 
@@ -369,11 +376,11 @@ def publish_run(args, info, model, optimizer, history, gamma_trajectory, output_
     plots = training_plots(history, gamma_trajectory, output_dir / "plots")
     folder = output_dir / "hub"
     try:
-        publish(model, folder, results={k: final[k] for k in ("accuracy", "loss") if k in final},
+        publish(model, folder, results={k: final[k] for k in ("accuracy", "loss") if math.isfinite(final.get(k, math.nan))},
                 optimizer=getattr(optimizer, "optimizer", optimizer),
                 dataset={"name": args.dataset, "id": info.hub_id}, plots=plots, push=True, repo_id=args.hub_model_id,
                 private=args.hub_private_repo, token=args.hub_token)
-    except HubUploadError as err:
+    except (HubUploadError, ValueError) as err:  # e.g. no evaluation to publish: the trained run is kept either way
         print(str(err), file=sys.stderr)
         return {"pushed": False, "folder": str(folder), "error": str(err)}
     return {"pushed": True, "folder": str(folder), "repo_id": args.hub_model_id}

@@ -470,8 +470,12 @@ SCRIPTS = [
     CLIError("resume from a folder that does not exist", ("--resume_from_checkpoint", "{ws}/missing"),
              r"error: --resume_from_checkpoint .*/missing: no such folder; pass a checkpoint folder "
              r"\(OUTPUT_DIR/checkpoints/step_<k>\) or latest$", prog="train_image_classifier"),
+    CLIError("push to an invalid repo id", ("--push_to_hub", "--hub_model_id", "me/x--y"),
+             r"error: Invalid --hub_model_id: 'me/x--y' is not a Hub repository id", prog="train_image_classifier"),
     CLIError("no model", (), r"error: one of the arguments --model_name_or_path --tiny is required$",
              prog="finetune_transformer"),
+    CLIError("push to an invalid repo id", ("--tiny", "--push_to_hub", "--hub_model_id", "bad id"),
+             r"error: Invalid --hub_model_id: 'bad id' is not a Hub repository id", prog="finetune_transformer"),
     CLIError("push without a repo id", ("--tiny", "--push_to_hub"),
              r"error: --push_to_hub needs --hub_model_id user/name$", prog="finetune_transformer"),
     CLIError("resume from a folder that does not exist", ("--tiny", "--resume_from_checkpoint", "{ws}/missing"),
