@@ -24,7 +24,7 @@ def _csv(kind: type = str) -> Callable[[str], tuple]:
     def parse(text: str) -> tuple:
         items = [t.strip() for t in text.split(",") if t.strip()]
         if not items:
-            raise argparse.ArgumentTypeError("expected a comma-separated list")
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
         try:
             return tuple(kind(t) for t in items)
         except ValueError as err:
@@ -33,14 +33,21 @@ def _csv(kind: type = str) -> Callable[[str], tuple]:
     return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_at_least(low: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_nonnegative_int = _int_at_least(0, "an integer >= 0")
 
 
 def _error(message: str) -> int:
@@ -64,7 +71,8 @@ def _add_compare_parser(subparsers) -> None:
             "Train a model with each optimizer arm and seed, and report test accuracy (mean ± s.e.), losses\n"
             "and the learned γ / α per level. With no arguments: the small offline default (MLP on\n"
             "scikit-learn's digits, Adam vs Adam-HD vs Adam-CAM-HD, 3 seeds, well under two minutes on 2 CPU\n"
-            "cores). Interrupted comparisons resume: finished runs are skipped.\n\n"
+            "cores). Interrupted comparisons resume: finished runs are skipped, an unfinished one continues\n"
+            "from its last finished epoch (OUTPUT_DIR/checkpoints).\n\n"
             f"tasks (--task, default {DEFAULT_TASK}):\n{tasks}\n\n"
             "arms (--optimizers): " + ", ".join(arm_names()) + "\n"
             "  (baselines; *-hd = global-only hyper-gradient; *-camhd = the task's 2-level tree or --levels;\n"
@@ -79,7 +87,7 @@ def _add_compare_parser(subparsers) -> None:
     p.add_argument("--optimizers", type=_csv(), metavar="A,B,...",
                    help="comma-separated arms (default: the task's list)")
     p.add_argument("--seeds", type=_positive_int, default=3, metavar="N", help="runs per arm (default 3)")
-    p.add_argument("--first-seed", type=int, default=0, metavar="S", help="seeds S … S+N−1 (default 0)")
+    p.add_argument("--first-seed", type=_nonnegative_int, default=0, metavar="S", help="seeds S … S+N−1 (default 0)")
     p.add_argument("--epochs", type=_positive_int, help="override the task's epochs")
     p.add_argument("--batch-size", type=_positive_int, help="override the task's (global) batch size")
     p.add_argument("--eval-batch-size", type=_positive_int, default=1000, help="test batch size (default 1000)")
@@ -106,6 +114,9 @@ def _add_compare_parser(subparsers) -> None:
                    help="torch threads on CPU (default 1: fastest for these small models, safe on a busy machine)")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="rerun every run (the old results.json is kept as results.previous.json)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each run's last checkpoint (OUTPUT_DIR/checkpoints/<run>.pt: weights, optimizer and "
+                        "generator states) instead of deleting it when the run finishes")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="do not write the PNG plots")
     g = p.add_argument_group("publishing (hf_camhd.hub)")
@@ -133,7 +144,7 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
             mixed_precision=args.mixed_precision, output_dir=args.output_dir, data_dir=args.data_dir,
             sweep_gamma=args.sweep_gamma, max_train_samples=args.max_train_samples,
             max_test_samples=args.max_test_samples, log_every=args.log_every, threads=args.threads, resume=args.resume,
-            progress=args.progress, plots=args.plots, command="hf-camhd " + shlex.join(argv),
+            keep_checkpoints=args.keep_checkpoints, progress=args.progress, plots=args.plots, command="hf-camhd " + shlex.join(argv),
             push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, hub_optimizer=args.hub_optimizer,
             hub_private=args.hub_private, hub_token=args.hub_token,
             **({"sweep_values": args.sweep_values} if args.sweep_values else {}))

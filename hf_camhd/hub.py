@@ -29,6 +29,8 @@ Example (``push=True, repo_id="me/lenet5-fmnist-camhd"`` would also upload the f
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 import warnings
 from collections.abc import Mapping
@@ -42,6 +44,8 @@ from ._extras import require
 
 require("hf_camhd.hub", "huggingface_hub")
 
+from .files import atomic_path, atomic_write, scratch_dir  # noqa: E402
+
 CARD_TEMPLATES = {"hf_camhd": "image_classifier.md", "timm": "timm.md", "transformers": "transformers.md"}
 
 #: Display names as the paper writes them, keyed by (base rule name, nesterov).
@@ -51,6 +55,39 @@ _DISPLAY = {("sgd", False): "SGD-CAM-HD", ("sgd", True): "SGDN-CAM-HD", ("adam",
 
 class HubUploadError(RuntimeError):
     """The upload could not happen (no token, no network, refused); the folder is left in place."""
+
+
+#: Present in a folder while :func:`publish` moves its files in; a folder that still has it was left
+#: half-written by a kill, and :func:`upload_folder` refuses it.
+PUBLISHING_MARKER = ".camhd-publish-incomplete"
+
+
+def check_repo_id(repo_id: Any, *, flag: str = "repo_id") -> str:
+    """``repo_id`` if it is a valid Hub model id (``user/name``, ``org/name`` or ``name``), else ValueError
+    naming ``flag``, the value and the rule."""
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(repo_id, str) or not repo_id:
+        raise ValueError(f"Invalid {flag}: {repo_id!r}; expected a Hub repository id such as 'user/name'")
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as err:  # HFValidationError
+        raise ValueError(f"Invalid {flag}: {repo_id!r} is not a Hub repository id ({err}); expected 'user/name' "
+                         "with letters, digits, '-', '_' and '.' only") from None
+    return repo_id
+
+
+def _check_results(results: Any) -> dict[str, float]:
+    if not isinstance(results, Mapping) or not results:
+        raise ValueError(f"Invalid results: {results!r}; publish needs the evaluation results for the card's "
+                         "model-index, a mapping metric name -> number such as {'accuracy': 0.91}")
+    out = {}
+    for k, v in results.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"Invalid results: metric {k!r} is {v!r}; every result must be a finite number, "
+                             "e.g. {'accuracy': 0.91}")
+        out[str(k)] = float(v)
+    return out
 
 
 # ---------------------------------------------------------------------------------------- templates
@@ -189,23 +226,45 @@ def publish(model: nn.Module, output_dir: str | Path, *, results: Mapping[str, f
 
     Returns:
         The folder. Raises :class:`HubUploadError` (folder left in place) when the upload fails.
+
+    Every file is written in a temporary folder first and then renamed into ``output_dir``; while the
+    files move in, ``output_dir`` holds :data:`PUBLISHING_MARKER`, so a folder a kill left half-written
+    is never uploaded (:func:`upload_folder` refuses it; publishing again completes it).
     """
     if push and not repo_id:
         raise ValueError("Invalid repo_id: push=True needs repo_id='user/name'")
+    if repo_id is not None:
+        check_repo_id(repo_id)
+    family = model_family(model)
+    results = _check_results(results)
+    for title, src in (plots or {}).items():
+        if not Path(src).is_file():
+            raise ValueError(f"Invalid plots: {title!r} -> {str(src)!r} is not a file; pass existing PNG paths")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    family = model_family(model)
     model = model.eval()
-    if family == "hf_camhd":
-        model.save_pretrained(out)
-    elif family == "timm":
-        from timm.models import save_for_hf
-        save_for_hf(model, str(out), safe_serialization=True)
-    else:
-        model.save_pretrained(out, safe_serialization=True)
-
-    write_card(model, out, results=results, optimizer=optimizer, dataset=dataset, plots=plots, model_name=model_name,
-               description=description, license=license, task=task, repo_id=repo_id, family=family)
+    with scratch_dir(out) as staging:
+        if family == "hf_camhd":
+            model.save_pretrained(staging)
+        elif family == "timm":
+            from timm.models import save_for_hf
+            save_for_hf(model, str(staging), safe_serialization=True)
+        else:
+            model.save_pretrained(staging, safe_serialization=True)
+        write_card(model, staging, results=results, optimizer=optimizer, dataset=dataset, plots=plots,
+                   model_name=model_name, description=description, license=license, task=task, repo_id=repo_id,
+                   family=family)
+        atomic_write(out / PUBLISHING_MARKER, "publish() is moving files into this folder\n")
+        for entry in sorted(staging.iterdir()):
+            target = out / entry.name
+            if entry.is_dir() and target.is_dir():  # plots/: keep files of other names
+                for f in sorted(entry.iterdir()):
+                    os.replace(f, target / f.name)
+            else:
+                if target.is_dir():
+                    shutil.rmtree(target)
+                os.replace(entry, target)
+        (out / PUBLISHING_MARKER).unlink()
     if push:
         summary = summarize_optimizer(optimizer)
         upload_folder(out, repo_id, private=private, token=token,
@@ -232,12 +291,12 @@ def write_card(model: nn.Module, output_dir: str | Path, *, results: Mapping[str
     plot_files = {}
     for title, src in (plots or {}).items():
         src = Path(src)
-        (out / "plots").mkdir(exist_ok=True)
-        shutil.copyfile(src, out / "plots" / src.name)
+        with atomic_path(out / "plots" / src.name) as tmp:
+            shutil.copyfile(src, tmp)
         plot_files[title] = f"plots/{src.name}"
     results = {k: float(v) for k, v in results.items()}
     config = {"optimizer": summary, "dataset": data, "results": results, "format": family}
-    (out / "camhd_config.json").write_text(json.dumps(config, indent=1, default=_plain))
+    atomic_write(out / "camhd_config.json", json.dumps(config, indent=1, default=_plain))
 
     name = model_name or f"{type(model).__name__}-{data['name']}-{summary['name']}"
     dataset_id = data.get("id") or data["name"]
@@ -259,7 +318,8 @@ def write_card(model: nn.Module, output_dir: str | Path, *, results: Mapping[str
     elif family == "transformers":
         kwargs.update(auto_class=_auto_class(model), has_tokenizer=(out / "tokenizer_config.json").exists())
     card = ModelCard.from_template(card_data, template_path=str(template_path(CARD_TEMPLATES[family])), **kwargs)
-    card.save(out / "README.md")
+    with atomic_path(out / "README.md") as tmp:
+        card.save(tmp)
     return out / "README.md"
 
 
@@ -321,7 +381,8 @@ def training_plots(history: list[Mapping[str, float]], gamma_trajectory: list[Ma
             ax.plot(epochs, [h[key] for h in history], marker="o")
             ax.set(xlabel="epoch", ylabel=f"test {key}")
         fig.tight_layout()
-        fig.savefig(out / "learning_curves.png", dpi=110)
+        with atomic_path(out / "learning_curves.png") as tmp:
+            fig.savefig(tmp, dpi=110)
         plt.close(fig)
         plots["Learning curves"] = out / "learning_curves.png"
     levels = [k for k in (gamma_trajectory[0] if gamma_trajectory else {}) if k != "step"]
@@ -333,7 +394,8 @@ def training_plots(history: list[Mapping[str, float]], gamma_trajectory: list[Ma
         ax.set(xlabel="optimizer step", ylabel="γ")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "gamma.png", dpi=110)
+        with atomic_path(out / "gamma.png") as tmp:
+            fig.savefig(tmp, dpi=110)
         plt.close(fig)
         plots["Combination weights γ"] = out / "gamma.png"
     return plots
@@ -349,6 +411,14 @@ def upload_folder(folder: str | Path, repo_id: str, *, private: bool = False, to
     from huggingface_hub import HfApi, constants, get_token
 
     folder = Path(folder)
+    check_repo_id(repo_id)
+    if (folder / PUBLISHING_MARKER).exists():
+        raise HubUploadError(f"Folder {str(folder)!r} was left half-written by an interrupted publish() (it still has "
+                             f"{PUBLISHING_MARKER}); nothing was uploaded. Run publish() again (or the command that "
+                             "wrote the folder), then upload.")
+    if not folder.is_dir():
+        raise HubUploadError(f"Folder {str(folder)!r} does not exist; nothing was uploaded. Write it with publish() "
+                             "first.")
     later = f"The Hub-ready folder is at {folder}; upload it later with `hf upload {repo_id} {folder}`."
     if constants.HF_HUB_OFFLINE:
         raise HubUploadError(f"HF_HUB_OFFLINE is set, so nothing was uploaded. {later}")

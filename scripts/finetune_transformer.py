@@ -26,15 +26,18 @@ sentiment dataset; nothing is downloaded)::
     python scripts/finetune_transformer.py --tiny --max_steps 30 --output_dir runs/tiny
 
 Local data: ``--train_file train.csv --validation_file dev.csv`` (csv / json / parquet, with ``--text_column``
-and ``--label_column``). ``--resume_from_checkpoint PATH|latest`` continues a run exactly. At the end
-``OUTPUT_DIR`` holds the model, ``README.md`` (the card) and ``metrics.json`` (train / eval metrics and the
-learned rates).
+and ``--label_column``). ``--resume_from_checkpoint PATH|latest`` continues a run exactly (weights and
+optimizer state bitwise on CPU). ``latest`` takes the newest checkpoint whose save finished — one a kill
+interrupted is removed, with a note — and with no checkpoint yet starts from the beginning, so one command
+line serves the first start and every restart. A damaged checkpoint is one clear error naming the file. At
+the end ``OUTPUT_DIR`` holds the model, ``README.md`` (the card) and ``metrics.json`` (train / eval metrics
+and the learned rates; the Trainer's ``train`` metrics — ``train_loss``, runtime, speed — cover the steps
+of the last call only, so after a resume they describe the resumed part; ``log_history`` has every step).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -98,6 +101,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         p.error("--push_to_hub needs --hub_model_id user/name")
+    if args.push_to_hub:
+        from hf_camhd.hub import check_repo_id
+
+        try:
+            check_repo_id(args.hub_model_id, flag="--hub_model_id")
+        except ValueError as err:  # before any training, not after it
+            p.error(str(err))
+    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
+        p.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder; pass a checkpoint folder "
+                "(OUTPUT_DIR/checkpoint-<step>) or latest")
     return args
 
 
@@ -130,9 +143,10 @@ def tiny_model_and_tokenizer(folder: Path, num_labels: int, id2label: dict):
     """A 2-layer BERT config and a WordPiece tokenizer over the synthetic vocabulary, built offline."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-    folder.mkdir(parents=True, exist_ok=True)
+    from hf_camhd.files import atomic_write
+
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(_POS + _NEG + _FILL))]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    atomic_write(folder / "vocab.txt", "\n".join(vocab) + "\n")
     # note: from the folder, which every transformers release reads (transformers 5 ignores `vocab_file=`, and a
     # tokenizer built that way maps every word to [UNK])
     tokenizer = BertTokenizerFast.from_pretrained(str(folder), do_lower_case=True)
@@ -208,9 +222,15 @@ def main(argv=None) -> dict:
     global LABEL
     args = parse_args(argv)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
-    from hf_camhd.integrations.transformers import CAMHDOptimizerFactory, CAMHDTrainer, unwrap_camhd
+    from hf_camhd.files import atomic_write_json
+    from hf_camhd.integrations.transformers import (
+        CAMHDOptimizerFactory,
+        CAMHDTrainer,
+        check_trainer_checkpoint,
+        latest_complete_checkpoint,
+        unwrap_camhd,
+    )
 
     set_seed(args.seed)
     LABEL = args.label_column
@@ -267,10 +287,13 @@ def main(argv=None) -> dict:
                            optimizer_cls_and_kwargs=(CAMHDOptimizerFactory, optim_kwargs))
 
     resume = args.resume_from_checkpoint
+    say = print if trainer.is_world_process_zero() else None
     if resume == "latest":
-        resume = get_last_checkpoint(str(output_dir))
-        if resume is None:
-            raise SystemExit(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}")
+        resume = latest_complete_checkpoint(output_dir, log=say)
+        if resume is None and say is not None:
+            say(f"--resume_from_checkpoint latest: no checkpoint in {output_dir} yet; starting from the beginning")
+    if resume is not None:
+        check_trainer_checkpoint(resume)  # note: a damaged file is one message naming it, not a torch traceback
     train_result = trainer.train(resume_from_checkpoint=resume)
     eval_metrics = trainer.evaluate() if args.eval_strategy != "no" else {}
     trainer.save_model()
@@ -283,7 +306,7 @@ def main(argv=None) -> dict:
     if trainer.is_world_process_zero():
         trainer.create_model_card(model_name=args.hub_model_id.split("/")[-1] if args.hub_model_id else output_dir.name,
                                   **card_kw)
-        (output_dir / "metrics.json").write_text(json.dumps(result, indent=1, default=str))
+        atomic_write_json(output_dir / "metrics.json", result, default=str)
     if args.push_to_hub:
         result["hub"] = push(trainer, card_kw)
     return result
@@ -303,5 +326,11 @@ def push(trainer, card_kw: dict) -> dict:
 
 
 if __name__ == "__main__":
+    from hf_camhd.files import CorruptFileError
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(0 if main() else 1)
+    try:
+        sys.exit(0 if main() else 1)
+    except CorruptFileError as err:  # a damaged checkpoint: one message naming the file, no traceback
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -20,17 +20,23 @@ N GPUs (DDP; the batch size is per device) / bf16::
 
 Checkpoints: ``--checkpointing_steps K`` saves ``OUTPUT_DIR/checkpoints/step_<k>`` (``accelerator.save_state``);
 ``--resume_from_checkpoint PATH|latest`` continues exactly where it stopped (the batch order is a function
-of the seed and the epoch). At the end ``OUTPUT_DIR/metrics.json`` holds the final evaluation, the
-per-epoch history and the learned rates (γ per level, α statistics), and ``OUTPUT_DIR/model`` the weights.
+of the seed and the epoch), bitwise on CPU. ``latest`` with no checkpoint yet starts from the beginning, so
+one command line serves the first start and every restart of a preemptible job. At the end
+``OUTPUT_DIR/metrics.json`` holds the final evaluation, the per-epoch history and the learned rates (γ per
+level, α statistics), and ``OUTPUT_DIR/model`` the weights.
+
+Every folder and file is written atomically (a temporary sibling, renamed into place once complete), so a
+run killed at any moment leaves the previous checkpoint intact; what the kill left half-written is removed
+at the next start, and a truncated or corrupted checkpoint is one clear error naming the file.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -90,8 +96,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.gradient_accumulation_steps < 1:
         p.error("--gradient_accumulation_steps must be >= 1")
+    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
+        p.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder; pass a checkpoint folder "
+                "(OUTPUT_DIR/checkpoints/step_<k>) or latest")
     if args.push_to_hub and not args.hub_model_id:
         p.error("--push_to_hub needs --hub_model_id user/name")
+    if args.push_to_hub:
+        from hf_camhd.hub import check_repo_id
+
+        try:
+            check_repo_id(args.hub_model_id, flag="--hub_model_id")
+        except ValueError as err:  # before any training, not after it
+            p.error(str(err))
     return args
 
 
@@ -143,14 +159,42 @@ def logits_of(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
-def find_checkpoint(output_dir: Path, wanted: str) -> Path:
+_RESUME_FIX = ("Delete that checkpoint folder (--resume_from_checkpoint latest then takes the one before it), or "
+               "start over without --resume_from_checkpoint.")
+
+
+def find_checkpoint(output_dir: Path, wanted: str, log=print) -> Path | None:
+    """The checkpoint folder to resume from (``None``: ``latest`` and there is none yet). A ``step_<k>``
+    folder without ``progress.json`` (written last) is skipped with a note: an older version of this script
+    was killed while saving it."""
     if wanted != "latest":
         return Path(wanted)
     found = sorted((int(m.group(1)), d) for d in (output_dir / "checkpoints").glob("step_*")
-                   if (m := re.fullmatch(r"step_(\d+)", d.name)))
-    if not found:
-        raise SystemExit(f"--resume_from_checkpoint latest: no checkpoint under {output_dir / 'checkpoints'}")
-    return found[-1][1]
+                   if (m := re.fullmatch(r"step_(\d+)", d.name)) and d.is_dir())
+    for _, d in reversed(found):
+        if (d / "progress.json").is_file():
+            return d
+        log(f"note: skipping {d}: it has no progress.json (its save was interrupted)")
+    log(f"--resume_from_checkpoint latest: no checkpoint under {output_dir / 'checkpoints'} yet; starting from "
+        "the beginning")
+    return None
+
+
+def save_folder(accelerator, folder: Path, write) -> Path:
+    """Write ``folder`` atomically from every process: ``write(tmp)`` fills a temporary sibling (all
+    processes, e.g. ``accelerator.save_state``), then the main process renames it into place."""
+    from hf_camhd.files import commit_dir, partial_path
+
+    tmp = partial_path(folder)  # note: deterministic, so that every process writes into the same folder
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    write(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        commit_dir(tmp, folder)
+    accelerator.wait_for_everyone()
+    return folder
 
 
 @torch.no_grad()
@@ -180,6 +224,7 @@ def main(argv=None) -> dict:
 
     from hf_camhd import metrics
     from hf_camhd.data import as_dataloader, dataset_info, load_image_dataset, train_transform
+    from hf_camhd.files import atomic_write_json, check_files, read_json, recover_leftovers
     from hf_camhd.integrations.accelerate import camhd_stats, check_accelerator, log_camhd_stats
 
     output_dir = Path(args.output_dir)
@@ -193,6 +238,10 @@ def main(argv=None) -> dict:
                               # sees the same batches as an uninterrupted one
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     check_accelerator(accelerator)
+    if accelerator.is_main_process:
+        for folder in (output_dir, output_dir / "checkpoints"):
+            recover_leftovers(folder, log=lambda line: print(f"note: {line}"))
+    accelerator.wait_for_everyone()
     set_seed(args.seed)
     info = dataset_info(args.dataset)
     with accelerator.main_process_first():
@@ -226,31 +275,44 @@ def main(argv=None) -> dict:
                                                    if isinstance(v, (int, float, str, bool))})
 
     global_step, history, gamma_trajectory = 0, [], []
-    if args.resume_from_checkpoint:
-        ckpt = find_checkpoint(output_dir, args.resume_from_checkpoint)
+    ckpt = find_checkpoint(output_dir, args.resume_from_checkpoint, accelerator.print) \
+        if args.resume_from_checkpoint else None
+    if ckpt is not None:
+        # note: every file is checked before accelerate reads any, so damage is one message naming the file
+        check_files(ckpt, required=("progress.json", "model*.safetensors", "optimizer*.bin", "random_states_*.pkl"),
+                    fix=_RESUME_FIX)
         accelerator.load_state(str(ckpt))
-        state = json.loads((ckpt / "progress.json").read_text())
+        state = read_json(ckpt / "progress.json", fix=_RESUME_FIX, what="Checkpoint file")
         global_step, history = state["global_step"], state["history"]
+        gamma_trajectory = state.get("gamma_trajectory", [])
         accelerator.print(f"resumed from {ckpt} at step {global_step}")
-        if global_step % steps_per_epoch == 0 and len(history) < global_step // steps_per_epoch:
-            # saved at the end of an epoch, before its evaluation: evaluate now, as the uninterrupted run did
+        if ((global_step % steps_per_epoch == 0 or global_step >= total_steps)
+                and (not history or history[-1]["step"] != global_step)):
+            # saved at the end of an epoch (or of training), before its evaluation: evaluate now, as the
+            # uninterrupted run did
             metrics = evaluate(accelerator, model, eval_loader, accuracy)
-            metrics.update(epoch=global_step // steps_per_epoch, step=global_step, train_loss=state["train_loss"])
+            metrics.update(epoch=math.ceil(global_step / steps_per_epoch), step=global_step,
+                           train_loss=state["train_loss"])
             history.append(metrics)
 
     def save_checkpoint():
-        ckpt = output_dir / "checkpoints" / f"step_{global_step}"
-        accelerator.save_state(str(ckpt))
-        if accelerator.is_main_process:
-            (ckpt / "progress.json").write_text(json.dumps({"global_step": global_step, "history": history,
-                                                            "train_loss": last_loss}))
+        def write(tmp: Path) -> None:
+            accelerator.save_state(str(tmp))
+            if accelerator.is_main_process:  # note: written last: a step_<k> folder without it is incomplete
+                atomic_write_json(tmp / "progress.json", {"global_step": global_step, "history": history,
+                                                          "train_loss": last_loss,
+                                                          "gamma_trajectory": gamma_trajectory})
+
+        save_folder(accelerator, output_dir / "checkpoints" / f"step_{global_step}", write)
 
     bar = tqdm(total=total_steps, initial=global_step, desc="train",
                disable=args.no_progress or not accelerator.is_local_main_process)
     model.train()
-    last_loss = float("nan")
+    last_loss = state["train_loss"] if ckpt is not None else float("nan")
     start_epoch = global_step // steps_per_epoch
     for epoch in range(start_epoch, epochs):
+        if global_step >= total_steps:  # resumed from the last checkpoint: nothing left to train
+            break
         train_loader.set_epoch(epoch)
         loader = train_loader
         done_in_epoch = global_step - epoch * steps_per_epoch
@@ -299,14 +361,12 @@ def main(argv=None) -> dict:
               "global_step": global_step, "epochs": len(history), "num_processes": accelerator.num_processes,
               "mixed_precision": accelerator.mixed_precision, "final_eval": history[-1] if history else None,
               "history": history, "camhd": stats, "args": vars(args)}
-    accelerator.wait_for_everyone()
-    accelerator.save_model(model, str(output_dir / "model"))
+    save_folder(accelerator, output_dir / "model", lambda tmp: accelerator.save_model(model, str(tmp)))
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         if args.push_to_hub:
             result["hub"] = publish_run(args, info, accelerator.unwrap_model(model), optimizer, history,
                                         gamma_trajectory, output_dir)
-        (output_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+        atomic_write_json(output_dir / "metrics.json", result)
     accelerator.end_training()
     return result
 
@@ -320,15 +380,21 @@ def publish_run(args, info, model, optimizer, history, gamma_trajectory, output_
     plots = training_plots(history, gamma_trajectory, output_dir / "plots")
     folder = output_dir / "hub"
     try:
-        publish(model, folder, results={k: final[k] for k in ("accuracy", "loss") if k in final},
+        publish(model, folder, results={k: final[k] for k in ("accuracy", "loss") if math.isfinite(final.get(k, math.nan))},
                 optimizer=getattr(optimizer, "optimizer", optimizer),
                 dataset={"name": args.dataset, "id": info.hub_id}, plots=plots, push=True, repo_id=args.hub_model_id,
                 private=args.hub_private_repo, token=args.hub_token)
-    except HubUploadError as err:
+    except (HubUploadError, ValueError) as err:  # e.g. no evaluation to publish: the trained run is kept either way
         print(str(err), file=sys.stderr)
         return {"pushed": False, "folder": str(folder), "error": str(err)}
     return {"pushed": True, "folder": str(folder), "repo_id": args.hub_model_id}
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    from hf_camhd.files import CorruptFileError
+
+    try:
+        sys.exit(0 if main() else 1)
+    except CorruptFileError as err:  # a damaged checkpoint: one message naming the file, no traceback
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     is decompressed first.
 
     Raises:
-        ValueError: the file is not IDX, or its size disagrees with its header.
+        ValueError: the file is not IDX, is truncated (a gzip stream cut short, or fewer bytes than its
+            header declares) or its size disagrees with its header; the message names the file.
 
     Example:
         >>> from hf_camhd.data import read_idx
@@ -44,23 +46,31 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     with open(path, "rb") as f:
         head = f.read(2)
     opener = gzip.open if head == _GZIP_MAGIC else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    again = "download the file again (or delete it)"
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"Invalid IDX file {str(path)!r}: its gzip stream is truncated or corrupted "
+                         f"({type(err).__name__}: {err}); {again}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"Invalid IDX file {str(path)!r}: bad magic number {data[:4].hex() or '(empty)'}")
+        raise ValueError(f"Invalid IDX file {str(path)!r}: bad magic number {data[:4].hex() or '(empty)'} (an IDX "
+                         "file starts with two zero bytes, a type code and the number of dimensions); it is not an "
+                         "MNIST-style IDX file: replace it with one (or delete it)")
     type_code, ndim = data[2], data[3]
     if type_code not in _IDX_DTYPES:
-        raise ValueError(f"Invalid IDX file {str(path)!r}: unknown type code 0x{type_code:02x}")
+        raise ValueError(f"Invalid IDX file {str(path)!r}: unknown type code 0x{type_code:02x} (expected one of "
+                         f"{', '.join(f'0x{c:02x}' for c in _IDX_DTYPES)}); {again}")
     header_end = 4 + 4 * ndim
     if len(data) < header_end:
-        raise ValueError(f"Invalid IDX file {str(path)!r}: truncated header ({ndim} dimensions declared)")
+        raise ValueError(f"Invalid IDX file {str(path)!r}: truncated header ({ndim} dimensions declared); {again}")
     shape = tuple(int(s) for s in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     dtype = _IDX_DTYPES[type_code]
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(data) - header_end != expected:
         raise ValueError(
             f"Invalid IDX file {str(path)!r}: header declares shape {shape} ({expected} bytes of {dtype.name}) "
-            f"but {len(data) - header_end} bytes follow"
+            f"but {len(data) - header_end} bytes follow (truncated or damaged); {again}"
         )
     array = np.frombuffer(data, dtype=dtype, offset=header_end).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=True)

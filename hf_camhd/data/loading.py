@@ -199,11 +199,16 @@ def _load_folder(folder: Path, wanted, *, info, normalize, max_samples):
             labels = read_idx(idx[s]["labels"]).astype(np.int64)
             if images.shape[0] != labels.shape[0]:
                 raise ValueError(
-                    f"IDX files of split {s!r} in {source!r} disagree: {images.shape[0]} images, {labels.shape[0]} labels"
+                    f"IDX files of split {s!r} in {source!r} disagree: {images.shape[0]} images, {labels.shape[0]} "
+                    "labels; the images and labels files must come from the same split of one dataset"
                 )
             images, labels = images[:max_samples], labels[:max_samples]
-            out[s] = build_image_dataset(to_pixel_values(images, info, normalize=normalize), labels, info.class_names,
-                                         description=f"{info.name} ({s}) from IDX files in {source}")
+            try:
+                out[s] = build_image_dataset(to_pixel_values(images, info, normalize=normalize), labels,
+                                             info.class_names, description=f"{info.name} ({s}) from IDX files in {source}")
+            except ValueError as err:  # wrong image size or label range: name the files and the dataset they should be
+                raise ValueError(f"IDX files {idx[s]['images'].name} / {idx[s]['labels'].name} in {source!r} do not "
+                                 f"hold {info.name}: {err}; point data_dir at the {info.name} files") from None
         return out
     return None
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_path
 from .results import arm_order, epoch_curve, finished_runs, hyper_curve, summarize_sweep
 
 __all__ = ["write_plots", "plot_learning_curves", "plot_gamma_trajectories", "plot_gamma_sweep"]
@@ -48,7 +49,8 @@ def _count_curves(fig) -> int:
 
 def _save(fig, path: Path) -> dict[str, int]:
     info = {"curves": _count_curves(fig), "axes": len([ax for ax in fig.axes if ax.get_visible()])}
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     return info
 
 

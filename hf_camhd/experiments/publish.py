@@ -15,6 +15,8 @@ from typing import Any
 
 from torch import nn
 
+from ..files import atomic_dir, check_files
+
 CANDIDATES = "hub_candidates"
 
 
@@ -38,10 +40,9 @@ def save_candidate(out_dir: Path, key: str, model: nn.Module, optimizer: Any) ->
 
     from ..hub import summarize_optimizer
 
-    d = candidate_dir(out_dir, key)
-    d.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
-    (d / "optimizer.json").write_text(json.dumps(summarize_optimizer(optimizer), indent=1, default=str))
+    with atomic_dir(candidate_dir(out_dir, key)) as d:  # note: weights and summary appear together or not at all
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+        (d / "optimizer.json").write_text(json.dumps(summarize_optimizer(optimizer), indent=1, default=str))
 
 
 def publish_best(results: Mapping[str, Any], out_dir: Path, arm: str, model: nn.Module, info, *, repo_id: str,
@@ -61,7 +62,9 @@ def publish_best(results: Mapping[str, Any], out_dir: Path, arm: str, model: nn.
     best = max(runs, key=lambda r: r["final"]["test_accuracy"])
     if not has_candidate(out_dir, best["key"]):
         raise ValueError(f"No saved weights for run {best['key']!r}; rerun the comparison with --push-to-hub")
-    d = candidate_dir(out_dir, best["key"])
+    d = check_files(candidate_dir(out_dir, best["key"]), required=("model.safetensors", "optimizer.json"),
+                    what=f"Saved weights of run {best['key']}",
+                    fix="Delete that folder and run the same comparison again: the run is trained again to publish it.")
     model.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
     optimizer = json.loads((d / "optimizer.json").read_text())
     plots = {title: Path(out_dir) / name for title, name in (("Learning curves (all optimizers, mean ± s.e.)",

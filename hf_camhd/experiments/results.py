@@ -46,6 +46,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write_json, read_json
+
 __all__ = [
     "SCHEMA_VERSION",
     "config_hash",
@@ -100,14 +102,16 @@ def run_key(arm: str, seed: int, gamma_global: float | None = None) -> str:
 
 
 def load_results(path: str | os.PathLike) -> dict | None:
-    """The parsed results.json at ``path``, or ``None`` when absent / unreadable / another schema."""
+    """The parsed results.json at ``path``, or ``None`` when absent or of another schema version.
+
+    A file that is not valid JSON (truncated or corrupted) raises
+    :class:`~hf_camhd.files.CorruptFileError` naming it and what to do: resuming from it would silently
+    drop every run it held."""
     path = Path(path)
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    data = read_json(path, what="results file",
+                     fix="Delete it to rerun every run, or pass --no-resume (it is then kept as results.previous.json).")
     if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
         return None
     return data
@@ -115,11 +119,7 @@ def load_results(path: str | os.PathLike) -> dict | None:
 
 def save_results(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
     """Write ``data`` to ``path`` atomically (temp file + rename), non-finite numbers as null."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, _clean(data), allow_nan=False)
 
 
 # --------------------------------------------------------------------------------------------- aggregation

@@ -4,8 +4,12 @@ One run = one arm × one seed: the seed fixes the model's initialisation and the
 arm of a seed starts from the same weights and sees the same batches). Training goes through
 :class:`accelerate.Accelerator` (``cpu=True`` on CPU), so the same code runs single-process, under
 ``torchrun`` / ``accelerate launch`` (DDP, one global batch split over the processes) and in mixed
-precision. ``results.json`` is rewritten after every epoch; on resume, finished runs whose key and
-configuration hash match are skipped.
+precision. ``results.json`` is rewritten (atomically) after every epoch, and the run's state — model,
+optimizer, scheduler, data-order and augmentation generators — goes to ``checkpoints/<run>.pt``; on
+resume, finished runs whose key and configuration hash match are skipped and an unfinished one continues
+from its last finished epoch, bitwise as if it had never stopped (CPU). Leftovers of a write a kill
+interrupted are removed at the next start, and a truncated or corrupted ``results.json`` or checkpoint is
+one clear error naming the file.
 
 Example:
     >>> from hf_camhd.experiments import CompareConfig, run_comparison
@@ -21,7 +25,6 @@ import datetime as _dt
 import math
 import os
 import platform
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +43,7 @@ for _package in ("accelerate", "datasets", "evaluate", "tqdm", "matplotlib", "sk
 
 from ..baselines import requires_loss  # noqa: E402
 from ..data import TensorImageDataset, as_tensors, dataset_info, load_image_dataset, train_transform  # noqa: E402
+from ..files import CorruptFileError, atomic_path, atomic_write, check_file, recover_leftovers  # noqa: E402
 from ..metrics import load as load_metric  # noqa: E402
 from .arms import Arm, arm_hyperparameters, build_optimizer, resolve_arm, uses_schedule
 from .models import build_model, logits_of
@@ -78,7 +82,10 @@ class CompareConfig:
         log_every: record γ and mean α per level every this many optimizer steps (and at the start / end).
         threads: torch intra-op threads on CPU (default 1: these small models train fastest on one
             thread, and several threads on a busy machine can be 100x slower); ignored on GPU.
-        resume: reuse finished runs found in ``output_dir/results.json``.
+        resume: reuse finished runs found in ``output_dir/results.json`` and continue an unfinished one from
+            its last checkpoint (``output_dir/checkpoints/<run>.pt``, written after every epoch).
+        keep_checkpoints: keep each run's last checkpoint (its final model, optimizer and generator
+            states) instead of deleting it when the run finishes.
         progress, plots: show tqdm bars; write the PNG plots.
         command: the command line, recorded in results.json / results.md.
         push_to_hub, hub_model_id, hub_optimizer, hub_private, hub_token: publish the best seed of
@@ -108,6 +115,7 @@ class CompareConfig:
     log_every: int = 50
     threads: int | None = None
     resume: bool = True
+    keep_checkpoints: bool = False
     progress: bool = True
     plots: bool = True
     command: str | None = None
@@ -122,6 +130,13 @@ class CompareConfig:
             raise ValueError("Invalid hub_model_id: --push-to-hub needs --hub-model-id user/name")
         if self.push_to_hub and self.sweep_gamma:
             raise ValueError("Invalid push_to_hub: publish from a comparison, not from a --sweep-gamma run")
+        if self.push_to_hub:
+            from ..hub import check_repo_id
+
+            check_repo_id(self.hub_model_id, flag="--hub-model-id")
+        if isinstance(self.first_seed, bool) or not isinstance(self.first_seed, int) or self.first_seed < 0:
+            raise ValueError(f"Invalid first_seed: must be an integer >= 0 (seeds are first_seed ... "
+                             f"first_seed + seeds - 1), got {self.first_seed!r}")
         for name in ("seeds", "epochs", "batch_size", "eval_batch_size", "max_train_samples", "max_test_samples",
                      "log_every", "threads"):
             value = getattr(self, name)
@@ -272,7 +287,8 @@ def _make_accelerator(cfg: CompareConfig):
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("Invalid device: 'cuda' requested but torch.cuda.is_available() is False")
+        raise ValueError("Invalid device: 'cuda' requested but torch.cuda.is_available() is False; use --device cpu "
+                         "(or auto)")
     # note: split_batches: --batch-size is the GLOBAL batch (Table 1's), divided over the processes
     return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision,
                        dataloader_config=DataLoaderConfiguration(split_batches=True))
@@ -316,9 +332,66 @@ def _hyper_entry(opt, step: int, steps_per_epoch: int) -> dict:
             "effective_lr_mean": float(stats["camhd/effective_lr_mean"])}
 
 
+CHECKPOINTS = "checkpoints"
+_CHECKPOINT_FORMAT = 1
+
+
+def checkpoint_path(out_dir: Path, key: str) -> Path:
+    """Where run ``key``'s state is kept between epochs: ``OUTPUT_DIR/checkpoints/<key>.pt`` (``|`` → ``__``)."""
+    return Path(out_dir) / CHECKPOINTS / (key.replace("|", "__") + ".pt")
+
+
+def _save_run_checkpoint(path: Path, accelerator, *, key: str, config_hash_: str, epoch: int, step: int, model,
+                         optimizer, scheduler, generators: dict, record: dict, elapsed: float) -> None:
+    """Write the run's state after ``epoch`` atomically (main process; every process takes part in the gather)."""
+    from accelerate.utils import gather_object
+
+    # note: each process augments its own share of a batch, so every process's augmentation generator is kept
+    transform = gather_object([generators["transform"].get_state()])
+    if not accelerator.is_main_process:
+        return
+    state = {"format": _CHECKPOINT_FORMAT, "key": key, "config_hash": config_hash_, "epoch": epoch, "step": step,
+             "model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+             "shuffle_generator": generators["shuffle"].get_state(), "transform_generators": transform,
+             "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if accelerator.device.type == "cuda" else None,
+             "record": {"epochs": record["epochs"], "hyper_log": record["hyper_log"]}, "elapsed_s": elapsed}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_run_checkpoint(path: Path, key: str, config_hash_: str, num_processes: int) -> dict | None:
+    """The saved state of run ``key``, or ``None`` when there is none or it belongs to another configuration.
+
+    A truncated or corrupted file raises :class:`~hf_camhd.files.CorruptFileError` naming it."""
+    if not path.is_file():
+        return None
+    fix = "Delete it (the run then restarts from its first epoch), or pass --no-resume to rerun every run."
+    check_file(path, fix=fix, what=f"Checkpoint of run {key}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unpickling errors come in many types; one message for all
+        raise CorruptFileError(f"Checkpoint file {str(path)!r} of run {key} cannot be loaded ({type(err).__name__}: "
+                               f"{err}). {fix}") from None
+    if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT or state.get("key") != key:
+        raise CorruptFileError(f"Checkpoint file {str(path)!r} is not a checkpoint of run {key} written by this "
+                               f"version of hf-camhd compare. {fix}")
+    if state["config_hash"] != config_hash_:
+        return None
+    if len(state["transform_generators"]) != num_processes:
+        raise ValueError(f"Invalid number of processes: checkpoint {str(path)!r} of run {key} was written by "
+                         f"{len(state['transform_generators'])} process(es), this comparison runs {num_processes}; "
+                         "resume with the same number of processes, or pass --no-resume")
+    return state
+
+
 def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, accelerator, record: dict,
-               on_epoch: Callable[[], None]):
+               on_epoch: Callable[[], None], checkpoint: Path | None = None, log: Logger = None):
     """Train and evaluate one run, filling ``record`` (and calling ``on_epoch`` after every epoch).
+
+    With ``checkpoint``, the run's state is saved there after every epoch but the last (and after the last
+    with ``cfg.keep_checkpoints``), and a saved state of the same configuration is resumed from.
 
     Returns the trained model (unwrapped) and its optimizer."""
     from accelerate.utils import set_seed
@@ -333,9 +406,9 @@ def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, acce
     model = model.to(accelerator.device)
     optimizer = build_optimizer(spec.arm, model, spec.hyperparameters)
     transform_gen = torch.Generator().manual_seed(10_000 + spec.seed)
+    shuffle_gen = torch.Generator().manual_seed(spec.seed)
     train_ds = TensorImageDataset(x, y, transform=train_transform(info.name, generator=transform_gen))
-    train_loader = DataLoader(train_ds, batch_size=preset.batch_size, shuffle=True,
-                              generator=torch.Generator().manual_seed(spec.seed))
+    train_loader = DataLoader(train_ds, batch_size=preset.batch_size, shuffle=True, generator=shuffle_gen)
     test_loader = DataLoader(TensorImageDataset(xt, yt), batch_size=cfg.eval_batch_size, shuffle=False)
     scheduler = None
     if uses_schedule(spec.arm, preset):
@@ -355,12 +428,30 @@ def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, acce
     if logs_hyper:
         record["hyper_log"].append(_hyper_entry(inner, 0, steps_per_epoch))
 
-    bar = tqdm(total=preset.epochs * steps_per_epoch, desc=f"{spec.display_name} seed {spec.seed}",
+    first_epoch, step, elapsed = 1, 0, 0.0
+    saved = (_load_run_checkpoint(checkpoint, spec.key, record["config_hash"], accelerator.num_processes)
+             if checkpoint is not None and cfg.resume else None)
+    if saved is not None:
+        # note: everything the next epoch reads — weights, optimizer and scheduler state, the shuffle and
+        # augmentation generators, the global RNG — so the rest of the run is the uninterrupted one's
+        accelerator.unwrap_model(model).load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        shuffle_gen.set_state(saved["shuffle_generator"])
+        transform_gen.set_state(saved["transform_generators"][accelerator.process_index])
+        torch.set_rng_state(saved["torch_rng"])
+        if saved["cuda_rng"] is not None and accelerator.device.type == "cuda":
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        record.update(saved["record"])
+        first_epoch, step, elapsed = saved["epoch"] + 1, saved["step"], saved["elapsed_s"]
+        _say(log, f"{spec.key}: continuing after epoch {saved['epoch']} from {checkpoint}")
+
+    bar = tqdm(total=preset.epochs * steps_per_epoch, initial=step, desc=f"{spec.display_name} seed {spec.seed}",
                disable=not (cfg.progress and accelerator.is_main_process), leave=False, dynamic_ncols=True,
                file=sys.stderr)
-    start = time.perf_counter()
-    step = 0
-    for epoch in range(1, preset.epochs + 1):
+    start = time.perf_counter() - elapsed
+    for epoch in range(first_epoch, preset.epochs + 1):
         model.train()
         loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
         count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
@@ -395,6 +486,11 @@ def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, acce
                                  "lr_factor": group["lr"] / group.get("initial_lr", group["lr"])
                                  if group.get("lr") else None,
                                  "wall_time_s": time.perf_counter() - start})
+        if checkpoint is not None and (epoch < preset.epochs or cfg.keep_checkpoints):
+            _save_run_checkpoint(checkpoint, accelerator, key=spec.key, config_hash_=record["config_hash"], epoch=epoch,
+                                 step=step, model=model, optimizer=opt, scheduler=scheduler,
+                                 generators={"shuffle": shuffle_gen, "transform": transform_gen}, record=record,
+                                 elapsed=time.perf_counter() - start)
         on_epoch()
     bar.close()
     if logs_hyper and (not record["hyper_log"] or record["hyper_log"][-1]["step"] != step):
@@ -453,6 +549,20 @@ def _say(log: Logger, msg: str) -> None:
         log(msg)
 
 
+def check_output_dir(out_dir: Path) -> Path:
+    """``out_dir`` if it is, or can become, a writable folder; else ValueError naming it and the fix."""
+    fix = "pass --output-dir a folder path (it is created if missing)"
+    for parent in [out_dir, *out_dir.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                what = "is a file" if parent == out_dir else f"is inside {str(parent)!r}, which is a file"
+                raise ValueError(f"Invalid output_dir {str(out_dir)!r}: it {what}; {fix}")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"Invalid output_dir {str(out_dir)!r}: {str(parent)!r} is not writable; {fix}")
+            break
+    return out_dir
+
+
 def run_comparison(cfg: CompareConfig, *, log: Logger = print) -> CompareSummary:
     """Run (or resume) the comparison ``cfg`` and write results.json, results.md and the plots.
 
@@ -461,7 +571,7 @@ def run_comparison(cfg: CompareConfig, *, log: Logger = print) -> CompareSummary
     """
     preset = resolve_task(cfg)
     plan = plan_runs(cfg, preset)  # validates arm names and trees before loading data
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
+    out_dir = check_output_dir(Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg))
     accelerator = _make_accelerator(cfg)
     if accelerator.device.type == "cpu":
         # note: one intra-op thread by default: on a shared 2-core machine torch's default (all cores)
@@ -484,6 +594,10 @@ def run_comparison(cfg: CompareConfig, *, log: Logger = print) -> CompareSummary
                "environment": _environment(accelerator, cfg), "runs": [], "plots": {}}
 
     path = out_dir / "results.json"
+    if main:
+        # note: a kill during an atomic write leaves only a temporary file; the target holds its last version
+        for folder in (out_dir, out_dir / CHECKPOINTS, out_dir / "hub_candidates"):
+            recover_leftovers(folder, log=lambda line: _say(log, f"note: {line}"))
     previous = load_results(path) if cfg.resume else None
     hub_arm = None
     if cfg.push_to_hub:
@@ -506,7 +620,7 @@ def run_comparison(cfg: CompareConfig, *, log: Logger = print) -> CompareSummary
                 reusable[r["key"]] = r
     accelerator.wait_for_everyone()
     if main and path.exists() and (previous is None or len(reusable) != len(previous.get("runs", []))):
-        shutil.copyfile(path, out_dir / "results.previous.json")
+        atomic_write(out_dir / "results.previous.json", path.read_bytes())
         _say(log, f"note: {path} held runs of another configuration (or unfinished runs); kept a copy in "
                   f"results.previous.json")
 
@@ -520,7 +634,10 @@ def run_comparison(cfg: CompareConfig, *, log: Logger = print) -> CompareSummary
               f"{data_meta['train_size']} train / {data_meta['test_size']} test), {preset.epochs} epochs, batch "
               f"{preset.batch_size}, {len(plan)} runs -> {out_dir}")
     for i, spec in enumerate(plan, 1):
+        ckpt = checkpoint_path(out_dir, spec.key)
         if spec.key in reusable:
+            if main and not cfg.keep_checkpoints:
+                ckpt.unlink(missing_ok=True)  # a kill between the run's last write and this deletion left it
             results["runs"].append(reusable[spec.key])
             summary.skipped.append(spec.key)
             _say(log, f"[{i}/{len(plan)}] {spec.key}: finished earlier, skipped")
@@ -533,13 +650,15 @@ def run_comparison(cfg: CompareConfig, *, log: Logger = print) -> CompareSummary
                   "environment": {k: results["environment"][k] for k in
                                   ("git_commit", "torch", "device", "num_processes", "mixed_precision")}}
         results["runs"].append(record)
-        trained, trained_opt = _train_run(spec, preset, cfg, data, accelerator, record, write)
+        trained, trained_opt = _train_run(spec, preset, cfg, data, accelerator, record, write, ckpt, log)
         if hub_arm is not None and spec.arm.name == hub_arm and main:
             save_candidate(out_dir, spec.key, trained, trained_opt)
         record["status"] = "finished"
         record["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         summary.executed.append(spec.key)
         write()
+        if main and not cfg.keep_checkpoints:
+            ckpt.unlink(missing_ok=True)
         _say(log, f"[{i}/{len(plan)}] {spec.key}: test acc {record['final']['test_accuracy']:.2f}%, "
                   f"test loss {record['final']['test_loss']:.4f}, {record['wall_time_s']:.1f}s")
 
@@ -550,7 +669,7 @@ def run_comparison(cfg: CompareConfig, *, log: Logger = print) -> CompareSummary
             results["plots"] = write_plots(results, out_dir)
         write()
         summary.markdown = render_markdown(results)
-        (out_dir / "results.md").write_text(summary.markdown + "\n")
+        atomic_write(out_dir / "results.md", summary.markdown + "\n")
         if hub_arm is not None:
             from .publish import publish_best
 

@@ -154,7 +154,11 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         print()
         print(_node_table(tree, args.nodes, args.limit))
     if args.save:
-        tree.save(args.save)
+        try:
+            tree.save(args.save)
+        except OSError as err:
+            parser.exit(2, f"{parser.prog}: error: --save {args.save}: cannot write the tree there "
+                           f"({err.strerror or err}); pass a file path in a writable folder\n")
         print(f"\nwrote {args.save}")
     return 0
 

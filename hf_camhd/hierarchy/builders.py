@@ -371,8 +371,8 @@ def build_hierarchy(model: nn.Module, levels: Iterable[str] | str = ("global", "
         raise ValueError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
     named = list(model.named_parameters()) if include_frozen else trainable_named_parameters(model)
     if not any(p.requires_grad for _, p in named):
-        raise ValueError(f"Invalid params: the model has no trainable parameters ({len(named)} frozen); "
-                         "set requires_grad=True on the tensors to train")
+        raise ValueError(f"Invalid params: the model ({type(model).__name__}) has no trainable parameters (none, or "
+                         "all frozen with requires_grad=False); pass a model with parameters to train")
     names = [n for n, _ in named]
     chosen = select_builder(model, builder)
     block_map = dict(chosen.blocks(model, names)) if chosen is not None else generic_blocks(model, names)

@@ -45,7 +45,11 @@ def validate_levels(levels: Iterable[str] | str) -> tuple[str, ...]:
     """
     if isinstance(levels, str):
         levels = [s.strip() for s in levels.split(",") if s.strip()]
-    levels = tuple(levels)
+    try:
+        levels = tuple(levels)
+    except TypeError:
+        raise ValueError(f"Invalid levels: {levels!r}; expected a sequence of level names such as "
+                         "('global', 'layer') or a string 'global,layer'") from None
     if not levels:
         raise ValueError("Invalid levels: empty; expected an ordered subset of "
                          f"{', '.join(LEVELS)} starting with 'global'")
@@ -348,9 +352,10 @@ class LRTree:
         return cls([ParamEntry.from_list(r) for r in data["params"]], data["levels"])
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the tree as JSON."""
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
+        """Write the tree as JSON (atomically: a temporary file renamed onto ``path``)."""
+        from ..files import atomic_write_json
+
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LRTree:

@@ -27,6 +27,7 @@ writes the scalars into the ``log_history`` entry itself and into ``logs`` (seen
 from __future__ import annotations
 
 import inspect
+import numbers
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,7 @@ from typing import Any
 
 from torch import nn
 
+from ..files import atomic_write
 from ..hierarchy import LRTree, build_hierarchy
 from ..optim import CAMHDOptimizer
 from ..optim.registry import create_optimizer, get_optimizer_info
@@ -44,7 +46,8 @@ require("hf_camhd.integrations.transformers", "transformers")
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 __all__ = ["CAMHDCallback", "CAMHDOptimizerFactory", "CAMHDTrainer", "camhd_optimizer_description",
-           "decay_parameter_names", "fix_model_card", "unwrap_camhd"]
+           "check_trainer_checkpoint", "decay_parameter_names", "fix_model_card", "latest_complete_checkpoint",
+           "unwrap_camhd"]
 
 DEFAULT_LEVELS = ("global", "block", "layer")
 
@@ -84,13 +87,23 @@ class CAMHDOptimizerFactory:
     def __call__(self, model: nn.Module, optimizer: str = "adam-camhd", levels: Sequence[str] | str | None = None,
                  tree: LRTree | None = None, weight_decay: float | None = None, **kwargs) -> CAMHDOptimizer:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"CAMHDOptimizerFactory needs the model (an nn.Module), got {type(model).__name__}")
+            raise TypeError(f"CAMHDOptimizerFactory needs the model (an nn.Module), got {type(model).__name__}; "
+                            "pass it as optimizer_cls_and_kwargs=(CAMHDOptimizerFactory, kwargs) to the Trainer")
         info = get_optimizer_info(optimizer)
+        accepted = inspect.signature(info.cls.__init__).parameters
+        unknown = [k for k in kwargs if k not in accepted or k in ("self", "params")]
+        if unknown:
+            names = ["optimizer", "levels", "tree", "weight_decay",
+                     *(k for k in accepted if k not in ("self", "params", "weight_decay", "levels", "tree"))]
+            raise ValueError(f"Invalid CAMHDOptimizerFactory keyword {unknown[0]!r} for {info.name!r} "
+                             f"({info.cls.__name__}); expected some of {', '.join(names)}")
         if tree is None:
             tree = build_hierarchy(model, info.fixed.get("levels", levels if levels is not None else DEFAULT_LEVELS))
         if weight_decay is None:  # the optimizer's default (AdamW: 1e-2), still kept off biases and norms
-            weight_decay = info.defaults.get(
-                "weight_decay", inspect.signature(info.cls.__init__).parameters["weight_decay"].default)
+            weight_decay = info.defaults.get("weight_decay", accepted["weight_decay"].default)
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real):
+            raise ValueError(f"Invalid weight_decay: {weight_decay!r}; expected a number >= 0 (it applies to the "
+                             "weights; biases and norms get none)")
         wd = float(weight_decay)
         decay = set(decay_parameter_names(model))
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -145,6 +158,7 @@ class CAMHDTrainer(Trainer):
     * Every training log carries the CAM-HD scalars (see :class:`CAMHDCallback`), so ``log_history`` and
       every reporting integration get them.
     * ``create_model_card`` names the CAM-HD optimizer and its settings instead of ``args.optim``.
+    * Resuming from the checkpoint of the last step trains nothing (the plain ``Trainer`` takes one more step).
 
     Example::
 
@@ -171,6 +185,14 @@ class CAMHDTrainer(Trainer):
                 kw.setdefault("eps", self.args.adam_epsilon)
             self.optimizer_cls_and_kwargs = (CAMHDOptimizerFactory, kw)
         return super().create_optimizer(model)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # note: transformers' loop checks max_steps only after a step, so resuming from the checkpoint of the
+        # last step would train one step too many (and save checkpoint-<max_steps + 1>); nothing is left to do
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         opt = unwrap_camhd(self.optimizer)
@@ -239,7 +261,55 @@ def fix_model_card(path: str | os.PathLike, optimizer: Any) -> str:
         text = (text.rstrip("\n") + f"\n\n{_RATES_HEADING}\n\nFinal combination weights γ and learned rates α per "
                 f"level after {unwrap_camhd(optimizer).num_steps} optimizer steps:\n\n"
                 + learned_rates_table(unwrap_camhd(optimizer)) + "\n")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    atomic_write(path, text)
     return text
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+#: Files every Trainer checkpoint has (the Trainer writes ``trainer_state.json`` last).
+TRAINER_CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state*.pth")
+_RESUME_FIX = ("Delete that folder (--resume_from_checkpoint latest then takes the one before it), or start over "
+               "without --resume_from_checkpoint.")
+
+
+def check_trainer_checkpoint(folder: str | os.PathLike) -> str:
+    """``folder`` if it is a complete, undamaged ``Trainer`` checkpoint; else one
+    :class:`~hf_camhd.files.CorruptFileError` naming the missing or damaged file and what to do (instead
+    of a traceback from inside ``torch.load`` or ``json``)."""
+    from ..files import check_files
+
+    check_files(folder, required=TRAINER_CHECKPOINT_FILES, fix=_RESUME_FIX, what="Trainer checkpoint")
+    return str(folder)
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike, *, log=print) -> str | None:
+    """The newest ``checkpoint-<step>`` folder in ``output_dir`` whose save finished, or ``None``.
+
+    The Trainer writes a checkpoint's files one by one and ``trainer_state.json`` last, so a folder without
+    it is what a kill during the save left behind: it is deleted (the Trainer writes it again when training
+    gets there) and ``log`` says so. Unlike ``transformers.trainer_utils.get_last_checkpoint``, which
+    would hand such a folder to the Trainer.
+
+    Example::
+
+        resume = latest_complete_checkpoint(args.output_dir)          # None on the first start
+        trainer.train(resume_from_checkpoint=resume and check_trainer_checkpoint(resume))
+    """
+    import shutil
+    from pathlib import Path
+
+    found = []
+    folder = Path(output_dir)
+    if folder.is_dir():
+        for d in folder.iterdir():
+            m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+            if m and d.is_dir():
+                found.append((int(m.group(1)), d))
+    for _, d in sorted(found, reverse=True):
+        if (d / "trainer_state.json").is_file():
+            return str(d)
+        shutil.rmtree(d, ignore_errors=True)
+        if log is not None:
+            log(f"note: removed {d}: it has no trainer_state.json (the run was killed while saving it)")
+    return None
 
