@@ -12,7 +12,8 @@ metrics and experiments are behind the ``hf`` / ``experiments`` extras (``pip in
 """
 
 from .hierarchy import LEVELS, LRTree, build_hierarchy
-from .optim import CAMHDAdam, CAMHDAdamW, CAMHDOptimizer, CAMHDSGD, create_optimizer, list_optimizers
+from .optim import (CAMHDAdam, CAMHDAdamW, CAMHDOptimizer, CAMHDScheduleFreeAdamW, CAMHDSGD, create_optimizer,
+                    list_optimizers)
 from .integrations import register_timm_optimizers_lazily as _register_timm_optimizers  # noqa: E402
 
 _register_timm_optimizers()  # timm's create_optimizer_v2(opt="camhdadam" | ...); lazy: timm is not imported here
@@ -24,6 +25,7 @@ __all__ = [
     "CAMHDAdamW",
     "CAMHDOptimizer",
     "CAMHDSGD",
+    "CAMHDScheduleFreeAdamW",
     "LEVELS",
     "LRTree",
     "build_hierarchy",

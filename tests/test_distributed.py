@@ -70,7 +70,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ddp", "fsdp", "fsdp_adamw", "fsdp_sgdn"])
+@pytest.mark.parametrize("kind", ["ddp", "fsdp", "fsdp_adamw", "fsdp_sgdn", "fsdp_normalized"])
 def test_two_processes_equal_one_process(runs, kind):
     ref, got = runs["ref"][kind.split("_")[1] if "_" in kind else "adam"], runs["train"][0][kind]
     assert got["steps"] == ref["steps"] == C.STEPS

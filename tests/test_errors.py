@@ -201,8 +201,8 @@ FACTORY = [
     ErrorInput("weight_decay not a number", lambda c: _factory(weight_decay="0.01"), ValueError,
                r"^Invalid weight_decay: '0\.01'; expected a number >= 0"),
     ErrorInput("negative weight_decay", lambda c: _factory(weight_decay=-1.0), ValueError,
-               r"^Invalid weight_decay value: -1\.0$"),
-    ErrorInput("negative lr", lambda c: _factory(lr=-1.0), ValueError, r"^Invalid learning rate: -1\.0$"),
+               r"^Invalid weight_decay value: -1\.0 \(must be a finite number ≥ 0\)$"),
+    ErrorInput("negative lr", lambda c: _factory(lr=-1.0), ValueError, r"^Invalid learning rate: -1\.0 \(must be a finite number > 0\)$"),
     ErrorInput("frozen model", lambda c: _factory(model=_frozen()), ValueError, r"has no trainable parameters"),
     ErrorInput("gamma of the wrong length", lambda c: _factory(gamma=(1.0,)), ValueError,
                r"^Invalid gamma: must have one weight per level \(3 levels: global, block, layer\), got 1"),
@@ -218,21 +218,26 @@ FACTORY = [
 def _optimizer_rows() -> list[ErrorInput]:
     """Every public argument of the three optimizers, with the messages of hf_camhd/optim/validation.py."""
     shared = [
-        ("negative lr", dict(lr=-1.0), r"^Invalid learning rate: -1\.0$"),
+        ("negative lr", dict(lr=-1.0), r"^Invalid learning rate: -1\.0 \(must be a finite number > 0\)$"),
+        ("string lr", dict(lr="0.1"), r"^Invalid learning rate: '0\.1' \(a str\); expected a float > 0$"),
         ("zero lr", dict(lr=0.0), r"^Invalid learning rate: 0\.0 \(CAM-HD needs lr > 0: .*scale steps to zero with "
                                   r"a scheduler instead\)"),
-        ("nan lr", dict(lr=math.nan), r"^Invalid learning rate: nan$"),
-        ("tensor lr", dict(lr=torch.tensor(0.1)), r"^Invalid learning rate: lr must be a Python float, got a Tensor"),
-        ("negative hypergrad_lr", dict(hypergrad_lr=-1.0), r"^Invalid hypergrad_lr value: -1\.0$"),
-        ("negative gamma_lr", dict(gamma_lr=-1.0), r"^Invalid gamma_lr value: -1\.0$"),
-        ("negative decay_rate", dict(decay_rate=-1.0), r"^Invalid decay_rate value: -1\.0$"),
-        ("negative alpha_inf", dict(alpha_inf=-1.0), r"^Invalid alpha_inf value: -1\.0$"),
-        ("negative weight_decay", dict(weight_decay=-1.0), r"^Invalid weight_decay value: -1\.0$"),
+        ("nan lr", dict(lr=math.nan), r"^Invalid learning rate: nan \(must be a finite number > 0\)$"),
+        ("tensor lr of two numbers", dict(lr=torch.tensor([0.1, 0.2])),
+         r"^Invalid learning rate: a Tensor lr must hold one real number, got shape \(2,\)"),
+        ("bool hypergrad_lr", dict(hypergrad_lr=True), r"^Invalid hypergrad_lr value: True \(a bool\); expected a float ≥ 0$"),
+        ("tensor hypergrad_lr", dict(hypergrad_lr=torch.tensor(0.1)),
+         r"^Invalid hypergrad_lr: hypergrad_lr must be a Python float, got a Tensor .*pass float\(hypergrad_lr\)$"),
+        ("negative hypergrad_lr", dict(hypergrad_lr=-1.0), r"^Invalid hypergrad_lr value: -1\.0 \(must be a finite number ≥ 0\)$"),
+        ("negative gamma_lr", dict(gamma_lr=-1.0), r"^Invalid gamma_lr value: -1\.0 \(must be a finite number ≥ 0\)$"),
+        ("negative decay_rate", dict(decay_rate=-1.0), r"^Invalid decay_rate value: -1\.0 \(must be a finite number ≥ 0\)$"),
+        ("negative alpha_inf", dict(alpha_inf=-1.0), r"^Invalid alpha_inf value: -1\.0 \(must be a finite number ≥ 0\)$"),
+        ("negative weight_decay", dict(weight_decay=-1.0), r"^Invalid weight_decay value: -1\.0 \(must be a finite number ≥ 0\)$"),
         ("unknown hypergrad_scaling", dict(hypergrad_scaling="mean"),
          r"^Invalid hypergrad_scaling: 'mean'; expected one of 'equal', 'sum'$"),
         ("unknown gamma_update", dict(gamma_update="exp"), r"^Invalid gamma_update: 'exp'; expected one of 'clamp', "
                                                            r"'softmax'$"),
-        ("negative alpha_min", dict(alpha_min=-1.0), r"^Invalid alpha_min value: -1\.0$"),
+        ("negative alpha_min", dict(alpha_min=-1.0), r"^Invalid alpha_min value: -1\.0 \(must be a finite number ≥ 0\)$"),
         ("alpha_max below lr", dict(lr=0.1, alpha_min=0.01, alpha_max=0.05),
          r"^Invalid alpha_max value: 0\.05 \(below lr=0\.1; the learned rates start at lr\)$"),
         ("alpha_min above lr", dict(lr=0.01, alpha_min=0.05),
@@ -249,13 +254,20 @@ def _optimizer_rows() -> list[ErrorInput]:
         ("foreach not a bool", dict(foreach="yes"), r"^Invalid foreach: 'yes'; expected True, False or None$"),
         ("fused not a bool", dict(fused=1), r"^Invalid fused: 1; expected True, False or None$"),
         ("foreach and fused", dict(foreach=True, fused=True),
-         r"^foreach=True and fused=True cannot both be set; pick one"),
-        ("no parameters", dict(params=[]), r"^Invalid params: empty parameter list$"),
+         r"^Invalid fused: True together with foreach=True; pick one"),
+        ("no parameters", dict(params=[]), r"^Invalid params: empty parameter list; pass a model, "
+                                           r"model\.named_parameters\(\) or an iterable of tensors"),
+        ("tree not a tree", dict(tree="x"), r"^Invalid tree: expected an LRTree, e\.g\. "
+                                            r"tree=hf_camhd\.build_hierarchy\(model, levels\), got str$"),
+        ("gamma as a string", dict(levels=("global", "layer"), gamma="0.5,x"),
+         r"^Invalid gamma: '0\.5,x'; expected one number per level, e\.g\. \(0\.5, 0\.5\) or '0\.5,0\.5'$"),
+        ("maximize not a bool", dict(maximize="yes"), r"^Invalid maximize: 'yes'; expected True or False$"),
     ]
     per_class = {
         CAMHDSGD: [
-            ("negative momentum", dict(momentum=-0.1), r"^Invalid momentum value: -0\.1$"),
-            ("negative dampening", dict(dampening=-0.1), r"^Invalid dampening value: -0\.1$"),
+            ("negative momentum", dict(momentum=-0.1), r"^Invalid momentum value: -0\.1 \(must be a finite number ≥ 0\)$"),
+            ("negative dampening", dict(dampening=-0.1), r"^Invalid dampening value: -0\.1 \(must be a finite number ≥ 0\)$"),
+            ("nesterov not a bool", dict(momentum=0.9, nesterov="yes"), r"^Invalid nesterov: 'yes'; expected True or False$"),
             ("nesterov without momentum", dict(nesterov=True),
              r"^Invalid nesterov: Nesterov momentum requires a momentum and zero dampening \(got momentum=0\.0, "
              r"dampening=0\.0\)$"),
@@ -264,10 +276,13 @@ def _optimizer_rows() -> list[ErrorInput]:
     }
     for cls in (CAMHDAdam, CAMHDAdamW):
         per_class[cls] += [
-            ("beta1 of 1", dict(betas=(1.0, 0.9)), r"^Invalid beta parameter at index 0: 1\.0$"),
-            ("negative beta2", dict(betas=(0.9, -0.1)), r"^Invalid beta parameter at index 1: -0\.1$"),
+            ("beta1 of 1", dict(betas=(1.0, 0.9)), r"^Invalid beta parameter at index 0: 1\.0 \(each beta must be in "
+                                                   r"\[0, 1\)\)$"),
+            ("negative beta2", dict(betas=(0.9, -0.1)), r"^Invalid beta parameter at index 1: -0\.1 \(each beta must be "
+                                                        r"in \[0, 1\)\)$"),
+            ("amsgrad not a bool", dict(amsgrad="yes"), r"^Invalid amsgrad: 'yes'; expected True or False$"),
             ("one beta", dict(betas=(0.9,)), r"^Invalid betas: expected a pair \(beta1, beta2\), got \(0\.9,\)$"),
-            ("negative eps", dict(eps=-1.0), r"^Invalid epsilon value: -1\.0$"),
+            ("negative eps", dict(eps=-1.0), r"^Invalid epsilon value: -1\.0 \(must be a float ≥ 0\)$"),
         ]
 
     def make(cls, kw):
@@ -275,8 +290,11 @@ def _optimizer_rows() -> list[ErrorInput]:
         params = kw.pop("params", None)
         return lambda c: cls(_mlp() if params is None else params, **kw)
 
-    return [ErrorInput(f"{cls.__name__}: {name}", make(cls, kw), ValueError, regex)
+    rows = [ErrorInput(f"{cls.__name__}: {name}", make(cls, kw), ValueError, regex)
             for cls, own in per_class.items() for name, kw, regex in shared + own]
+    return rows + [ErrorInput(f"{cls.__name__}: params None", lambda c, cls=cls: cls(None), TypeError,
+                              r"^params argument given to the optimizer should be an nn\.Module or an iterable of "
+                              r"Tensors or dicts, but got None$") for cls in per_class]
 
 
 DATA = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -117,6 +118,7 @@ def test_non_finite_gradients_never_poison_alpha(path, bad):
     assert torch.isfinite(opt.gamma).all() and float(opt.gamma.sum()) == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:.*hyper-gradient steps are too large:RuntimeWarning")
 def test_alpha_floor_and_ceiling_hold_under_huge_hypergradient_rates():
     m = make_net()
     opt = CAMHDSGD(m, lr=0.05, levels=("global", "layer", "unit", "parameter"), hypergrad_lr=1e6, gamma_lr=0.0,
@@ -229,3 +231,28 @@ def test_repr_and_readers():
         opt.alpha("parameter")
     x, y = batch(0)
     del x, y
+
+
+@pytest.mark.parametrize("rule", ["additive", "normalized"])
+def test_a_rate_pushed_to_alpha_max_is_reported_once_naming_the_level(rule):
+    m = make_net()
+    beta = 10.0 if rule == "additive" else 0.9
+    opt = CAMHDSGD(m, lr=0.05, momentum=0.9, levels=("global", "layer"), hypergrad_lr=beta, alpha_max=0.06,
+                   hypergrad_rule=rule)
+    fix = r"Lower hypergrad_lr \(now " + f"{beta:g}" + r"\)" + (", or use hypergrad_rule='normalized'" if rule == "additive" else
+                                                           r"; or raise alpha_max")
+    with pytest.warns(RuntimeWarning, match=r"CAMHDSGD: the learned rate of level '(global|layer)' reached "
+                                            r"alpha_max=0\.06 \(step \d+\).*" + fix):
+        train(m, opt, 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported once
+        train(m, opt, 20, start=20)
+
+
+def test_no_warning_when_the_rates_stay_sane():
+    m = make_net()
+    opt = CAMHDAdam(m, levels=("global", "layer", "unit", "parameter"), hypergrad_lr=1e-8, gamma_lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(m, opt, 30)
+        opt.lr_stats()

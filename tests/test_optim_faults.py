@@ -18,7 +18,8 @@ from torch import nn
 
 from hf_camhd import CAMHDAdam, CAMHDAdamW, CAMHDSGD
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:.*hyper-gradient steps are too large:RuntimeWarning")]
 
 BASES = {
     "sgd": (CAMHDSGD, dict(lr=0.05)),

@@ -212,7 +212,7 @@ def test_channels_last_weights_take_the_fused_path(fused_calls):
 
 
 def test_fused_and_foreach_both_true_is_an_error():
-    with pytest.raises(ValueError, match="foreach=True and fused=True cannot both be set"):
+    with pytest.raises(ValueError, match="Invalid fused: True together with foreach=True; pick one"):
         CAMHDSGD(make_net(), foreach=True, fused=True)
     with pytest.raises(ValueError, match=r"Invalid fused: 'yes'"):
         CAMHDSGD(make_net(), fused="yes")

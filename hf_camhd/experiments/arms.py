@@ -121,12 +121,13 @@ def arm_hyperparameters(arm: Arm, preset: TaskPreset, *, levels: Sequence[str] |
         wd = p.adamw_weight_decay if arm.name == "adamw" else p.weight_decay
         return {"lr": p.adam_lr, "weight_decay": wd}
 
+    # note: the paper's arms run the paper's (additive) rule with Table 1's β
     if arm.family == "sgd":
         kw = {"lr": p.sgd_lr, "momentum": p.momentum, "weight_decay": p.sgd_weight_decay,
-              "hypergrad_lr": p.sgd_hypergrad_lr}
+              "hypergrad_lr": p.sgd_hypergrad_lr, "hypergrad_rule": "additive"}
     else:
         wd = p.adamw_weight_decay if arm.optimizer.startswith("adamw") else p.weight_decay
-        kw = {"lr": p.adam_lr, "weight_decay": wd, "hypergrad_lr": p.adam_hypergrad_lr}
+        kw = {"lr": p.adam_lr, "weight_decay": wd, "hypergrad_lr": p.adam_hypergrad_lr, "hypergrad_rule": "additive"}
     if arm.kind == "hd":
         return kw  # global-only tree (fixed by the registry), no decay, as Baydin et al.
 

@@ -147,45 +147,75 @@ def hyper_update(sums: NodeSums, hyper: HyperState, step: StepTensors, index: Tr
                  t) -> HyperUpdate:
     """Steps 2–3 on the node sums: α of every coarse and unit node (clamped to the bounds), then γ.
 
-    Nothing moves when the hyper-gradient is not finite (and the skip is counted in ``hyper.skipped``) or,
-    while compiling, on the first step. No host synchronisation.
+    Additive rule: α ← α − β_j γ_j Σh; normalized rule: α ← α (1 − β c̄) with c̄ the smoothed cosine of g and u
+    over the node (§3.2). Nothing moves when the hyper-gradient is not finite (and the skip is counted in
+    ``hyper.skipped``) or, while compiling, on the first step. No host synchronisation.
     """
     gamma, levels = hyper.gamma, cfg.levels
-    S = sums.tensor
-    node = {"global": S.sum().reshape(1)}
+    S = sums.tensor                                        # (T, C)
+    node = {"global": S.sum(0, keepdim=True)}
     block_of, layer_of = index.nodes_of(step.index)
-    if "block" in hyper.coarse:
-        node["block"] = torch.zeros_like(hyper.coarse["block"]).index_add_(0, block_of, S)
-    if "layer" in hyper.coarse:
-        node["layer"] = torch.zeros_like(hyper.coarse["layer"]).index_add_(0, layer_of, S)
-    finite = torch.isfinite(node["global"][0])
+    for lv, of in (("block", block_of), ("layer", layer_of)):
+        if lv in hyper.coarse:
+            node[lv] = S.new_zeros(hyper.coarse[lv].shape[0], S.shape[1]).index_add_(0, of, S)
+    finite = torch.isfinite(node["global"]).all()
     ok = finite & (t > 1) if isinstance(t, Tensor) else finite
     hyper.skipped.add_((~finite).to(hyper.skipped.dtype))
     G = _gamma_gradient(sums, node, hyper, cfg) if cfg.gamma_lr > 0 else None
     gamma_param = gamma[cfg.position("parameter")].clone() if "parameter" in levels else None
-    lo, hi = cfg.alpha_min, cfg.alpha_max
-    for lv, alpha in hyper.coarse.items():  # step 2: α ← α − β_j γ_j Σh (clamped)
-        new = (alpha - index.beta[lv] * (gamma[cfg.position(lv)] * node[lv])).clamp_(lo, hi)
+    for lv, alpha in hyper.coarse.items():                 # step 2
+        new = _new_alpha(alpha, node[lv], hyper.stats.get(lv), index.beta[lv], gamma[cfg.position(lv)], cfg, ok)
         alpha.copy_(torch.where(ok, new, alpha))
     if "unit" in levels:
         g_unit = gamma[cfg.position("unit")]
         for gi, u in sums.units.items():
             alpha, start = step.unit_vectors[gi]
             u = u[start:start + alpha.shape[0]].to(alpha.device)
-            new = (alpha - (index.beta_unit[gi] * g_unit) * u).clamp_(lo, hi)
+            stats = step.unit_stats[gi] if cfg.normalized else None
+            new = _new_alpha(alpha, u, stats, index.beta_unit[gi], g_unit, cfg, ok.to(alpha.device))
             alpha.copy_(torch.where(ok.to(alpha.device), new, alpha))
-    if G is not None:
-        update_gamma(hyper, G, ok, cfg)
+    if G is not None:                                      # step 3
+        update_gamma(hyper, _normalized_gamma_gradient(G, hyper, cfg, ok) if cfg.normalized else G, ok, cfg)
     return HyperUpdate(ok, gamma_param, dict(finite=ok, G=G, sums=node))
+
+
+def _new_alpha(alpha: Tensor, sums: Tensor, stats: Tensor | None, beta, gamma_j: Tensor, cfg: HyperConfig,
+               ok: Tensor) -> Tensor:
+    """Step 2 for the nodes of one level (``sums``: ``(nodes, C)``), clamped to [alpha_min, alpha_max]. The
+    normalized rule first folds this step's sums into the smoothed ones (``stats``, in place, where ``ok``)."""
+    if not cfg.normalized:
+        return (alpha - beta * (gamma_j * sums[:, 0])).clamp_(cfg.alpha_min, cfg.alpha_max)
+    rho = cfg.hypergrad_smoothing
+    stats.copy_(torch.where(ok, rho * stats + (1.0 - rho) * sums.to(stats.dtype), stats))
+    return (alpha * (1.0 - cfg.hypergrad_lr * cosine(stats))).clamp_(cfg.alpha_min, cfg.alpha_max)
+
+
+def cosine(stats: Tensor) -> Tensor:
+    """``Σgu / sqrt(Σg² Σu²)`` per row of ``(rows, 3)`` smoothed sums, in [−1, 1] (0 where a norm is 0)."""
+    den = (stats[..., 1] * stats[..., 2]).sqrt()
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where(den > 0, stats[..., 0] / safe, torch.zeros_like(den)).clamp(-1.0, 1.0)
+
+
+def _normalized_gamma_gradient(G: Tensor, hyper: HyperState, cfg: HyperConfig, ok: Tensor) -> Tensor:
+    """The normalized rule's ∂f/∂γ: the smoothed G divided by α₀ ‖g‖ ‖u‖ (smoothed, over the model), so that δ
+    is dimensionless like β; equal G_j (equal rates) still leave γ where it is."""
+    rho = cfg.hypergrad_smoothing
+    smoothed = hyper.gamma_grad
+    smoothed.copy_(torch.where(ok, rho * smoothed + (1.0 - rho) * G, smoothed))
+    g_stats = hyper.stats["global"][0]
+    scale = cfg.lr * (g_stats[1] * g_stats[2]).sqrt()
+    return torch.where(scale > 0, smoothed / torch.where(scale > 0, scale, torch.ones_like(scale)),
+                       torch.zeros_like(smoothed))
 
 
 def _gamma_gradient(sums: NodeSums, node: dict, hyper: HyperState, cfg: HyperConfig) -> Tensor:
     """``G_j = ∂f/∂γ_j = Σ_n α_j[n] Σ_{p∈n} h_p`` with the α of step t−1 (non-finite entries → 0)."""
-    parts = [(hyper.coarse[lv] * node[lv]).sum() for lv in cfg.levels if lv in hyper.coarse]
+    parts = [(hyper.coarse[lv] * node[lv][:, 0]).sum() for lv in cfg.levels if lv in hyper.coarse]
     if "unit" in cfg.levels:
         parts.append(sums.gamma_unit)
     if "parameter" in cfg.levels:  # Σ α h with α = α₀ + offset: α₀ Σh + Σ offset·h
-        parts.append(sums.gamma_param + cfg.lr * node["global"][0])
+        parts.append(sums.gamma_param + cfg.lr * node["global"][0, 0])
     home = hyper.gamma
     G = torch.stack([_to(x.reshape(()), home) for x in parts])
     return torch.where(torch.isfinite(G), G, torch.zeros_like(G))
@@ -247,6 +277,14 @@ def combined_rates(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: 
     return Rates(w, unit, fine, tau)
 
 
+def _dense_rate(step: StepTensors, rates: Rates, i: int, a0: float):
+    """κ of tensor ``i`` (before −s): ``w_i``, with the unit level per unit and the parameter level per element."""
+    kappa = _unit_rate(step, rates, i, rates.w[i], a0) if step.unit_groups is not None else rates.w[i]
+    if step.offsets is not None:
+        kappa = kappa + rates.fine_coef * step.offsets[i]
+    return kappa
+
+
 def _unit_rate(step: StepTensors, rates: Rates, i: int, w_i, a0: float) -> Tensor:
     """``w_i + τ γ_unit (α_unit − α₀)`` for the units tensor ``i`` holds, shaped to broadcast over it."""
     view = unit_alpha_view(step, i)
@@ -269,31 +307,44 @@ def _camhd_step_reference(step: StepTensors, hyper: HyperState, index: TreeIndex
     home = _home(hyper)
     diag: dict = {}
     if adapts_now(cfg, t):
-        h = [_to(g, d) * (c * d) for g, d, c in zip(step.grads, step.dirs, step.dir_scales)]  # 1. h = g ⊙ u
-        part = PartialSums(torch.stack([_to(x.sum(), home) for x in h]))
+        u = [c * d for d, c in zip(step.dirs, step.dir_scales)]                               # 1. h = g ⊙ u
+        h = [_to(g, x) * x for g, x in zip(step.grads, u)]
+        chans = [[hx] + ([_to(g, x) ** 2, x ** 2] if cfg.normalized else []) for g, x, hx in zip(step.grads, u, h)]
+        part = PartialSums(torch.stack([torch.stack([_to(c.sum(), home) for c in ch]) for ch in chans]))
         if step.unit_groups is not None:
-            part.unit_rows = [_to(unit_sums(x, step.unit_dims[i], step.unit_ranges[i][1] - step.unit_ranges[i][0]),
-                                  home) for i, x in enumerate(h)]
-            part.gamma_unit = torch.stack([(_to(unit_alpha_view(step, i), home) * r).sum()
+            part.unit_rows = [_to(torch.stack([unit_sums(c, step.unit_dims[i], step.unit_ranges[i][1]
+                                                         - step.unit_ranges[i][0]) for c in ch], 1), home)
+                              for i, ch in enumerate(chans)]
+            part.gamma_unit = torch.stack([(_to(unit_alpha_view(step, i), home) * r[:, 0]).sum()
                                            for i, r in enumerate(part.unit_rows)])
         if step.offsets is not None and cfg.gamma_lr > 0:
             part.gamma_param = torch.stack([_to((off * x).sum(), home) for off, x in zip(step.offsets, h)])
         upd = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t)  # 2–3
-        if step.offsets is not None:  # 2'. α_param ← clamp(α_param − β_p γ_p h), kept when not finite
+        if step.offsets is not None:  # 2'. additive α − β_p γ_p h, or normalized α (1 − β sign h); clamped
             for off, x in zip(step.offsets, h):
-                new = (off - index.beta_param * _to(upd.gamma_param, off) * x).clamp(*cfg.offset_bounds(off.dtype))
+                if cfg.normalized:
+                    new = (cfg.lr + off) * (1.0 - cfg.hypergrad_lr * torch.sign(x)) - cfg.lr
+                else:
+                    new = off - index.beta_param * _to(upd.gamma_param, off) * x
+                new = new.clamp(*cfg.offset_bounds(off.dtype))
                 off.copy_(torch.where(upd.ok.to(off.device), new, off))
         diag = upd.diag
     rates = combined_rates(step, hyper, index, cfg, t)                                             # 4
     for group, members, s in step.groups:                                                          # 5–6
+        rule.prepare_group(group)
         decay = rule.decoupled_decay(group)
-        for m in members:
+        dense = [-s * _to(torch.as_tensor(_dense_rate(step, rates, m, cfg.lr)), step.dirs[m]) for m in members]
+        if rule.custom_apply:
+            pick = lambda xs: [xs[m] for m in members]  # noqa: E731
+            out = rule.directions(pick(step.params), pick(step.grads), pick(step.states), group, foreach=False)
+            rule.apply(pick(step.params), pick(step.states), group, dense, out)
+            for m, d in zip(members, out.d):
+                step.dirs[m].copy_(d)
+            _store_dir_scales(pick(step.dir_scales), s, rates.tau, out.scale)
+            continue
+        for m, k in zip(members, dense):
             p = step.params[m]
             d, _ = rule.direction_reference(p, step.grads[m], step.states[m], group)
-            kappa = _unit_rate(step, rates, m, rates.w[m], cfg.lr) if step.unit_groups is not None else rates.w[m]
-            if step.offsets is not None:
-                kappa = kappa + rates.fine_coef * step.offsets[m]
-            k = -s * _to(torch.as_tensor(kappa), step.dirs[m])
             full = d + decay * p if decay else d          # the direction the rate scales (AdamW: + λθ_{t-1})
             if decay:
                 p.mul_(1.0 + decay * k)                   # θ (1 + λK) + K q, rounded as torch's AdamW
@@ -318,9 +369,15 @@ def _camhd_step_multi_tensor(step: StepTensors, hyper: HyperState, index: TreeIn
     for group, members, s in step.groups:                                                           # 5–6
         pick = lambda xs: [xs[m] for m in members]  # noqa: E731
         params, dirs = pick(step.params), pick(step.dirs)
+        rule.prepare_group(group)
         out = rule.directions(params, pick(step.grads), pick(step.states), group, foreach=True, out=dirs)
         base, fine = _multi_tensor_rates(step, rates, members, s, cfg.lr)
-        _apply_multi_tensor(params, out, base, fine, pick(step.offsets) if step.offsets is not None else None)
+        offsets = pick(step.offsets) if step.offsets is not None else None
+        if rule.custom_apply:
+            rule.apply(params, pick(step.states), group,
+                       base if fine is None else [torch.addcmul(b, o, f) for b, o, f in zip(base, offsets, fine)], out)
+        else:
+            _apply_multi_tensor(params, out, base, fine, offsets)
         for d, old in zip(out.d, dirs):
             if d is not old:
                 old.copy_(d)
@@ -330,23 +387,37 @@ def _camhd_step_multi_tensor(step: StepTensors, hyper: HyperState, index: TreeIn
 
 def _partial_sums_multi_tensor(step: StepTensors, cfg: HyperConfig, home: Tensor) -> PartialSums:
     """Step 1 with foreach ops. Where the unit or parameter level needs ``g ⊙ d_{t-1}`` element-wise it is
-    written into the direction buffers (dead once h is formed), so nothing model-sized is allocated."""
+    written into the direction buffers (dead once h is formed), so nothing model-sized is allocated (the
+    normalized rule's norms are taken first, from the untouched buffers)."""
     grads, dirs, scales = step.grads, step.dirs, step.dir_scales
-    need_h = step.unit_groups is not None or step.offsets is not None
-    if need_h:
-        _mul_mixed(dirs, grads)  # dirs ← g ⊙ d_{t-1}
-        if step.unit_groups is not None:
-            rows = [unit_sums(x, step.unit_dims[i], step.unit_ranges[i][1] - step.unit_ranges[i][0])
-                    for i, x in enumerate(dirs)]
-            raw = [r.sum() for r in rows]
+    unit = step.unit_groups is not None
+
+    def per_unit(x: Tensor, i: int) -> Tensor:
+        return unit_sums(x, step.unit_dims[i], step.unit_ranges[i][1] - step.unit_ranges[i][0])
+
+    if cfg.normalized:  # Σ g², Σ dir² (per unit where needed), before h overwrites the directions
+        g_hd = [_to(g, d) for g, d in zip(grads, dirs)]
+        if unit:
+            norms = [torch.stack([per_unit(g * g, i), per_unit(d * d, i)], 1) for i, (g, d) in enumerate(zip(g_hd, dirs))]
         else:
-            raw = [x.sum() for x in dirs]
+            norms = [torch.stack([_vdot(g, g), _vdot(d, d)]) for g, d in zip(g_hd, dirs)]
+        norms = [n * torch.stack([torch.ones_like(c), c * c]) for n, c in zip(norms, scales)]  # Σ u² = c² Σ dir²
+    if unit or step.offsets is not None:
+        _mul_mixed(dirs, grads)  # dirs ← g ⊙ d_{t-1}
+        rows = [per_unit(x, i) for i, x in enumerate(dirs)] if unit else None
+        raw = [r.sum() for r in rows] if unit else [x.sum() for x in dirs]
     else:
         raw = [_vdot(_to(g, d), d) for g, d in zip(grads, dirs)]
-    part = PartialSums(torch.stack([_to(x, home) for x in torch._foreach_mul(raw, scales)]))
-    if step.unit_groups is not None:
-        part.unit_rows = [_to(r * c, home) for r, c in zip(rows, scales)]
-        part.gamma_unit = torch.stack([(_to(unit_alpha_view(step, i), home) * r).sum()
+    totals = torch._foreach_mul(raw, scales)
+    if cfg.normalized:
+        totals = [torch.cat([h.reshape(1), n.sum(0) if unit else n]) for h, n in zip(totals, norms)]
+    part = PartialSums(torch.stack([_to(x.reshape(-1), home) for x in totals]))
+    if unit:
+        rows = [r * c for r, c in zip(rows, scales)]
+        if cfg.normalized:
+            rows = [torch.cat([r.unsqueeze(1), n], 1) for r, n in zip(rows, norms)]
+        part.unit_rows = [_to(r.reshape(r.shape[0], cfg.channels), home) for r in rows]
+        part.gamma_unit = torch.stack([(_to(unit_alpha_view(step, i), home) * r[:, 0]).sum()
                                        for i, r in enumerate(part.unit_rows)])
     if step.offsets is not None and cfg.gamma_lr > 0:
         gp = torch._foreach_mul([_vdot(off, x) for off, x in zip(step.offsets, dirs)], scales)
@@ -355,10 +426,15 @@ def _partial_sums_multi_tensor(step: StepTensors, cfg: HyperConfig, home: Tensor
 
 
 def _parameter_level_multi_tensor(step: StepTensors, upd: HyperUpdate, index: TreeIndex, cfg: HyperConfig) -> None:
-    """Step 2' with ``g ⊙ d_{t-1}`` in the direction buffers: ``α_off ← clamp(α_off − β_p γ_p c · g ⊙ d)``."""
+    """Step 2' with ``g ⊙ d_{t-1}`` in the direction buffers (u = c · d): additive
+    ``α_off ← α_off − β_p γ_p c · g ⊙ d``, normalized ``α ← α (1 − β sign(c · g ⊙ d))``; clamped."""
     coef = -index.beta_param * upd.gamma_param
     for off, x, c in zip(step.offsets, step.dirs, step.dir_scales):
-        new = torch.addcmul(off, x, _to(coef * c, off)).clamp_(*cfg.offset_bounds(off.dtype))
+        if cfg.normalized:
+            new = torch.addcmul(off, torch.sign(x) * (cfg.lr + off), _to(-cfg.hypergrad_lr * torch.sign(c), off))
+        else:
+            new = torch.addcmul(off, x, _to(coef * c, off))
+        new = new.clamp_(*cfg.offset_bounds(off.dtype))
         off.copy_(torch.where(upd.ok.to(off.device), new, off))
 
 
@@ -449,24 +525,32 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
     """Steps 1–6 with the C kernels: pass 1 (sums) → α / γ on those few numbers → pass 2 per param group."""
     diag: dict = {}
     T = len(step.params)
-    alpha = [(0, 0.0, 0.0, 0.0)] * T
+    alpha = [(0, 0.0, 0.0, 0.0, 0.0)] * T
     if adapts_now(cfg, t):
         want_off = step.offsets is not None and cfg.gamma_lr > 0
         counts = [hi - lo for lo, hi in step.unit_ranges] if step.unit_groups is not None else None
-        raw = _fused.partial_sums(step.grads, step.dirs, step.offsets if want_off else None, counts)     # 1
+        raw = _fused.partial_sums(step.grads, step.dirs, step.offsets if want_off else None, counts,   # 1
+                                  norms=cfg.normalized)
         scales = torch.stack(step.dir_scales).to(torch.float64)
         home = _home(hyper)
-        part = PartialSums(_to(raw.totals[:, 0] * scales, home))
+        # the channels Σ g·u (= c Σ g·dir) and, normalized, Σ g², Σ u² (= c² Σ dir²)
+        factors = torch.stack([scales, torch.ones_like(scales), scales * scales], 1)[:, :cfg.channels]
+        picked = [0, 2, 3][:cfg.channels]
+        part = PartialSums(_to(raw.totals[:, picked] * factors, home))
         if counts is not None:
-            part.unit_rows = [_to(r * c, home) for r, c in zip(raw.unit_rows, scales)]
-            part.gamma_unit = torch.stack([(_to(unit_alpha_view(step, i), home) * r).sum()
+            part.unit_rows = [_to(r[:, picked] * f, home) for r, f in zip(raw.unit_rows, factors)]
+            part.gamma_unit = torch.stack([(_to(unit_alpha_view(step, i), home) * r[:, 0]).sum()
                                            for i, r in enumerate(part.unit_rows)])
         if want_off:
             part.gamma_param = _to(raw.totals[:, 1] * scales, home)
         upd = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t)   # 2–3
         if step.offsets is not None and bool(upd.ok):  # 2' runs inside pass 2 (it reads d_{t-1} there)
-            coefs = (scales * (-index.beta_param * float(upd.gamma_param))).tolist()
-            alpha = [(1, c, *cfg.offset_bounds(o.dtype)) for c, o in zip(coefs, step.offsets)]
+            if cfg.normalized:  # α (1 − β sign(c · g ⊙ dir))
+                alpha = [(2, cfg.hypergrad_lr * (1.0 if c > 0 else -1.0 if c < 0 else 0.0),
+                          *cfg.offset_bounds(o.dtype), cfg.lr) for c, o in zip(scales.tolist(), step.offsets)]
+            else:
+                coefs = (scales * (-index.beta_param * float(upd.gamma_param))).tolist()
+                alpha = [(1, c, *cfg.offset_bounds(o.dtype), cfg.lr) for c, o in zip(coefs, step.offsets)]
         diag = upd.diag
     rates = combined_rates(step, hyper, index, cfg, t)                                              # 4
     w = rates.w.tolist()
@@ -479,6 +563,7 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
             k_base = [1.0] * len(members)
         else:
             k_rows, k_base = [None] * len(members), [-s * w[m] for m in members]
+        rule.prepare_group(group)
         scale = rule.fused_update(pick(step.params), pick(step.grads), pick(step.states), group, pick(step.dirs),
                                   pick(offsets), k_rows, k_base, [-s * fine] * len(members), pick(alpha))
         _store_dir_scales(pick(step.dir_scales), s, rates.tau, scale)

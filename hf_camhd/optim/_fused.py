@@ -113,10 +113,10 @@ def _build(cc: list[str], flags: list[str], source: bytes) -> Path:
 def _declare(lib: ctypes.CDLL) -> None:
     P, N, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     for sfx in _SUFFIX.values():
-        getattr(lib, f"camhd_hsum_{sfx}").argtypes = [P, P, P, N, P]
-        getattr(lib, f"camhd_hsum_rows_{sfx}").argtypes = [P, P, P, N, N, P, P]
-        getattr(lib, f"camhd_adam_{sfx}").argtypes = [P] * 7 + [N, P, N, I, F, F, F, F, F, I, F, F, F, F, F, F, F, F]
-        getattr(lib, f"camhd_sgd_{sfx}").argtypes = [P] * 5 + [N, P, N, I, F, F, F, F, F, F, I, I, F, F]
+        getattr(lib, f"camhd_hsum_{sfx}").argtypes = [P, P, P, N, I, P]
+        getattr(lib, f"camhd_hsum_rows_{sfx}").argtypes = [P, P, P, N, N, I, P, P]
+        getattr(lib, f"camhd_adam_{sfx}").argtypes = [P] * 7 + [N, P, N, I, F, F, F, F, F, F, I] + [F] * 8
+        getattr(lib, f"camhd_sgd_{sfx}").argtypes = [P] * 5 + [N, P, N, I, F, F, F, F, F, F, F, I, I, F, F]
         for kind in ("hsum", "hsum_rows", "adam", "sgd"):
             getattr(lib, f"camhd_{kind}_{sfx}").restype = None
 
@@ -206,29 +206,30 @@ def _ptr(t: Tensor | None) -> int | None:
 class RawSums:
     """Pass 1's output, before the per-tensor factor of ``u = scale · dir`` is applied."""
 
-    totals: Tensor                          # (T, 2) float64: Σ g ⊙ dir, Σ α_offset ⊙ g ⊙ dir per tensor
-    unit_rows: list[Tensor] | None = None   # Σ g ⊙ dir per unit (units along dim 0), per tensor
+    totals: Tensor                          # (T, 4) float64: Σ g⊙dir, Σ α_offset⊙g⊙dir, Σ g², Σ dir² per tensor
+    unit_rows: list[Tensor] | None = None   # (units, 4) per tensor (units along dim 0)
 
 
 def partial_sums(grads: list[Tensor], dirs: list[Tensor], offsets: list[Tensor] | None,
-                 unit_counts: list[int] | None = None) -> RawSums:
-    """Pass 1: per tensor ``Σ g ⊙ dir`` and ``Σ off ⊙ g ⊙ dir`` (0 without ``offsets``) as a ``(T, 2)`` float64
-    tensor and, with ``unit_counts`` (units along dim 0), the first of these per unit. Sums accumulate in float64
-    in an order fixed by the shapes and the thread count."""
+                 unit_counts: list[int] | None = None, norms: bool = False) -> RawSums:
+    """Pass 1: per tensor ``Σ g ⊙ dir``, ``Σ off ⊙ g ⊙ dir`` (0 without ``offsets``) and, with ``norms``, ``Σ g²``
+    and ``Σ dir²`` (else 0), as a ``(T, 4)`` float64 tensor and, with ``unit_counts`` (units along dim 0), the same
+    per unit. Sums accumulate in float64 in an order fixed by the shapes and the thread count."""
     lib = load()
-    totals = torch.zeros(len(grads), 2, dtype=torch.float64)
-    base, stride = totals.data_ptr(), 2 * totals.element_size()
+    totals = torch.zeros(len(grads), 4, dtype=torch.float64)
+    base, stride = totals.data_ptr(), 4 * totals.element_size()
     rows = [] if unit_counts is not None else None
     for i, (g, d) in enumerate(zip(grads, dirs)):
         sfx, off = _SUFFIX[g.dtype], _ptr(offsets[i] if offsets is not None else None)
         if rows is None:
-            getattr(lib, f"camhd_hsum_{sfx}")(g.data_ptr(), d.data_ptr(), off, g.numel(), base + i * stride)
+            getattr(lib, f"camhd_hsum_{sfx}")(g.data_ptr(), d.data_ptr(), off, g.numel(), int(norms),
+                                              base + i * stride)
             continue
         count = unit_counts[i]
-        r = torch.zeros(2, count, dtype=torch.float64)
+        r = torch.zeros(4, count, dtype=torch.float64)
         getattr(lib, f"camhd_hsum_rows_{sfx}")(g.data_ptr(), d.data_ptr(), off, g.numel(), _row_len(g, count),
-                                               r.data_ptr(), base + i * stride)
-        rows.append(r[0])
+                                               int(norms), r.data_ptr(), base + i * stride)
+        rows.append(r.T)
     return RawSums(totals, rows)
 
 
@@ -243,7 +244,8 @@ def adam(p: Tensor, g: Tensor, d: Tensor, off: Tensor | None, m: Tensor, v: Tens
 
     ``θ ← θ (1 + da + db·off)`` (decoupled only) ``+ (ka + kb·off) · q`` with ``q = m / (sqrt(v) + shift)``;
     ``dir ← q + dd·θ_old`` (decoupled) or ``q``; L2 decay ``wd`` enters the moments' gradient. ``alpha``:
-    ``(do, c, lo, hi)``, the parameter-level update ``off ← clamp(off + c · g ⊙ dir_old, lo, hi)`` when ``do``.
+    ``(do, c, lo, hi, α₀)``, the parameter-level update of ``off = α − α₀`` from ``g ⊙ dir_old``, clamped to
+    ``[lo, hi]``: ``do=1`` additive, ``off + c · g ⊙ dir_old``; ``do=2`` normalized, ``α (1 − c · sign(g ⊙ dir_old))``.
     ``krow`` (float64, one per unit along dim 0): ``ka`` and ``da`` are multiplied by the unit's factor.
     """
     fn = getattr(load(), f"camhd_adam_{_SUFFIX[p.dtype]}")

@@ -19,12 +19,20 @@ from ..hierarchy.builders import owning_layer
 from ..hierarchy.tree import ParamEntry, validate_levels
 
 DEFAULT_LEVELS = ("global", "layer")
+EMPTY = ("Invalid params: empty parameter list; pass a model, model.named_parameters() or an iterable of tensors "
+         "with at least one trainable tensor")
 
 
 def resolve_params(params: Any, levels, tree: LRTree | None) -> tuple[list[dict], LRTree]:
     """The optimizer's param groups and its tree (in the groups' parameter order)."""
     if levels is not None:
         levels = validate_levels(levels)
+    if tree is not None and not isinstance(tree, LRTree):
+        raise ValueError(f"Invalid tree: expected an LRTree, e.g. tree=hf_camhd.build_hierarchy(model, levels), got "
+                         f"{type(tree).__name__}")
+    if params is None:
+        raise TypeError("params argument given to the optimizer should be an nn.Module or an iterable of Tensors or "
+                        "dicts, but got None")
     if isinstance(params, LRTree):
         if params.module is None:
             raise ValueError("Invalid params: this LRTree is not bound to a live model (it was loaded from JSON "
@@ -38,7 +46,7 @@ def resolve_params(params: Any, levels, tree: LRTree | None) -> tuple[list[dict]
                         f"but got {torch.typename(params)}")
     items = list(params)
     if not items:
-        raise ValueError("Invalid params: empty parameter list")
+        raise ValueError(EMPTY)
     raw_groups = [dict(g) for g in items] if isinstance(items[0], Mapping) else [{"params": items}]
     groups, names, any_named, any_plain = _named_groups(raw_groups)
     flat = [p for g in groups for p in g["params"]]
@@ -97,7 +105,7 @@ def _named_groups(raw_groups: list[dict]) -> tuple[list[dict], list[str], bool, 
             groups.append({**g, "params": kept, "param_names": kept_names})
             names.extend(kept_names)
     if not groups:
-        raise ValueError("Invalid params: empty parameter list")
+        raise ValueError(EMPTY)
     return groups, names, any_named, any_plain
 
 

@@ -19,7 +19,8 @@ DIR = "hypergrad_dir"                        # d_{t-1}: the last update's direct
 DIR_SCALE = "hypergrad_dir_scale"            # ... and its 0-d factor: u_{t-1} = DIR_SCALE · DIR
 ALPHA_UNIT = "camhd_alpha_unit"              # the unit level's α of a layer (on the tensor owning its units)
 ALPHA_OFFSET = "camhd_alpha_parameter_offset"  # the parameter level's α − α₀, element-wise
-HYPER_PARAM_KEYS = (DIR, DIR_SCALE, ALPHA_UNIT, ALPHA_OFFSET)
+UNIT_STATS = "camhd_unit_hypergrad_stats"    # normalized rule: the unit level's smoothed (Σgu, Σg², Σu²), per unit
+HYPER_PARAM_KEYS = (DIR, DIR_SCALE, ALPHA_UNIT, ALPHA_OFFSET, UNIT_STATS)
 
 # model-wide, in param_groups[0]
 PREFIX = "camhd_"
@@ -29,15 +30,26 @@ LR0 = "camhd_lr"                   # α₀, the initial value of every learned r
 LAST_LR_SCALE = "camhd_last_lr_scale"  # s = group lr / α₀ of param group 0 at the last step (for logging)
 GAMMA = "camhd_gamma"              # γ, one weight per level
 GAMMA_LOGITS = "camhd_gamma_logits"  # c with γ = softmax(c) (gamma_update="softmax")
+GAMMA_GRAD = "camhd_gamma_hypergrad"  # normalized rule: the smoothed ∂f/∂γ
 TREE = "camhd_tree"                # the learning-rate tree as plain data
 COARSE_LEVELS = ("global", "block", "layer")
-HYPER_GROUP_KEYS = (GAMMA, GAMMA_LOGITS) + tuple(PREFIX + "alpha_" + lv for lv in COARSE_LEVELS)
+HYPER_GROUP_KEYS = ((GAMMA, GAMMA_LOGITS, GAMMA_GRAD) + tuple(PREFIX + "alpha_" + lv for lv in COARSE_LEVELS)
+                    + tuple(PREFIX + "hypergrad_stats_" + lv for lv in COARSE_LEVELS))
 """Group-0 tensors kept in the hyper dtype on the parameters' device."""
+RULES = ("normalized", "additive")
+NORMALIZED_HYPERGRAD_LR = 0.01  # β of the normalized rule: the fraction a rate may move per step (docs/algorithm.md §3.2)
+NORMALIZED_GAMMA_LR = 0.01      # δ of the normalized rule
+STATS_CHANNELS = 3  # normalized rule: Σ g·u, Σ g², Σ u² per node
 
 
 def alpha_key(level: str) -> str:
     """The ``param_groups[0]`` key of a coarse level's α vector (``global`` / ``block`` / ``layer``)."""
     return PREFIX + "alpha_" + level
+
+
+def stats_key(level: str) -> str:
+    """The ``param_groups[0]`` key of a coarse level's smoothed (Σgu, Σg², Σu²) per node (normalized rule)."""
+    return PREFIX + "hypergrad_stats_" + level
 
 
 def hyper_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,6 +72,18 @@ class HyperConfig:
     gamma_update: str
     alpha_min: float
     alpha_max: float
+    hypergrad_rule: str = "additive"
+    hypergrad_smoothing: float = 0.0
+
+    @property
+    def normalized(self) -> bool:
+        """The scale-free rule (``docs/algorithm.md`` §3.2): α ← α (1 − β · smoothed cos(g, u))."""
+        return self.hypergrad_rule == "normalized"
+
+    @property
+    def channels(self) -> int:
+        """Sums taken per tensor / unit in step 1: Σ g·u, and (normalized rule) Σ g², Σ u²."""
+        return STATS_CHANNELS if self.normalized else 1
 
     @property
     def adapts(self) -> bool:
@@ -95,6 +119,8 @@ class HyperState:
     coarse: dict[str, Tensor]           # "global" / "block" / "layer" -> α vector
     skipped: Tensor                     # count of skipped hyper-steps
     gamma_logits: Tensor | None = None  # softmax option
+    stats: dict[str, Tensor] = field(default_factory=dict)  # normalized rule: coarse level -> (nodes, 3) smoothed sums
+    gamma_grad: Tensor | None = None    # normalized rule: smoothed ∂f/∂γ
 
 
 @dataclass
@@ -191,6 +217,7 @@ class StepTensors:
     unit_dims: list[int] | None = None         # unit level: the dimension of each tensor's units
     unit_ranges: list[tuple[int, int]] | None = None  # unit level: the units each tensor holds (local range)
     unit_vectors: dict[int, tuple[Tensor, int]] | None = None  # unit group -> (local α vector, first unit in it)
+    unit_stats: dict[int, Tensor] | None = None  # normalized rule: unit group -> local (units, 3) smoothed sums
 
     @property
     def lr_scales(self) -> list:
@@ -203,10 +230,11 @@ class StepTensors:
 
 @dataclass
 class PartialSums:
-    """Step 1's sums of ``h = g ⊙ u`` as each rank sees them (``(T,)`` vectors: one entry per tensor)."""
+    """Step 1's sums as each rank sees them: ``(T, C)`` (one row per tensor) with the channels Σ g·u and — for
+    the normalized rule — Σ g², Σ u²; the γ partials are ``(T,)``."""
 
-    tensor: Tensor                      # Σ h
-    unit_rows: list[Tensor] | None = None    # Σ h per unit held locally, per tensor
+    tensor: Tensor                      # Σ h (and the norms)
+    unit_rows: list[Tensor] | None = None    # (units held locally, C), per tensor
     gamma_unit: Tensor | None = None    # Σ_units α_unit · Σ h (∂f/∂γ_unit's part from each tensor)
     gamma_param: Tensor | None = None   # Σ (α_param − α₀) ⊙ h
 
@@ -215,7 +243,7 @@ class PartialSums:
 class NodeSums:
     """Step 1's sums over whole nodes (across ranks): what the hyper-update needs."""
 
-    tensor: Tensor                      # Σ h per tensor
-    units: dict[int, Tensor]            # unit group -> Σ h per unit
+    tensor: Tensor                      # (T, C): Σ h (and the norms) per tensor
+    units: dict[int, Tensor]            # unit group -> (units, C)
     gamma_unit: Tensor | None = None
     gamma_param: Tensor | None = None

@@ -47,6 +47,17 @@ class BaseRule:
 
     name: str = "base"
     state_keys: tuple[str, ...] = ()
+    custom_apply: bool = False
+    """Whether the rule moves the parameters itself (:meth:`apply`) instead of ``θ ← θ + K ⊙ d``."""
+
+    def prepare_group(self, group: dict) -> None:
+        """Advance per-group counters once per step, before the group's directions (none by default)."""
+
+    def apply(self, params: list[Tensor], states: list[dict], group: dict, rates: list[Tensor],
+              out: Directions) -> None:
+        """Move the parameters with the combined rates ``K = −s κ`` (``rates[i]`` broadcasts over tensor i) and the
+        directions ``out`` (only for rules with ``custom_apply``)."""
+        raise NotImplementedError(f"the {self.name} rule applies the update as θ ← θ + K ⊙ d")
 
     def init_state(self, p: Tensor, state: dict, group: dict) -> None:
         """Create the rule's per-parameter state if absent (called lazily, at the first step)."""
@@ -286,3 +297,75 @@ def _sqrt(x):
 def _axpy(y: Tensor, x: Tensor, a) -> Tensor:
     """``y + a · x`` for a Python float or a 0-d tensor ``a``."""
     return torch.addcmul(y, x, a) if isinstance(a, Tensor) else torch.add(y, x, alpha=a)
+
+
+class ScheduleFreeRule(BaseRule):
+    """Schedule-Free AdamW (Defazio et al., "The Road Less Scheduled", 2024) as a base rule.
+
+    The parameters hold y, the point where gradients are taken, interpolated between the base sequence z and its
+    average x (``y = (1 − β1) z + β1 x``); CAM-HD's learned rate κ scales z's step::
+
+        d = g / (sqrt(v / (1 − β2^t)) + ε) + λ y                     (v: EMA of g², as Adam's second moment)
+        c = w_t / Σ_{i≤t} w_i,  w = lr_max^p (p = weight_lr_power, lr = group lr × warmup, lr_max its running max)
+        y ← y + c (z − y) + K (1 − β1 (1 − c)) d,    z ← z + K d          (K = −s κ · warmup)
+
+    so ``u = ∂y/∂κ = −s τ · warmup · (1 − β1 (1 − c)) · d`` (the ``scale`` of :class:`Directions`). With
+    ``hypergrad_lr = gamma_lr = 0`` it is ``schedulefree.AdamWScheduleFree``. The group counters (k, lr_max,
+    the weight sum) advance once per group and step (:meth:`prepare_group`).
+    """
+
+    name = "schedulefree-adamw"
+    state_keys = ("z", "exp_avg_sq")
+    custom_apply = True
+
+    def init_state(self, p, state, group):
+        if "z" not in state:
+            state["z"] = torch.clone(p, memory_format=torch.preserve_format).detach()
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def prepare_group(self, group: dict) -> None:
+        k = int(group["sf_k"]) + 1
+        warmup = min(1.0, k / group["warmup_steps"]) if group["warmup_steps"] > 0 else 1.0
+        lr = float(group["lr"]) * warmup
+        group["sf_lr_max"] = max(lr, float(group["sf_lr_max"]))
+        weight = (k ** group["r"]) * group["sf_lr_max"] ** group["weight_lr_power"]
+        group["sf_weight_sum"] = float(group["sf_weight_sum"]) + weight
+        group["sf_ckp1"] = weight / group["sf_weight_sum"] if group["sf_weight_sum"] else 0.0
+        group["sf_warmup"] = warmup
+        group["sf_k"] = k
+
+    def _scale(self, group: dict) -> float:
+        return group["sf_warmup"] * (1.0 - group["betas"][0] * (1.0 - group["sf_ckp1"]))
+
+    def direction_reference(self, p, g, state, group):
+        beta2 = group["betas"][1]
+        v = state["exp_avg_sq"]
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        d = g / ((v / (1 - beta2 ** group["sf_k"])).sqrt() + group["eps"])
+        return (d.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else d), True
+
+    def directions(self, params, grads, states, group, *, foreach, out=None):
+        if not foreach:
+            d = [self.direction_reference(p, g, s, group)[0] for p, g, s in zip(params, grads, states)]
+        else:
+            beta2 = group["betas"][1]
+            vs = [s["exp_avg_sq"] for s in states]
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, grads, grads, 1 - beta2)
+            den = torch._foreach_div(vs, 1 - beta2 ** group["sf_k"])
+            torch._foreach_sqrt_(den)
+            torch._foreach_add_(den, group["eps"])
+            d = list(torch._foreach_div(grads, den))
+            if group["weight_decay"]:
+                torch._foreach_add_(d, params, alpha=group["weight_decay"])
+        return Directions(d, [True] * len(d), scale=[self._scale(group)] * len(d))
+
+    def apply(self, params: list[Tensor], states: list[dict], group: dict, rates: list[Tensor], out: Directions) -> None:
+        """``y ← y + c (z − y) + K (1 − β1 (1 − c)) d`` and ``z ← z + K d`` with ``K = rates · warmup``."""
+        c, warmup, beta1 = group["sf_ckp1"], group["sf_warmup"], group["betas"][0]
+        zs = [s["z"] for s in states]
+        torch._foreach_lerp_(params, zs, c)
+        for p, z, k, d in zip(params, zs, rates, out.d):
+            step = (k * warmup) * d
+            p.add_((step * (1.0 - beta1 * (1.0 - c))).to(p.dtype))
+            z.add_(step.to(z.dtype))

@@ -26,6 +26,7 @@ a multi-tensor (foreach) or a fused implementation. State keys are named in
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,13 +39,15 @@ from . import _fused
 from ._functional import camhd_step, compiled_unavailable_reason, value
 from ._params import extend_tree, names_for, resolve_params
 from ._stats import lr_stats
-from ._state import (ALPHA_OFFSET, ALPHA_UNIT, COARSE_LEVELS, DIR, DIR_SCALE, GAMMA, GAMMA_LOGITS, HYPER_GROUP_KEYS,
+from ._state import (NORMALIZED_GAMMA_LR, NORMALIZED_HYPERGRAD_LR, ALPHA_OFFSET, ALPHA_UNIT, COARSE_LEVELS, DIR, DIR_SCALE, GAMMA, GAMMA_GRAD, GAMMA_LOGITS,
+                     HYPER_GROUP_KEYS, RULES, STATS_CHANNELS, UNIT_STATS, stats_key,
                      HYPER_PARAM_KEYS, LAST_LR_SCALE, LR0, PREFIX, SKIPPED, STEP, TREE, HyperConfig, HyperState,
                      StepTensors, alpha_key, build_tree_index, hyper_dtype)
 from .base_rules import AdamRule, BaseRule, SGDRule
 from .sharding import check_not_flattened, choose_sharding, is_dtensor
 from .validation import (GAMMA_UPDATES, HYPERGRAD_SCALINGS, check_alpha_bounds, check_betas, check_choice, check_eps,
-                         check_flag, check_gamma, check_lr, check_momentum, check_nonnegative)
+                         check_bool, check_flag, check_gamma, check_lr, check_momentum,
+                         check_nonnegative)
 
 __all__ = ["CAMHDAdam", "CAMHDAdamW", "CAMHDOptimizer", "CAMHDSGD"]
 
@@ -57,28 +60,36 @@ class CAMHDOptimizer(Optimizer):
     """
 
     rule: BaseRule
+    additive_hypergrad_lr: float = 1e-8
+    """The default β of the additive rule (the paper's value for this base)."""
 
     def __init__(self, params: Any, defaults: dict, *, levels, gamma, hypergrad_lr, gamma_lr, decay_rate,
                  alpha_inf, hypergrad_scaling, gamma_update, alpha_min, alpha_max, maximize, tree, foreach,
-                 fused=None):
+                 fused=None, hypergrad_rule="normalized", hypergrad_smoothing=0.9):
         lr = check_lr(defaults["lr"])
-        hypergrad_lr = check_nonnegative("hypergrad_lr", hypergrad_lr)
-        gamma_lr = check_nonnegative("gamma_lr", gamma_lr)
+        check_choice("hypergrad_rule", hypergrad_rule, RULES)
+        hypergrad_lr, gamma_lr = self._rule_defaults(hypergrad_rule, hypergrad_lr, gamma_lr)
         decay_rate = check_nonnegative("decay_rate", decay_rate)
         check_choice("hypergrad_scaling", hypergrad_scaling, HYPERGRAD_SCALINGS)
         check_choice("gamma_update", gamma_update, GAMMA_UPDATES)
+        hypergrad_smoothing = check_nonnegative("hypergrad_smoothing", hypergrad_smoothing)
+        if hypergrad_smoothing >= 1:
+            raise ValueError(f"Invalid hypergrad_smoothing value: {hypergrad_smoothing} (must be in [0, 1): the weight "
+                             "of the past in the smoothed hyper-gradient statistics)")
         alpha_min, alpha_max = check_alpha_bounds(alpha_min, alpha_max, lr)
         alpha_inf = lr if alpha_inf is None else check_nonnegative("alpha_inf", alpha_inf)
         foreach, fused = check_flag("foreach", foreach), check_flag("fused", fused)
         if foreach and fused:
-            raise ValueError("foreach=True and fused=True cannot both be set; pick one (the default, both None, "
+            raise ValueError("Invalid fused: True together with foreach=True; pick one (the default, both None, "
                              "uses the fused kernels where they apply and foreach elsewhere)")
+        check_bool("maximize", maximize)
         groups, tree = resolve_params(params, levels, tree)
         gamma0 = check_gamma(gamma, tree.levels, gamma_update)
         super().__init__(groups, dict(defaults, maximize=bool(maximize)))
         self.tree: LRTree = tree
         self.config = HyperConfig(tree.levels, lr, hypergrad_lr, gamma_lr, decay_rate, float(alpha_inf),
-                                  hypergrad_scaling, gamma_update, alpha_min, alpha_max)
+                                  hypergrad_scaling, gamma_update, alpha_min, alpha_max, hypergrad_rule,
+                                  hypergrad_smoothing)
         self.foreach = True if foreach is None else foreach
         # fused: True = required (a step that cannot be fused raises, naming why), None = wherever it applies
         # (the default when neither is chosen), False = never; an explicit foreach=True / False is honoured
@@ -86,6 +97,24 @@ class CAMHDOptimizer(Optimizer):
         self._reset_caches()
         self._init_group_state(gamma0)
         self._register_hooks()
+
+    def _rule_defaults(self, rule: str, hypergrad_lr, gamma_lr) -> tuple[float, float]:
+        """β and δ: the given values, else the rule's defaults (normalized: β = 0.01, δ = 0.01; additive: this
+        base's paper β and a fixed γ, δ = 0). A β below 1e-5 with the normalized rule (where it is the fraction a
+        rate may move per step) is almost surely an additive-rule β: say so."""
+        normalized = rule == "normalized"
+        if hypergrad_lr is None:
+            hypergrad_lr = NORMALIZED_HYPERGRAD_LR if normalized else self.additive_hypergrad_lr
+        if gamma_lr is None:
+            gamma_lr = NORMALIZED_GAMMA_LR if normalized else 0.0
+        hypergrad_lr = check_nonnegative("hypergrad_lr", hypergrad_lr)
+        gamma_lr = check_nonnegative("gamma_lr", gamma_lr)
+        if normalized and 0 < hypergrad_lr < 1e-5:
+            warnings.warn(f"{type(self).__name__}: hypergrad_lr={hypergrad_lr:g} with hypergrad_rule='normalized' (the "
+                          f"default) lets a learned rate move by at most {hypergrad_lr:g} of itself per step, so it "
+                          f"barely adapts: this rule's β is dimensionless (default {NORMALIZED_HYPERGRAD_LR:g}). For "
+                          "the paper's additive rule and its β, pass hypergrad_rule='additive'.", UserWarning, stacklevel=4)
+        return hypergrad_lr, gamma_lr
 
     def _reset_caches(self) -> None:
         """Everything derived from the state and recomputed on demand (never saved, pickled or copied)."""
@@ -95,6 +124,7 @@ class CAMHDOptimizer(Optimizer):
         self._last_hyper: dict = {}
         self._last_path: str | None = None  # the implementation the last step ran ("fused_cpu", "multi_tensor", ...)
         self._forced_implementation: str | None = None  # for tests, e.g. "compiled" (the CUDA fused path) on CPU
+        self._rates_warned = False
 
     def _register_hooks(self) -> None:
         self.register_load_state_dict_pre_hook(_load_pre_hook)
@@ -141,11 +171,28 @@ class CAMHDOptimizer(Optimizer):
             if lv in self.tree.levels:
                 g0[alpha_key(lv)] = torch.full((self.tree.num_nodes(lv),), lr, dtype=dtype, device=device)
         g0[TREE] = self.tree.to_dict()
+        self._init_rule_state()
+
+    def _init_rule_state(self) -> None:
+        """The normalized rule's smoothed sums per coarse node and its smoothed ∂f/∂γ (zeros; also after loading a
+        state dict that has none, or after add_param_group added nodes)."""
+        if not self.config.normalized:
+            return
+        g0 = self.param_groups[0]
+        gamma = g0[GAMMA]
+        for lv in COARSE_LEVELS:
+            if lv in self.tree.levels:
+                n, old = self.tree.num_nodes(lv), g0.get(stats_key(lv))
+                extra = gamma.new_zeros(n - (0 if old is None else old.shape[0]), STATS_CHANNELS)
+                g0[stats_key(lv)] = extra if old is None else torch.cat([old, extra])
+        if GAMMA_GRAD not in g0:
+            g0[GAMMA_GRAD] = torch.zeros_like(gamma)
 
     def _hyper_state(self) -> HyperState:
         g0 = self.param_groups[0]
         coarse = {lv: g0[alpha_key(lv)] for lv in COARSE_LEVELS if alpha_key(lv) in g0}
-        return HyperState(g0[GAMMA], coarse, g0[SKIPPED], g0.get(GAMMA_LOGITS))
+        stats = {lv: g0[stats_key(lv)] for lv in COARSE_LEVELS if stats_key(lv) in g0}
+        return HyperState(g0[GAMMA], coarse, g0[SKIPPED], g0.get(GAMMA_LOGITS), stats, g0.get(GAMMA_GRAD))
 
     def _tree_index(self, flat: list[Tensor]):
         """β per node and node indices, for the tensors trainable now (rebuilt when that set changes), on the
@@ -171,16 +218,17 @@ class CAMHDOptimizer(Optimizer):
             state[ALPHA_OFFSET] = torch.zeros_like(p, dtype=hd, memory_format=torch.preserve_format)
         return state
 
-    def _unit_vector(self, gi: int, flat: list[Tensor], sharding) -> Tensor:
-        """The unit level's α vector of unit group ``gi`` (created at α₀ on first use, on the owner tensor)."""
+    def _unit_vector(self, gi: int, flat: list[Tensor], sharding, key: str = ALPHA_UNIT) -> Tensor:
+        """A per-unit state tensor of unit group ``gi``, kept on the tensor owning the group's units and created on
+        first use: the unit level's α (at α₀) or, with the normalized rule, its smoothed sums (zeros, 3 per unit)."""
         group = self.tree.unit_groups[gi]
         owner = flat[group.owner]
         state = self.state[owner]
-        if ALPHA_UNIT not in state:
+        if key not in state:
             members = [(m, flat[m], dim) for m, dim in group.members]
-            state[ALPHA_UNIT] = sharding.new_unit_alpha(owner, members, group.count, self.config.lr,
-                                                        hyper_dtype(owner.dtype))
-        return state[ALPHA_UNIT]
+            shape, value = ((group.count,), self.config.lr) if key == ALPHA_UNIT else ((group.count, STATS_CHANNELS), 0.0)
+            state[key] = sharding.new_unit_vector(owner, members, shape, value, hyper_dtype(owner.dtype))
+        return state[key]
 
     def _lr_scale(self, group: dict):
         """s = group["lr"] / α₀: the scheduler's multiplier on the learned rates."""
@@ -207,7 +255,39 @@ class CAMHDOptimizer(Optimizer):
         self._last_hyper = camhd_step(step, self._hyper_state(), self._tree_index(flat), self.config, self.rule, t,
                                       sharding, impl=impl)
         self._last_path = impl
+        self._watch_rates()
         return loss
+
+    def _watch_rates(self, *, every_step: bool = False, stacklevel: int = 5) -> None:
+        """Warn once when a learned rate reaches ``alpha_max``, or grows 100× above α₀ in its first 20 steps: the
+        hyper-gradient rate is too large for this model. Reads the rates on the host at steps 1–20 and every 100th
+        step when they live on the CPU, every 100th step elsewhere (and from ``lr_stats``): no sync per step."""
+        if self._rates_warned or not self.config.adapts or torch.compiler.is_compiling():
+            return
+        t = self.num_steps
+        on_cpu = self.param_groups[0][GAMMA].device.type == "cpu"
+        if not (every_step or t % 100 == 0 or (on_cpu and t <= 20)):
+            return
+        cfg, lr = self.config, self.config.lr
+        local = self._sharding.local if self._sharding is not None else (lambda x: x)
+        for lv in self.levels:  # this rank's values only (no collective: ranks may warn at different steps)
+            if lv in COARSE_LEVELS:
+                top = float(self.param_groups[0][alpha_key(lv)].max())
+            else:
+                key, add = (ALPHA_UNIT, 0.0) if lv == "unit" else (ALPHA_OFFSET, lr)
+                held = [local(st[key]) for st in self.state.values() if key in st]
+                top = add + max((float(x.max()) for x in held if x.numel()), default=lr - add)
+            reached = top >= cfg.alpha_max * (1 - 1e-6)
+            if reached or (t <= 20 and top >= 100 * lr):
+                fix = (f"lower hypergrad_lr (now {cfg.hypergrad_lr:g})" + ("" if cfg.normalized else
+                       ", or use hypergrad_rule='normalized', whose β does not depend on the model's scale"))
+                what = (f"reached alpha_max={cfg.alpha_max:g}" if reached
+                        else f"grew to {top:.3g}, {top / lr:.0f}× its initial {lr:g}, in {t} steps")
+                warnings.warn(f"{type(self).__name__}: the learned rate of level {lv!r} {what} (step {t}): the "
+                              f"hyper-gradient steps are too large for this model. {fix[0].upper()}{fix[1:]}; or raise "
+                              "alpha_max if such rates are intended.", RuntimeWarning, stacklevel=stacklevel)
+                self._rates_warned = True
+                return
 
     def _get_sharding(self, flat: list[Tensor]):
         """The sharding strategy (chosen at the first step: FSDP2 swaps parameters in before it)."""
@@ -235,6 +315,7 @@ class CAMHDOptimizer(Optimizer):
         st = StepTensors([], [], [], [], [], [], [], stored=[])
         if unit:
             st.unit_groups, st.unit_dims, st.unit_ranges, st.unit_vectors = [], [], [], {}
+            st.unit_stats = {} if self.config.normalized else None
         if param:
             st.offsets = []
         i = 0
@@ -277,6 +358,8 @@ class CAMHDOptimizer(Optimizer):
             if gi not in st.unit_vectors:
                 alpha = self._unit_vector(gi, flat, sharding)
                 st.unit_vectors[gi] = (sharding.local(alpha), sharding.alpha_start(alpha))
+                if st.unit_stats is not None:
+                    st.unit_stats[gi] = sharding.local(self._unit_vector(gi, flat, sharding, UNIT_STATS))
 
     def _implementation(self, step: StepTensors, sharding) -> str:
         """Which implementation runs this step (see the ``foreach`` / ``fused`` arguments)."""
@@ -355,6 +438,8 @@ class CAMHDOptimizer(Optimizer):
             for gi, group in enumerate(self.tree.unit_groups):
                 if flat[group.owner].grad is not None:
                     self._unit_vector(gi, flat, sharding)
+                    if self.config.normalized:
+                        self._unit_vector(gi, flat, sharding, UNIT_STATS)
 
     # ------------------------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict) -> None:
@@ -388,6 +473,7 @@ class CAMHDOptimizer(Optimizer):
                 old = g0[alpha_key(lv)]
                 extra = self.tree.num_nodes(lv) - old.shape[0]
                 g0[alpha_key(lv)] = torch.cat([old, old.new_full((extra,), self.config.lr)])
+        self._init_rule_state()
         self._index_cache.clear()
         self._sharding = None
 
@@ -437,6 +523,7 @@ class CAMHDOptimizer(Optimizer):
         """Scalars for logging: γ per level, mean / min / max α per level, the mean effective rate
         ``s · κ`` that the last step used (its scheduler multiplier and τ) over all trainable scalars,
         and the number of skipped hyper-steps. Reads the device once."""
+        self._watch_rates(every_step=True, stacklevel=3)
         return lr_stats(self)
 
     def __repr__(self) -> str:
@@ -503,6 +590,7 @@ def _load_post_hook(opt: CAMHDOptimizer) -> None:
             g0[k] = g0[k].to(device=device, dtype=dtype)
     g0[STEP] = torch.as_tensor(g0[STEP], dtype=torch.float64).detach().to("cpu", copy=True).reshape(())
     g0[SKIPPED] = torch.as_tensor(g0.get(SKIPPED, 0), dtype=torch.int64).to(device, copy=True).reshape(())
+    opt._init_rule_state()
     for group in opt.param_groups:
         for k, v in opt.defaults.items():
             group.setdefault(k, v)
@@ -551,6 +639,7 @@ _CAMHD_DOC = """
 
 
 class CAMHDSGD(CAMHDOptimizer):
+    additive_hypergrad_lr = 1e-3
     __doc__ = """SGD (plain, momentum or Nesterov) with CAM-HD learned learning rates.
 
     Base direction (``torch.optim.SGD``): ``d = g + λθ``; with momentum μ, ``b = μ b + (1 − dampening) d``
@@ -571,12 +660,14 @@ class CAMHDSGD(CAMHDOptimizer):
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, levels: Sequence[str] | str | None = ("global", "layer"),
-                 gamma: Sequence[float] | None = None, hypergrad_lr: float = 1e-3, gamma_lr: float = 0.0,
+                 gamma: Sequence[float] | None = None, hypergrad_lr: float | None = None,
+                 gamma_lr: float | None = None,
                  decay_rate: float = 0.0, alpha_inf: float | None = None, hypergrad_scaling: str = "equal",
                  gamma_update: str = "clamp", alpha_min: float = 0.0, alpha_max: float | None = None,
-                 dampening: float = 0.0, maximize: bool = False, *, tree: LRTree | None = None,
+                 dampening: float = 0.0, maximize: bool = False, hypergrad_rule: str = "normalized",
+                 hypergrad_smoothing: float = 0.9, *, tree: LRTree | None = None,
                  foreach: bool | None = None, fused: bool | None = None):
-        check_momentum(momentum, dampening, nesterov)
+        check_momentum(momentum, dampening, check_bool("nesterov", nesterov))
         check_nonnegative("weight_decay", weight_decay)
         self.rule = SGDRule()
         defaults = dict(lr=lr, momentum=float(momentum), dampening=float(dampening), nesterov=bool(nesterov),
@@ -585,7 +676,7 @@ class CAMHDSGD(CAMHDOptimizer):
                          hypergrad_lr=hypergrad_lr, gamma_lr=gamma_lr, decay_rate=decay_rate, alpha_inf=alpha_inf,
                          hypergrad_scaling=hypergrad_scaling, gamma_update=gamma_update, alpha_min=alpha_min,
                          alpha_max=alpha_max, maximize=maximize, tree=tree, foreach=foreach,
-                         fused=fused)
+                         fused=fused, hypergrad_rule=hypergrad_rule, hypergrad_smoothing=hypergrad_smoothing)
 
 
 class CAMHDAdam(CAMHDOptimizer):
@@ -611,13 +702,16 @@ class CAMHDAdam(CAMHDOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, levels: Sequence[str] | str | None = ("global", "layer"),
-                 gamma: Sequence[float] | None = None, hypergrad_lr: float = 1e-8, gamma_lr: float = 0.0,
+                 gamma: Sequence[float] | None = None, hypergrad_lr: float | None = None,
+                 gamma_lr: float | None = None,
                  decay_rate: float = 0.0, alpha_inf: float | None = None, hypergrad_scaling: str = "equal",
                  gamma_update: str = "clamp", alpha_min: float = 0.0, alpha_max: float | None = None,
-                 amsgrad: bool = False, maximize: bool = False, *, tree: LRTree | None = None,
+                 amsgrad: bool = False, maximize: bool = False, hypergrad_rule: str = "normalized",
+                 hypergrad_smoothing: float = 0.9, *, tree: LRTree | None = None,
                  foreach: bool | None = None, fused: bool | None = None):
         betas = check_betas(betas)
         eps = check_eps(eps)
+        check_bool("amsgrad", amsgrad)
         check_nonnegative("weight_decay", weight_decay)
         self.rule = AdamRule(decoupled=self.decoupled)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=float(weight_decay), amsgrad=bool(amsgrad))
@@ -625,7 +719,7 @@ class CAMHDAdam(CAMHDOptimizer):
                          hypergrad_lr=hypergrad_lr, gamma_lr=gamma_lr, decay_rate=decay_rate, alpha_inf=alpha_inf,
                          hypergrad_scaling=hypergrad_scaling, gamma_update=gamma_update, alpha_min=alpha_min,
                          alpha_max=alpha_max, maximize=maximize, tree=tree, foreach=foreach,
-                         fused=fused)
+                         fused=fused, hypergrad_rule=hypergrad_rule, hypergrad_smoothing=hypergrad_smoothing)
 
 
 class CAMHDAdamW(CAMHDAdam):
@@ -647,12 +741,14 @@ class CAMHDAdamW(CAMHDAdam):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, levels: Sequence[str] | str | None = ("global", "layer"),
-                 gamma: Sequence[float] | None = None, hypergrad_lr: float = 1e-8, gamma_lr: float = 0.0,
+                 gamma: Sequence[float] | None = None, hypergrad_lr: float | None = None,
+                 gamma_lr: float | None = None,
                  decay_rate: float = 0.0, alpha_inf: float | None = None, hypergrad_scaling: str = "equal",
                  gamma_update: str = "clamp", alpha_min: float = 0.0, alpha_max: float | None = None,
-                 amsgrad: bool = False, maximize: bool = False, *, tree: LRTree | None = None,
+                 amsgrad: bool = False, maximize: bool = False, hypergrad_rule: str = "normalized",
+                 hypergrad_smoothing: float = 0.9, *, tree: LRTree | None = None,
                  foreach: bool | None = None, fused: bool | None = None):
         super().__init__(params, lr, betas, eps, weight_decay, levels, gamma, hypergrad_lr, gamma_lr, decay_rate,
                          alpha_inf, hypergrad_scaling, gamma_update, alpha_min, alpha_max, amsgrad, maximize,
-                         tree=tree, foreach=foreach, fused=fused)
+                         hypergrad_rule, hypergrad_smoothing, tree=tree, foreach=foreach, fused=fused)
 

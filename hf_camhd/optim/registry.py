@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .camhd import CAMHDAdam, CAMHDAdamW, CAMHDOptimizer, CAMHDSGD
+from .schedule_free import CAMHDScheduleFreeAdamW
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ def _info(name, cls, description, fixed=None, defaults=None) -> OptimInfo:
                      description)
 
 
-_GLOBAL_ONLY = {"levels": ("global",)}
+_GLOBAL_ONLY = {"levels": ("global",), "hypergrad_rule": "additive"}  # Baydin et al.'s HD is the additive rule
 _REGISTRY: dict[str, OptimInfo] = {
     info.name: info
     for info in (
@@ -44,6 +45,7 @@ _REGISTRY: dict[str, OptimInfo] = {
               fixed={"nesterov": True}, defaults={"momentum": 0.9}),
         _info("adam-camhd", CAMHDAdam, "Adam with CAM-HD rates"),
         _info("adamw-camhd", CAMHDAdamW, "AdamW with CAM-HD rates"),
+        _info("sfadamw-camhd", CAMHDScheduleFreeAdamW, "Schedule-Free AdamW with CAM-HD rates (call train() / eval())"),
         _info("sgd-hd", CAMHDSGD, "Baydin et al.'s SGD-HD (global-only tree)", fixed=_GLOBAL_ONLY),
         _info("sgdn-hd", CAMHDSGD, "SGD-HD with Nesterov momentum (global-only tree)",
               fixed={**_GLOBAL_ONLY, "nesterov": True}, defaults={"momentum": 0.9}),

@@ -66,9 +66,10 @@ class LocalTensors:
     def unit_range(self, i: int, p: Tensor, unit_dim: int) -> tuple[int, int]:
         return 0, (p.shape[unit_dim] if p.ndim else 1)
 
-    def new_unit_alpha(self, owner: Tensor, members: list[tuple[int, Tensor, int]], count: int, value: float,
-                       dtype: torch.dtype) -> Tensor:
-        return torch.full((count,), value, dtype=dtype, device=owner.device)
+    def new_unit_vector(self, owner: Tensor, members: list[tuple[int, Tensor, int]], shape: tuple[int, ...],
+                        value: float, dtype: torch.dtype) -> Tensor:
+        """A per-unit state tensor (units along dim 0) filled with ``value``."""
+        return torch.full(shape, value, dtype=dtype, device=owner.device)
 
     def alpha_start(self, alpha: Tensor) -> int:
         return 0
@@ -174,15 +175,16 @@ class ShardedTensors:
         lay = self.layout(i, p)
         return lay.unit_lo, lay.unit_hi
 
-    def new_unit_alpha(self, owner: Tensor, members: list[tuple[int, Tensor, int]], count: int, value: float,
-                       dtype: torch.dtype) -> Tensor:
+    def new_unit_vector(self, owner: Tensor, members: list[tuple[int, Tensor, int]], shape: tuple[int, ...],
+                        value: float, dtype: torch.dtype) -> Tensor:
+        """A per-unit state tensor (units along dim 0) as a DTensor placed by :func:`unit_alpha_placements`."""
         if not is_dtensor(owner):
-            return torch.full((count,), value, dtype=dtype, device=owner.device)
+            return torch.full(shape, value, dtype=dtype, device=owner.device)
         import torch.distributed.tensor as dt
 
         layouts = [(self.layout(i, p), dim) for i, p, dim in members]
         mesh, placements = unit_alpha_placements(owner, layouts)
-        return dt.full((count,), value, dtype=dtype, device_mesh=mesh, placements=placements)
+        return dt.full(shape, value, dtype=dtype, device_mesh=mesh, placements=placements)
 
     def alpha_start(self, alpha: Tensor) -> int:
         return local_range(alpha)[0]
@@ -190,31 +192,32 @@ class ShardedTensors:
     def reduce(self, part: PartialSums, step: StepTensors, unit_count: list[int]) -> NodeSums:
         """Every partial sum of the step in one small vector per process group, summed across ranks at once.
 
-        Layout: ``[Σh per tensor (T) | unit sums of every touched unit group (full length, zeros outside
-        this rank's units) | Σ α_unit·h | Σ offset·h]``. Tensors that are whole on every rank contribute
-        after the reduction (to a separate local vector), so nothing is counted once per rank.
+        Layout: ``[per-tensor sums (T × C) | unit sums of every touched unit group (full length × C, zeros outside
+        this rank's units) | Σ α_unit·h | Σ offset·h]`` (C channels: Σ g·u, and for the normalized rule Σ g² and
+        Σ u² — the norms are node sums too). Tensors that are whole on every rank contribute after the reduction
+        (to a separate local vector), so nothing is counted once per rank.
         """
         S = part.tensor
         home, hd = S.device, S.dtype
-        T = S.shape[0]
+        T, C = S.shape
         keys = [self.layout(i, p).key for i, p in zip(step.index, step.stored)]
         groups = {self.layout(i, p).key: self.layout(i, p).group for i, p in zip(step.index, step.stored)}
         offsets: dict[int, int] = {}
-        n = T
+        n = T * C
         for gi in step.unit_groups or ():
             if gi not in offsets:
                 offsets[gi] = n
-                n += unit_count[gi]
+                n += unit_count[gi] * C
         vecs: dict = {}
         for key in dict.fromkeys(keys):
-            mask = torch.tensor([k == key for k in keys], dtype=torch.bool, device=home)
+            mask = torch.tensor([k == key for k in keys], dtype=torch.bool, device=home).unsqueeze(1)
             v = torch.zeros(n + 2, dtype=hd, device=home)
-            v[:T] = torch.where(mask, S, torch.zeros_like(S))
+            v[:T * C] = torch.where(mask, S, torch.zeros_like(S)).reshape(-1)
             vecs[key] = v
         for i, r in enumerate(part.unit_rows or ()):
             lo, hi = step.unit_ranges[i]
             o = offsets[step.unit_groups[i]]
-            vecs[keys[i]][o + lo:o + hi] += r
+            vecs[keys[i]][o + lo * C:o + hi * C] += r.reshape(-1)
         for col, x in ((n, part.gamma_unit), (n + 1, part.gamma_param)):
             if x is not None:
                 for i in range(T):
@@ -226,8 +229,8 @@ class ShardedTensors:
             if key is not None:
                 dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=groups[key])
                 total = vec if total is None else total + vec
-        units = {gi: total[o:o + unit_count[gi]] for gi, o in offsets.items()}
-        return NodeSums(total[:T], units, total[n] if part.gamma_unit is not None else None,
+        units = {gi: total[o:o + unit_count[gi] * C].reshape(-1, C) for gi, o in offsets.items()}
+        return NodeSums(total[:T * C].reshape(T, C), units, total[n] if part.gamma_unit is not None else None,
                         total[n + 1] if part.gamma_param is not None else None)
 
     def any_nonzero(self, grads: list[tuple[int, Tensor]]) -> bool:

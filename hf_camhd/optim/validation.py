@@ -24,8 +24,11 @@ def check_nonnegative(name: str, value, *, label: str | None = None) -> float:
     if isinstance(value, torch.Tensor):
         raise ValueError(f"Invalid {label or name}: {name} must be a Python float, got a Tensor ({value!r}); "
                          f"pass float({name})")
-    if not _is_number(value) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"Invalid {label or (name + ' value')}: {value}")
+    what = label or (name + " value")
+    if not _is_number(value):
+        raise ValueError(f"Invalid {what}: {value!r} (a {type(value).__name__}); expected a float ≥ 0")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"Invalid {what}: {value} (must be a finite number ≥ 0)")
     return float(value)
 
 
@@ -39,7 +42,11 @@ def check_lr(lr) -> float:
             raise ValueError(f"Invalid learning rate: a Tensor lr must hold one real number, got shape "
                              f"{tuple(lr.shape)} and dtype {lr.dtype}")
         lr = float(lr.detach().cpu())
-    lr = check_nonnegative("lr", lr, label="learning rate")
+    if not _is_number(lr):
+        raise ValueError(f"Invalid learning rate: {lr!r} (a {type(lr).__name__}); expected a float > 0")
+    if not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"Invalid learning rate: {lr} (must be a finite number > 0)")
+    lr = float(lr)
     if lr == 0:
         raise ValueError("Invalid learning rate: 0.0 (CAM-HD needs lr > 0: it is the initial value α₀ of every "
                          "learned rate; scale steps to zero with a scheduler instead)")
@@ -53,18 +60,25 @@ def check_flag(name: str, value) -> bool | None:
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    """An on/off option (``maximize``, ``nesterov``, ``amsgrad``)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r}; expected True or False")
+    return value
+
+
 def check_betas(betas) -> tuple[float, float]:
     if not isinstance(betas, Sequence) or len(betas) != 2:
         raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
     for i, b in enumerate(betas):
         if not _is_number(b) or not 0.0 <= b < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+            raise ValueError(f"Invalid beta parameter at index {i}: {b} (each beta must be in [0, 1))")
     return float(betas[0]), float(betas[1])
 
 
 def check_eps(eps) -> float:
     if not _is_number(eps) or not eps >= 0.0:
-        raise ValueError(f"Invalid epsilon value: {eps}")
+        raise ValueError(f"Invalid epsilon value: {eps} (must be a float ≥ 0)")
     return float(eps)
 
 
@@ -95,6 +109,12 @@ def check_gamma(gamma, levels: Sequence[str], gamma_update: str) -> list[float]:
         gamma = gamma.detach().flatten().tolist()
     if _is_number(gamma):
         gamma = [gamma]
+    if isinstance(gamma, str):  # "0.4,0.3,0.3", as levels accept "global,layer,parameter"
+        try:
+            gamma = [float(x) for x in gamma.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"Invalid gamma: {gamma!r}; expected one number per level, e.g. (0.5, 0.5) or "
+                             "'0.5,0.5'") from None
     gamma = list(gamma)
     if len(gamma) != n:
         raise ValueError(f"Invalid gamma: must have one weight per level ({n} levels: {', '.join(levels)}), "

@@ -49,19 +49,23 @@ def make_tree(model: nn.Module) -> LRTree:
 
 
 # also run under FSDP2: their state entries are created on local shards (AdamW's d, SGD's momentum buffer)
-OTHER_BASES = ("adamw", "sgdn")
+OTHER_BASES = ("adamw", "sgdn", "normalized")  # "normalized": Adam with the normalized rule (its norms are node sums)
 
 
 def make_optimizer(model: nn.Module, base: str = "adam"):
     tree = make_tree(model)
+    rule = "normalized" if base == "normalized" else "additive"
+    kw = dict(levels=None, tree=tree, hypergrad_rule=rule, hypergrad_smoothing=0.5)
+    if rule == "normalized":
+        kw.update(hypergrad_lr=0.05, gamma_lr=0.5)
     if base == "adamw":
-        return CAMHDAdamW(model, lr=1e-2, levels=None, tree=tree, hypergrad_lr=3e-3, gamma_lr=20.0, weight_decay=0.1,
-                          gamma_update="softmax")
+        kw = dict(dict(hypergrad_lr=3e-3, gamma_lr=20.0), **kw)
+        return CAMHDAdamW(model, lr=1e-2, weight_decay=0.1, gamma_update="softmax", **kw)
     if base == "sgdn":
-        return CAMHDSGD(model, lr=0.05, momentum=0.9, nesterov=True, levels=None, tree=tree, hypergrad_lr=1e-2,
-                        gamma_lr=20.0)
-    return CAMHDAdam(model, lr=1e-2, levels=None, tree=tree, hypergrad_lr=3e-3, gamma_lr=20.0,
-                     decay_rate=0.01, weight_decay=1e-3)
+        kw = dict(dict(hypergrad_lr=1e-2, gamma_lr=20.0), **kw)
+        return CAMHDSGD(model, lr=0.05, momentum=0.9, nesterov=True, **kw)
+    kw = dict(dict(hypergrad_lr=3e-3, gamma_lr=20.0), **kw)
+    return CAMHDAdam(model, lr=1e-2, decay_rate=0.01, weight_decay=1e-3, **kw)
 
 
 def batch(step: int):

@@ -2,7 +2,7 @@
  * Fused CPU kernels of the CAM-HD step (hf_camhd.optim._fused). Plain C99 + OpenMP, no Python or
  * torch headers: the Python side passes data pointers of contiguous CPU tensors through ctypes.
  *
- *   camhd_hsum_<t>       pass 1: out[0] = sum g*dir, out[1] = sum off*g*dir       (reads g, dir, off)
+ *   camhd_hsum_<t>       pass 1: sum g*dir, sum off*g*dir and (normalized rule) sum g*g, sum dir*dir
  *   camhd_hsum_rows_<t>  pass 1 with per-unit sums (units along dim 0, rows of row_len elements)
  *   camhd_adam_<t>       pass 2: parameter-level alpha update, Adam/AdamW moments, theta update, next dir
  *   camhd_sgd_<t>        pass 2: the same with SGD / momentum / Nesterov
@@ -55,23 +55,23 @@ INLINE void camhd_slice(int64_t n, int t, int nt, int64_t *lo, int64_t *hi) {
 
 /* every flag combination of the pass-2 loops as a switch case with constant flags (OFF=0 implies UPD=0) */
 #define ADAM_CASE(OFF, UPD, DEC, AMS, L2)                                                            \
-    case (OFF | UPD << 1 | DEC << 2 | AMS << 3 | L2 << 4):                                          \
-        SFX(adam_loop)(p, g, dir, off, m, v, vmax, lo, hi, OFF, UPD, DEC, AMS, L2, c, olo, ohi, ka, kb, \
-                       da, db, dd, wd, w1, b2, w2, shift);                                          \
+    case (OFF | UPD << 1 | DEC << 3 | AMS << 4 | L2 << 5):                                          \
+        SFX(adam_loop)(p, g, dir, off, m, v, vmax, lo, hi, OFF, UPD, DEC, AMS, L2, c, olo, ohi, oa0, ka, \
+                       kb, da, db, dd, wd, w1, b2, w2, shift);                                      \
         break;
 #define ADAM_CASES_OFF(DEC, AMS, L2) ADAM_CASE(0, 0, DEC, AMS, L2) ADAM_CASE(1, 0, DEC, AMS, L2)     \
-    ADAM_CASE(1, 1, DEC, AMS, L2)
+    ADAM_CASE(1, 1, DEC, AMS, L2) ADAM_CASE(1, 2, DEC, AMS, L2)
 #define ADAM_CASES ADAM_CASES_OFF(0, 0, 0) ADAM_CASES_OFF(1, 0, 0) ADAM_CASES_OFF(0, 1, 0)           \
     ADAM_CASES_OFF(1, 1, 0) ADAM_CASES_OFF(0, 0, 1) ADAM_CASES_OFF(1, 0, 1) ADAM_CASES_OFF(0, 1, 1)  \
     ADAM_CASES_OFF(1, 1, 1)
 
 #define SGD_CASE(OFF, UPD, L2, FIRST, MOM)                                                           \
-    case (OFF | UPD << 1 | L2 << 2 | FIRST << 3 | MOM << 4):                                        \
-        SFX(sgd_loop)(p, g, dir, off, buf, lo, hi, OFF, UPD, MOM, FIRST, L2, c, olo, ohi, ka, kb,    \
+    case (OFF | UPD << 1 | L2 << 3 | FIRST << 4 | MOM << 5):                                        \
+        SFX(sgd_loop)(p, g, dir, off, buf, lo, hi, OFF, UPD, MOM, FIRST, L2, c, olo, ohi, oa0, ka, kb, \
                       wd, mu, dm);                                                                  \
         break;
 #define SGD_CASES_OFF(L2, FIRST, MOM) SGD_CASE(0, 0, L2, FIRST, MOM) SGD_CASE(1, 0, L2, FIRST, MOM)   \
-    SGD_CASE(1, 1, L2, FIRST, MOM)
+    SGD_CASE(1, 1, L2, FIRST, MOM) SGD_CASE(1, 2, L2, FIRST, MOM)
 #define SGD_CASES_MOM(L2, MOM) SGD_CASES_OFF(L2, 0, MOM) SGD_CASES_OFF(L2, 1, MOM)
 #define SGD_CASES SGD_CASES_MOM(0, 0) SGD_CASES_MOM(1, 0) SGD_CASES_MOM(0, 1) SGD_CASES_MOM(1, 1)   \
     SGD_CASES_MOM(0, 2) SGD_CASES_MOM(1, 2)

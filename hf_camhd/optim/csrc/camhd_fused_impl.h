@@ -1,36 +1,41 @@
 /* The kernels for one element type: included by camhd_fused.c with T, SFX(name) and SQRT defined. */
 
-/* sum of g*dir (s0) and of off*g*dir (s1) over [lo, hi), in a fixed order that still vectorises */
-INLINE void SFX(hsum_range)(const T *restrict g, const T *restrict dir, const T *restrict off,
-                            int64_t lo, int64_t hi, double *s0, double *s1) {
-    double a[CAMHD_LANES] = {0}, b[CAMHD_LANES] = {0};
+/* pass-1 sums over [lo, hi) in a fixed order that still vectorises (constant flags: one loop per combination):
+ * s[0] = sum g*dir, s[1] = sum off*g*dir (OFF), s[2] = sum g*g and s[3] = sum dir*dir (NORMS) */
+INLINE void SFX(hsum_loop)(const T *restrict g, const T *restrict dir, const T *restrict off, int64_t lo,
+                           int64_t hi, const int OFF, const int NORMS, double *s) {
+    double a[CAMHD_LANES] = {0}, b[CAMHD_LANES] = {0}, c[CAMHD_LANES] = {0}, d[CAMHD_LANES] = {0};
     int64_t i = lo, end = lo + (hi - lo) / CAMHD_LANES * CAMHD_LANES;
-    if (off) {
-        for (; i < end; i += CAMHD_LANES)
-            for (int j = 0; j < CAMHD_LANES; j++) {
-                double h = (double)g[i + j] * (double)dir[i + j];
-                a[j] += h;
-                b[j] += (double)off[i + j] * h;
-            }
-        for (; i < hi; i++) {
-            double h = (double)g[i] * (double)dir[i];
-            a[0] += h;
-            b[0] += (double)off[i] * h;
+    for (; i < end; i += CAMHD_LANES)
+        for (int j = 0; j < CAMHD_LANES; j++) {
+            double gv = (double)g[i + j], dv = (double)dir[i + j], h = gv * dv;
+            a[j] += h;
+            if (OFF) b[j] += (double)off[i + j] * h;
+            if (NORMS) { c[j] += gv * gv; d[j] += dv * dv; }
         }
-    } else {
-        for (; i < end; i += CAMHD_LANES)
-            for (int j = 0; j < CAMHD_LANES; j++) a[j] += (double)g[i + j] * (double)dir[i + j];
-        for (; i < hi; i++) a[0] += (double)g[i] * (double)dir[i];
+    for (; i < hi; i++) {
+        double gv = (double)g[i], dv = (double)dir[i], h = gv * dv;
+        a[0] += h;
+        if (OFF) b[0] += (double)off[i] * h;
+        if (NORMS) { c[0] += gv * gv; d[0] += dv * dv; }
     }
-    double sa = 0.0, sb = 0.0;
-    for (int j = 0; j < CAMHD_LANES; j++) { sa += a[j]; sb += b[j]; }
-    *s0 = sa;
-    *s1 = sb;
+    s[0] = s[1] = s[2] = s[3] = 0.0;
+    for (int j = 0; j < CAMHD_LANES; j++) { s[0] += a[j]; s[1] += b[j]; s[2] += c[j]; s[3] += d[j]; }
 }
 
-/* pass 1 of one tensor: out[0] = sum g*dir, out[1] = sum off*g*dir (0 when off is NULL) */
-CAMHD_CLONES void SFX(camhd_hsum)(const T *g, const T *dir, const T *off, int64_t n, double *out) {
-    double part[2 * CAMHD_MAX_THREADS];
+INLINE void SFX(hsum_range)(const T *g, const T *dir, const T *off, int64_t lo, int64_t hi, int norms, double *s) {
+    switch ((off != 0) | (norms != 0) << 1) {
+    case 0: SFX(hsum_loop)(g, dir, off, lo, hi, 0, 0, s); break;
+    case 1: SFX(hsum_loop)(g, dir, off, lo, hi, 1, 0, s); break;
+    case 2: SFX(hsum_loop)(g, dir, off, lo, hi, 0, 1, s); break;
+    default: SFX(hsum_loop)(g, dir, off, lo, hi, 1, 1, s); break;
+    }
+}
+
+/* pass 1 of one tensor: out[0..3] = sum g*dir, sum off*g*dir (0 when off is NULL), and when norms
+ * sum g*g, sum dir*dir (else 0) */
+CAMHD_CLONES void SFX(camhd_hsum)(const T *g, const T *dir, const T *off, int64_t n, int norms, double *out) {
+    double part[4 * CAMHD_MAX_THREADS];
     int nt = camhd_threads(n), used = 1;
     (void)nt;
     #pragma omp parallel num_threads(nt)
@@ -39,40 +44,46 @@ CAMHD_CLONES void SFX(camhd_hsum)(const T *g, const T *dir, const T *off, int64_
         int64_t lo, hi;
         if (t == 0) used = k;
         camhd_slice(n, t, k, &lo, &hi);
-        SFX(hsum_range)(g, dir, off, lo, hi, &part[2 * t], &part[2 * t + 1]);
+        SFX(hsum_range)(g, dir, off, lo, hi, norms, &part[4 * t]);
     }
-    out[0] = 0.0;
-    out[1] = 0.0;
-    for (int t = 0; t < used; t++) {
-        out[0] += part[2 * t];
-        out[1] += part[2 * t + 1];
-    }
+    for (int ch = 0; ch < 4; ch++) out[ch] = 0.0;
+    for (int t = 0; t < used; t++)
+        for (int ch = 0; ch < 4; ch++) out[ch] += part[4 * t + ch];
 }
 
-/* pass 1 with the unit level (units along dim 0, n / row_len rows): rows[r] = sum of g*dir over row r,
- * rows[nrows + r] = sum of off*g*dir; out[0], out[1] = their totals, added in row order */
+/* pass 1 with the unit level (units along dim 0, n / row_len rows): rows[ch * nrows + r] = the sum of channel
+ * ch (as camhd_hsum) over row r; out[ch] = their totals, added in row order */
 CAMHD_CLONES void SFX(camhd_hsum_rows)(const T *g, const T *dir, const T *off, int64_t n, int64_t row_len,
-                                       double *rows, double *out) {
+                                       int norms, double *rows, double *out) {
     int64_t nrows = row_len > 0 ? n / row_len : 0;
     int nt = camhd_threads(n);
     (void)nt;
     #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t r = 0; r < nrows; r++)
-        SFX(hsum_range)(g, dir, off, r * row_len, (r + 1) * row_len, &rows[r], &rows[nrows + r]);
-    out[0] = 0.0;
-    out[1] = 0.0;
     for (int64_t r = 0; r < nrows; r++) {
-        out[0] += rows[r];
-        out[1] += rows[nrows + r];
+        double s[4];
+        SFX(hsum_range)(g, dir, off, r * row_len, (r + 1) * row_len, norms, s);
+        for (int ch = 0; ch < 4; ch++) rows[ch * nrows + r] = s[ch];
+    }
+    for (int ch = 0; ch < 4; ch++) {
+        out[ch] = 0.0;
+        for (int64_t r = 0; r < nrows; r++) out[ch] += rows[ch * nrows + r];
     }
 }
 
-/* the parameter-level alpha offset of element i: updated (clamped) when UPD, else as stored */
-INLINE T SFX(alpha_off)(T *restrict off, T gi, T di, int64_t i, const int OFF, const int UPD, T c, T lo, T hi) {
+/* the parameter-level alpha offset o = alpha - a0 of element i: as stored (UPD 0), or updated and clamped —
+ * additive (UPD 1): o + c*g*dir; normalized (UPD 2): alpha (1 - c*sign(g*dir)), i.e. o - c*sign(g*dir)*(a0 + o) */
+INLINE T SFX(alpha_off)(T *restrict off, T gi, T di, int64_t i, const int OFF, const int UPD, T c, T lo, T hi,
+                        T a0) {
     if (!OFF) return (T)0;
     T o = off[i];
     if (UPD) {
-        o = o + c * (gi * di);
+        if (UPD == 1) {
+            o = o + c * (gi * di);
+        } else {
+            T h = gi * di;
+            T sg = (T)((h > (T)0) - (h < (T)0));
+            o = o - c * sg * (a0 + o);
+        }
         o = o < lo ? lo : o;
         o = o > hi ? hi : o;
         off[i] = o;
@@ -83,10 +94,10 @@ INLINE T SFX(alpha_off)(T *restrict off, T gi, T di, int64_t i, const int OFF, c
 INLINE void SFX(adam_loop)(T *restrict p, const T *restrict g, T *restrict dir, T *restrict off,
                            T *restrict m, T *restrict v, T *restrict vmax, int64_t lo, int64_t hi,
                            const int OFF, const int UPD, const int DEC, const int AMS, const int L2,
-                           T c, T olo, T ohi, T ka, T kb, T da, T db, T dd, T wd, T w1, T b2, T w2, T shift) {
+                           T c, T olo, T ohi, T oa0, T ka, T kb, T da, T db, T dd, T wd, T w1, T b2, T w2, T shift) {
     for (int64_t i = lo; i < hi; i++) {
         T gi = g[i], th = p[i];
-        T o = SFX(alpha_off)(off, gi, dir[i], i, OFF, UPD, c, olo, ohi);
+        T o = SFX(alpha_off)(off, gi, dir[i], i, OFF, UPD, c, olo, ohi, oa0);
         T gg = L2 ? gi + wd * th : gi;
         T mi = m[i] + w1 * (gg - m[i]);
         T vi = b2 * v[i] + w2 * gg * gg;
@@ -111,34 +122,36 @@ INLINE void SFX(adam_loop)(T *restrict p, const T *restrict g, T *restrict dir, 
 }
 
 INLINE void SFX(adam_range)(T *p, const T *g, T *dir, T *off, T *m, T *v, T *vmax, int64_t lo, int64_t hi,
-                            int code, T c, T olo, T ohi, T ka, T kb, T da, T db, T dd,
+                            int code, T c, T olo, T ohi, T oa0, T ka, T kb, T da, T db, T dd,
                             T wd, T w1, T b2, T w2, T shift) {
     switch (code) { ADAM_CASES }
 }
 
-/* Adam / AdamW on one tensor. off (nullable): parameter-level alpha offsets, off <- clamp(off + c*g*dir_old)
- * when do_alpha. q = m / (sqrt(v) + shift) after the moment updates (L2 decay wd enters g);
+/* Adam / AdamW on one tensor. off (nullable): parameter-level alpha offsets, updated from g and dir_old when
+ * do_alpha (1: additive, 2: normalized; see alpha_off, a0 = alpha_0). q = m / (sqrt(v) + shift) after the moment updates (L2 decay wd enters g);
  * theta <- theta*(1 + da + db*off) [decoupled] + (ka + kb*off)*q; dir <- q + dd*theta_old [decoupled] or q.
  * krow (nullable, the unit level): per-row factors, row r of row_len elements uses ka*krow[r], da*krow[r]. */
 CAMHD_CLONES void SFX(camhd_adam)(T *p, const T *g, T *dir, T *off, T *m, T *v, T *vmax, int64_t n,
                                   const double *krow, int64_t row_len, int do_alpha, double c, double olo,
-                                  double ohi, double ka, double kb, int decoupled, double da, double db,
+                                  double ohi, double a0, double ka, double kb, int decoupled, double da, double db,
                                   double dd, double wd, double w1, double b2, double w2, double shift) {
     int nt = camhd_threads(n);
-    int OFF = off != 0, UPD = off != 0 && do_alpha, DEC = decoupled != 0, AMS = vmax != 0, L2 = wd != 0.0;
-    int code = OFF | UPD << 1 | DEC << 2 | AMS << 3 | L2 << 4;
+    int OFF = off != 0, UPD = off != 0 ? (do_alpha < 0 ? 0 : (do_alpha > 2 ? 2 : do_alpha)) : 0;
+    int DEC = decoupled != 0, AMS = vmax != 0, L2 = wd != 0.0;
+    int code = OFF | UPD << 1 | DEC << 3 | AMS << 4 | L2 << 5;
+    T oa0 = (T)a0;
     (void)nt;
     #pragma omp parallel num_threads(nt)
     {
         int64_t lo, hi;
         camhd_slice(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
         if (!krow) {
-            SFX(adam_range)(p, g, dir, off, m, v, vmax, lo, hi, code, c, olo, ohi, ka, kb, da, db, dd,
+            SFX(adam_range)(p, g, dir, off, m, v, vmax, lo, hi, code, c, olo, ohi, oa0, ka, kb, da, db, dd,
                             wd, w1, b2, w2, shift);
         } else {
             for (int64_t i = lo; i < hi;) {
                 int64_t r = i / row_len, e = (r + 1) * row_len < hi ? (r + 1) * row_len : hi;
-                SFX(adam_range)(p, g, dir, off, m, v, vmax, i, e, code, c, olo, ohi, ka * krow[r], kb,
+                SFX(adam_range)(p, g, dir, off, m, v, vmax, i, e, code, c, olo, ohi, oa0, ka * krow[r], kb,
                                 da * krow[r], db, dd, wd, w1, b2, w2, shift);
                 i = e;
             }
@@ -149,10 +162,10 @@ CAMHD_CLONES void SFX(camhd_adam)(T *p, const T *g, T *dir, T *off, T *m, T *v, 
 INLINE void SFX(sgd_loop)(T *restrict p, const T *restrict g, T *restrict dir, T *restrict off,
                           T *restrict buf, int64_t lo, int64_t hi,
                           const int OFF, const int UPD, const int MOM, const int FIRST, const int L2,
-                          T c, T olo, T ohi, T ka, T kb, T wd, T mu, T dm) {
+                          T c, T olo, T ohi, T oa0, T ka, T kb, T wd, T mu, T dm) {
     for (int64_t i = lo; i < hi; i++) {
         T gi = g[i], th = p[i];
-        T o = SFX(alpha_off)(off, gi, dir[i], i, OFF, UPD, c, olo, ohi);
+        T o = SFX(alpha_off)(off, gi, dir[i], i, OFF, UPD, c, olo, ohi, oa0);
         T gg = L2 ? gi + wd * th : gi;
         T d = gg;
         if (MOM) {
@@ -167,19 +180,20 @@ INLINE void SFX(sgd_loop)(T *restrict p, const T *restrict g, T *restrict dir, T
 }
 
 INLINE void SFX(sgd_range)(T *p, const T *g, T *dir, T *off, T *buf, int64_t lo, int64_t hi, int code,
-                           T c, T olo, T ohi, T ka, T kb, T wd, T mu, T dm) {
+                           T c, T olo, T ohi, T oa0, T ka, T kb, T wd, T mu, T dm) {
     switch (code) { SGD_CASES }
 }
 
 /* SGD on one tensor. momentum: 0 plain (buf unused), 1 heavy ball, 2 Nesterov; first: buf <- g (torch's
  * first step). theta <- theta + (ka + kb*off)*d; dir <- d. krow, row_len, off, do_alpha: as camhd_adam. */
 CAMHD_CLONES void SFX(camhd_sgd)(T *p, const T *g, T *dir, T *off, T *buf, int64_t n, const double *krow,
-                                 int64_t row_len, int do_alpha, double c, double olo, double ohi, double ka,
-                                 double kb, double wd, int momentum, int first, double mu, double damp) {
+                                 int64_t row_len, int do_alpha, double c, double olo, double ohi, double a0,
+                                 double ka, double kb, double wd, int momentum, int first, double mu, double damp) {
     int nt = camhd_threads(n);
-    int OFF = off != 0, UPD = off != 0 && do_alpha, L2 = wd != 0.0;
+    int OFF = off != 0, UPD = off != 0 ? (do_alpha < 0 ? 0 : (do_alpha > 2 ? 2 : do_alpha)) : 0, L2 = wd != 0.0;
     int MOM = momentum < 0 ? 0 : (momentum > 2 ? 2 : momentum), FIRST = first != 0;
-    int code = OFF | UPD << 1 | L2 << 2 | FIRST << 3 | MOM << 4;
+    int code = OFF | UPD << 1 | L2 << 3 | FIRST << 4 | MOM << 5;
+    T oa0 = (T)a0;
     double dm = 1.0 - damp;
     (void)nt;
     #pragma omp parallel num_threads(nt)
@@ -187,11 +201,11 @@ CAMHD_CLONES void SFX(camhd_sgd)(T *p, const T *g, T *dir, T *off, T *buf, int64
         int64_t lo, hi;
         camhd_slice(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
         if (!krow) {
-            SFX(sgd_range)(p, g, dir, off, buf, lo, hi, code, c, olo, ohi, ka, kb, wd, mu, dm);
+            SFX(sgd_range)(p, g, dir, off, buf, lo, hi, code, c, olo, ohi, oa0, ka, kb, wd, mu, dm);
         } else {
             for (int64_t i = lo; i < hi;) {
                 int64_t r = i / row_len, e = (r + 1) * row_len < hi ? (r + 1) * row_len : hi;
-                SFX(sgd_range)(p, g, dir, off, buf, i, e, code, c, olo, ohi, ka * krow[r], kb, wd, mu, dm);
+                SFX(sgd_range)(p, g, dir, off, buf, i, e, code, c, olo, ohi, oa0, ka * krow[r], kb, wd, mu, dm);
                 i = e;
             }
         }
