@@ -48,7 +48,7 @@ def test_bf16_parameters_keep_fp32_hyper_state(device, cls):
     runs = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = make_net().to(device=device, dtype=dtype)
-        opt = cls(model, levels=ALL, hypergrad_lr=1e-5, gamma_lr=0.05, **kw)
+        opt = cls(model, levels=ALL, hypergrad_lr=1e-5, hypergrad_rule="additive", gamma_lr=0.05, **kw)
         _train(model, opt, 8, device, dtype)
         runs[dtype] = (model, opt)
     model, opt = runs[torch.bfloat16]
@@ -67,7 +67,7 @@ def test_grad_scaler_skips_a_step_with_inf_gradients(device):
     """fp16 GradScaler: on an inf step the optimizer's step() is not called — nothing changes, nothing is
     counted — and the next finite step trains normally."""
     model = make_net().to(device)
-    opt = CAMHDAdam(model, levels=("global", "layer", "unit"), hypergrad_lr=1e-5, gamma_lr=0.05)
+    opt = CAMHDAdam(model, levels=("global", "layer", "unit"), hypergrad_lr=1e-5, hypergrad_rule="additive", gamma_lr=0.05)
     scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 10)
     dtype = torch.float16 if device == "cuda" else torch.bfloat16
 
@@ -96,7 +96,7 @@ def test_grad_scaler_skips_a_step_with_inf_gradients(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_resume_continues_bitwise(device):
-    kw = dict(levels=ALL, hypergrad_lr=1e-5, gamma_lr=0.05, decay_rate=0.01)
+    kw = dict(levels=ALL, hypergrad_lr=1e-5, hypergrad_rule="additive", gamma_lr=0.05, decay_rate=0.01)
     model = make_net().to(device)
     opt = CAMHDAdamW(model, **kw)
     _train(model, opt, 4, device)
@@ -116,7 +116,7 @@ def test_resume_continues_bitwise(device):
 @pytest.mark.parametrize("flags", [{}, dict(foreach=True)], ids=["default", "foreach"])
 def test_no_host_synchronisation_inside_a_step(flags):
     model = make_net().to("cuda")
-    opt = CAMHDAdamW(model, lr=torch.tensor(1e-3), levels=ALL, hypergrad_lr=1e-5, gamma_lr=0.05, **flags)
+    opt = CAMHDAdamW(model, lr=torch.tensor(1e-3), levels=ALL, hypergrad_lr=1e-5, hypergrad_rule="additive", gamma_lr=0.05, **flags)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.9 ** t)
     _train(model, opt, 3, "cuda")  # warm-up: state created, step compiled
     x, y = (v.to("cuda") for v in batch(3))

@@ -121,7 +121,7 @@ def test_dcp_state_creating_step_changes_nothing(cls, kw):
     """get_optimizer_state_dict on a fresh optimizer calls step() with zero grads and lr=0 to create the state."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    kw = dict(kw, levels=LEVELS, hypergrad_lr=1e-4, gamma_lr=0.05, decay_rate=0.01)
+    kw = dict(kw, levels=LEVELS, hypergrad_lr=1e-4, hypergrad_rule="additive", gamma_lr=0.05, decay_rate=0.01)
     m_ref = make_net()
     train(m_ref, cls(m_ref, **kw), 5)
     m = make_net()

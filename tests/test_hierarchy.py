@@ -291,7 +291,7 @@ def _train_one_step(model, opt):
 def test_optimizer_checkpoint_records_the_tree_and_refuses_a_different_model(tmp_path):
     torch.manual_seed(0)
     model = Net()
-    opt = CAMHDAdam(model, lr=1e-3, levels=("global", "layer", "unit"), hypergrad_lr=1e-6)
+    opt = CAMHDAdam(model, lr=1e-3, levels=("global", "layer", "unit"), hypergrad_lr=1e-6, hypergrad_rule="additive")
     _train_one_step(model, opt)
     _train_one_step(model, opt)
     torch.save(opt.state_dict(), tmp_path / "opt.pt")

@@ -16,7 +16,7 @@ RESULTS = {"accuracy": 0.9125, "loss": 0.2875}
 
 
 def _trained_optimizer(model, levels=("global", "layer")):
-    opt = CAMHDAdam(model, levels=levels, hypergrad_lr=1e-6, gamma_lr=0.01)
+    opt = CAMHDAdam(model, levels=levels, hypergrad_lr=1e-6, hypergrad_rule="additive", gamma_lr=0.01)
     for _ in range(3):
         opt.zero_grad()
         out = model(pixel_values=torch.randn(4, *_shape(model)), labels=torch.randint(0, 10, (4,)))

@@ -29,8 +29,8 @@ def _batch(t: int, n: int = 16, dtype=torch.float32):
 
 
 def _opt(model, cls=CAMHDAdam, **kw):
-    base = dict(lr=1e-3, hypergrad_lr=1e-5, gamma_lr=0.05) if cls is CAMHDAdam else \
-        dict(lr=0.05, momentum=0.9, hypergrad_lr=1e-3, gamma_lr=0.05)
+    base = dict(lr=1e-3, hypergrad_lr=1e-5, gamma_lr=0.05, hypergrad_rule="additive") if cls is CAMHDAdam else \
+        dict(lr=0.05, momentum=0.9, hypergrad_lr=1e-3, gamma_lr=0.05, hypergrad_rule="additive")
     return cls(model, levels=LEVELS, **{**base, **kw})
 
 

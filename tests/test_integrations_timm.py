@@ -56,7 +56,7 @@ def _check_timm_groups(opt, cls, group_settings):
 def test_timm_factory_with_tree_builds_the_models_block_tree(resnet, name):
     cls, group_settings = CASES[name]
     opt = timm_create_optimizer_v2(resnet, opt=name, lr=0.01, weight_decay=1e-4, tree=build_hierarchy(resnet, LEVELS),
-                                   hypergrad_lr=1e-6, gamma_lr=0.01)
+                                   hypergrad_lr=1e-6, hypergrad_rule="additive", gamma_lr=0.01)
     _check_timm_groups(opt, cls, group_settings)
     assert opt.config.lr == 0.01 and opt.config.gamma_lr == 0.01
 
@@ -241,7 +241,7 @@ def test_timms_train_py_runs_with_camhdadamw_through_the_launcher(tmp_path, imag
     args = ["--data-dir", str(image_folder), "--num-classes", "2", "--device", "cpu", "--workers", "0",
             "--batch-size", "4", "--img-size", "16", "--model", "resnet18", "--opt", "camhdadamw", "--lr", "1e-3",
             "--weight-decay", "0.05", "--warmup-epochs", "0", "--no-aug", "--epochs", "2",
-            "--output", str(tmp_path / "out"), "--opt-kwargs", "levels=global,block,layer", "hypergrad_lr=1e-8",
+            "--output", str(tmp_path / "out"), "--opt-kwargs", "levels=global,block,layer", "hypergrad_lr=1e-8", "hypergrad_rule=additive",
             "gamma_lr=0.01"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # the README's command: python -m hf_camhd.integrations.timm_train TRAIN_PY ARGS

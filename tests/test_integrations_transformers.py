@@ -107,7 +107,7 @@ def test_factory_path_trains_with_the_trainers_decay_split_and_logs(tmp_path, da
 
 def test_optimizers_path_and_callback_installed_first_reaches_reporting_callbacks(tmp_path, dataset):
     model = tiny_bert()
-    opt = CAMHDAdam(model, lr=2e-3, levels=("global", "block", "layer", "unit"), hypergrad_lr=1e-5)
+    opt = CAMHDAdam(model, lr=2e-3, levels=("global", "block", "layer", "unit"), hypergrad_lr=1e-5, hypergrad_rule="additive")
     recorder = Recorder()
     trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=dataset, optimizers=(opt, None),
                       callbacks=[recorder])
@@ -244,7 +244,7 @@ def test_publish_with_trainer_optimizer_writes_the_camhd_card(tmp_path, dataset)
 
     model = tiny_bert()
     trainer = Trainer(model=model, args=_args(tmp_path / "run"), train_dataset=dataset,
-                      optimizers=(CAMHDAdamW(model, lr=2e-3, levels=("global", "block", "layer"), hypergrad_lr=1e-5,
+                      optimizers=(CAMHDAdamW(model, lr=2e-3, levels=("global", "block", "layer"), hypergrad_lr=1e-5, hypergrad_rule="additive",
                                              gamma_lr=0.1), None))
     trainer.train()
     assert isinstance(trainer.optimizer, AcceleratedOptimizer)

@@ -136,7 +136,7 @@ def test_rate_rises_when_gradients_agree_and_falls_when_they_oppose(cls, lr_smal
     overshooting step flips them (g·u > 0 → α shrinks)."""
     for lr, rises in ((lr_small, True), (lr_big, False)):
         x = nn.Parameter(torch.full((4,), 3.0))
-        opt = cls([x], lr=lr, levels=("global", "layer"), hypergrad_lr=1e-4)
+        opt = cls([x], lr=lr, levels=("global", "layer"), hypergrad_lr=1e-4, hypergrad_rule="additive")
         for _ in range(4):
             opt.zero_grad()
             (0.5 * x.pow(2).sum()).backward()
@@ -147,10 +147,10 @@ def test_rate_rises_when_gradients_agree_and_falls_when_they_oppose(cls, lr_smal
 
 # ------------------------------------------------------------------------------------------ convergence
 OPTIMIZERS = {
-    "sgd": (CAMHDSGD, dict(lr=0.05, hypergrad_lr=1e-4)),
-    "sgdn": (CAMHDSGD, dict(lr=0.02, momentum=0.9, nesterov=True, hypergrad_lr=1e-5)),
-    "adam": (CAMHDAdam, dict(lr=0.05, hypergrad_lr=1e-6)),
-    "adamw": (CAMHDAdamW, dict(lr=0.05, weight_decay=1e-4, hypergrad_lr=1e-6)),
+    "sgd": (CAMHDSGD, dict(lr=0.05, hypergrad_lr=1e-4, hypergrad_rule="additive")),
+    "sgdn": (CAMHDSGD, dict(lr=0.02, momentum=0.9, nesterov=True, hypergrad_lr=1e-5, hypergrad_rule="additive")),
+    "adam": (CAMHDAdam, dict(lr=0.05, hypergrad_lr=1e-6, hypergrad_rule="additive")),
+    "adamw": (CAMHDAdamW, dict(lr=0.05, weight_decay=1e-4, hypergrad_lr=1e-6, hypergrad_rule="additive")),
 }
 
 
@@ -210,6 +210,8 @@ def test_registry_builds_every_name():
     for name in list_optimizers():
         m = make_net()
         opt = create_optimizer(m, name, lr=1e-2)
+        if hasattr(opt, "train"):  # Schedule-Free: train mode before training
+            opt.train()
         train(m, opt, 2)
         assert opt.num_steps == 2
         if name.endswith("-hd"):
@@ -251,7 +253,7 @@ def test_a_rate_pushed_to_alpha_max_is_reported_once_naming_the_level(rule):
 
 def test_no_warning_when_the_rates_stay_sane():
     m = make_net()
-    opt = CAMHDAdam(m, levels=("global", "layer", "unit", "parameter"), hypergrad_lr=1e-8, gamma_lr=0.01)
+    opt = CAMHDAdam(m, levels=("global", "layer", "unit", "parameter"), hypergrad_lr=1e-8, hypergrad_rule="additive", gamma_lr=0.01)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(m, opt, 30)

@@ -28,7 +28,7 @@ def fresh_dynamo():
 def _optimizer(base: str, levels, model):
     cls, _, kw = BASES[base]
     kw = dict(kw, lr=torch.tensor(kw["lr"], dtype=torch.float64))  # a Tensor lr, as torch recommends for compiled steps
-    return cls(model, levels=levels, hypergrad_lr=1e-4, gamma_lr=0.1, decay_rate=0.01, **kw)
+    return cls(model, levels=levels, hypergrad_lr=1e-4, hypergrad_rule="additive", gamma_lr=0.1, decay_rate=0.01, **kw)
 
 
 def _backward(model, t: int, dtype=torch.float32) -> None:

@@ -18,9 +18,9 @@ from hf_camhd import CAMHDAdam, CAMHDAdamW, CAMHDSGD
 from conftest import batch, make_net, rel_err, torch_roundtrip, train
 
 OPTIMIZERS = {
-    "sgdn": (CAMHDSGD, dict(lr=0.05, momentum=0.9, nesterov=True, hypergrad_lr=1e-4), torch.optim.SGD),
-    "adam": (CAMHDAdam, dict(lr=1e-3, weight_decay=1e-3, hypergrad_lr=1e-6), torch.optim.Adam),
-    "adamw": (CAMHDAdamW, dict(lr=1e-3, weight_decay=1e-2, hypergrad_lr=1e-6), torch.optim.AdamW),
+    "sgdn": (CAMHDSGD, dict(lr=0.05, momentum=0.9, nesterov=True, hypergrad_lr=1e-4, hypergrad_rule="additive"), torch.optim.SGD),
+    "adam": (CAMHDAdam, dict(lr=1e-3, weight_decay=1e-3, hypergrad_lr=1e-6, hypergrad_rule="additive"), torch.optim.Adam),
+    "adamw": (CAMHDAdamW, dict(lr=1e-3, weight_decay=1e-2, hypergrad_lr=1e-6, hypergrad_rule="additive"), torch.optim.AdamW),
 }
 TREES = [("global",), ("global", "block", "layer"), ("global", "layer", "unit", "parameter")]
 CASES = [(o, t) for o in OPTIMIZERS for t in TREES]
@@ -182,7 +182,7 @@ def test_state_dict_missing_later_flags_and_with_float_steps_loads():
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_tensor_lr_reproduces_torch_with_a_scheduler(name):
     cls, kw, ref_cls = OPTIMIZERS[name]
-    kw = {k: v for k, v in kw.items() if k != "hypergrad_lr"}
+    kw = {k: v for k, v in kw.items() if k not in ("hypergrad_lr", "hypergrad_rule")}
     m1, m2 = make_net(dtype=torch.float64), make_net(dtype=torch.float64)
     lr = torch.tensor(kw.pop("lr"), dtype=torch.float64)
     opt = cls(m1, lr=lr.clone(), levels=("global", "layer"), hypergrad_lr=0.0, gamma_lr=0.0, **kw)
@@ -271,7 +271,7 @@ def test_dtypes_and_mixed_dtype_groups(name, dtypes):
     """Each group in its own dtype: the step reproduces torch.optim (β = δ = 0) per group, and the
     hyper-state is fp32 (float64 when a parameter is float64) whatever the parameter dtype."""
     cls, kw, ref_cls = OPTIMIZERS[name]
-    kw = {k: v for k, v in kw.items() if k != "hypergrad_lr"}
+    kw = {k: v for k, v in kw.items() if k not in ("hypergrad_lr", "hypergrad_rule")}
     d1, d2 = DTYPES[dtypes]
 
     def model():
@@ -302,7 +302,7 @@ def test_dtypes_and_mixed_dtype_groups(name, dtypes):
         assert st["hypergrad_dir"].dtype == (torch.float64 if p.dtype == torch.float64 else torch.float32)
         assert st["camhd_alpha_parameter_offset"].dtype == st["hypergrad_dir"].dtype
     # adapting too: finite, and α moves
-    opt2 = cls(groups(m1), levels=("global", "layer", "parameter"), hypergrad_lr=1e-4, gamma_lr=0.05, **kw)
+    opt2 = cls(groups(m1), levels=("global", "layer", "parameter"), hypergrad_lr=1e-4, hypergrad_rule="additive", gamma_lr=0.05, **kw)
     for t in range(8):
         opt2.zero_grad()
         loss_of(m1, t).backward()

@@ -18,9 +18,10 @@ ALL = ("global", "block", "layer", "unit", "parameter")
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """Counts pass-2 kernel calls (the fused path ran) without changing what they do."""
+    """Counts the kernel calls that move θ (pass 2, or pass B without a parameter level: one per tensor and step,
+    when the fused path ran) without changing what they do."""
     calls = {"n": 0}
-    for name in ("adam", "sgd"):
+    for name in ("adam", "sgd", "apply"):
         real = getattr(_fused, name)
 
         def spy(*args, _real=real, **kwargs):
@@ -59,7 +60,7 @@ def test_fused_equals_reference_on_params_and_state(base, levels, fused_calls):
     cls, _, kw = BASES[base]
     models = [make_net(dtype=torch.float64), make_net(dtype=torch.float64)]
     opts = [cls(_groups(m, kw["lr"]), levels=levels, hypergrad_lr=1e-4, gamma_lr=0.1 if len(levels) > 1 else 0.0,
-                decay_rate=0.01, **flag, **kw)
+                decay_rate=0.01, hypergrad_rule="additive", **flag, **kw)
             for m, flag in zip(models, (dict(fused=True), dict(foreach=False)))]
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 0.97 ** t) for o in opts]
     for m, o, s in zip(models, opts, scheds):
@@ -77,7 +78,7 @@ def test_fused_equals_reference_on_params_and_state(base, levels, fused_calls):
 def test_fused_adam_options(amsgrad, maximize):
     models = [make_net(dtype=torch.float64), make_net(dtype=torch.float64)]
     opts = [CAMHDAdam(m, lr=1e-3, weight_decay=1e-2, amsgrad=amsgrad, maximize=maximize, levels=ALL,
-                      hypergrad_lr=1e-4, gamma_lr=0.05, **flag)
+                      hypergrad_lr=1e-4, hypergrad_rule="additive", gamma_lr=0.05, **flag)
             for m, flag in zip(models, (dict(fused=True), dict(foreach=False)))]
     for m, o in zip(models, opts):
         train(m, o, 15, torch.float64)
@@ -114,7 +115,7 @@ def test_fused_multithreaded_matches_reference_and_is_deterministic(cls, kw):
     torch.set_num_threads(2)
     try:
         models = [_Wide(torch.float64), _Wide(torch.float64)]
-        opts = [cls(m, levels=ALL, hypergrad_lr=1e-5, gamma_lr=0.05, **flag, **kw)
+        opts = [cls(m, levels=ALL, hypergrad_lr=1e-5, hypergrad_rule="additive", gamma_lr=0.05, **flag, **kw)
                 for m, flag in zip(models, (dict(fused=True), dict(foreach=False)))]
         for m, o in zip(models, opts):
             _train_wide(m, o, 8, torch.float64)
@@ -122,7 +123,7 @@ def test_fused_multithreaded_matches_reference_and_is_deterministic(cls, kw):
         runs = []
         for _ in range(2):  # float32, same thread count: bitwise the same run to run
             m = _Wide(torch.float32)
-            _train_wide(m, cls(m, levels=ALL, hypergrad_lr=1e-5, gamma_lr=0.05, fused=True, **kw), 8,
+            _train_wide(m, cls(m, levels=ALL, hypergrad_lr=1e-5, hypergrad_rule="additive", gamma_lr=0.05, fused=True, **kw), 8,
                         torch.float32)
             runs.append([p.detach().clone() for p in m.parameters()])
         assert all(torch.equal(a, b) for a, b in zip(*runs))
@@ -133,7 +134,7 @@ def test_fused_multithreaded_matches_reference_and_is_deterministic(cls, kw):
 def test_fused_float32_agrees_with_foreach(base):
     cls, _, kw = BASES[base]
     models = [make_net(), make_net()]
-    opts = [cls(m, levels=ALL, hypergrad_lr=1e-4, gamma_lr=0.1, **flag, **kw)
+    opts = [cls(m, levels=ALL, hypergrad_lr=1e-4, hypergrad_rule="additive", gamma_lr=0.1, **flag, **kw)
             for m, flag in zip(models, (dict(fused=True), dict(foreach=True)))]
     for m, o in zip(models, opts):
         train(m, o, 30)
@@ -156,20 +157,20 @@ class _ColumnUnits(nn.Module):
 
 def test_default_path_is_fused_where_it_applies(fused_calls):
     m = make_net()
-    train(m, CAMHDAdam(m, levels=ALL, hypergrad_lr=1e-6), 2)
+    train(m, CAMHDAdam(m, levels=ALL, hypergrad_lr=1e-6, hypergrad_rule="additive"), 2)
     n = 2 * len(list(m.parameters()))
     assert fused_calls["n"] == n
     for kw in (dict(foreach=True), dict(foreach=False)):  # an explicit foreach choice is honoured
         m = make_net()
-        train(m, CAMHDAdam(m, hypergrad_lr=1e-6, **kw), 2)
+        train(m, CAMHDAdam(m, hypergrad_lr=1e-6, hypergrad_rule="additive", **kw), 2)
         assert fused_calls["n"] == n, kw
     m = make_net().to(torch.bfloat16)
-    opt = CAMHDAdam(m, levels=("global", "parameter"), hypergrad_lr=1e-6)
+    opt = CAMHDAdam(m, levels=("global", "parameter"), hypergrad_lr=1e-6, hypergrad_rule="additive")
     train(m, opt, 2, torch.bfloat16)  # bf16 parameters: foreach, with fp32 hyper-state
     assert fused_calls["n"] == n and torch.isfinite(opt.alpha("parameter")).all()
     assert opt._last_path == "multi_tensor"
     m = _ColumnUnits()
-    opt = CAMHDAdam(m, levels=("global", "unit"), hypergrad_lr=1e-6)
+    opt = CAMHDAdam(m, levels=("global", "unit"), hypergrad_lr=1e-6, hypergrad_rule="additive")
     for _ in range(2):  # units along dim 1: foreach
         m(torch.randn(3, 4)).sum().backward()
         opt.step()
@@ -202,7 +203,7 @@ def test_channels_last_weights_take_the_fused_path(fused_calls):
     models = [make_net(dtype=torch.float64).to(memory_format=torch.channels_last) for _ in range(2)]
     conv = models[0].features[3].weight
     assert not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last)
-    opts = [CAMHDAdamW(m, lr=1e-2, weight_decay=0.1, levels=ALL, hypergrad_lr=1e-4, gamma_lr=0.1, **flag)
+    opts = [CAMHDAdamW(m, lr=1e-2, weight_decay=0.1, levels=ALL, hypergrad_lr=1e-4, hypergrad_rule="additive", gamma_lr=0.1, **flag)
             for m, flag in zip(models, (dict(fused=True), dict(foreach=False)))]
     for m, o in zip(models, opts):
         train(m, o, 10, torch.float64)
@@ -226,7 +227,7 @@ def test_without_a_compiler_the_default_falls_back_to_foreach(monkeypatch, recwa
     runs = []
     for kw in (dict(), dict(foreach=True), dict(fused=False)):
         m = make_net()
-        train(m, CAMHDAdam(m, levels=("global", "layer", "parameter"), hypergrad_lr=1e-6, gamma_lr=0.1, **kw), 5)
+        train(m, CAMHDAdam(m, levels=("global", "layer", "parameter"), hypergrad_lr=1e-6, hypergrad_rule="additive", gamma_lr=0.1, **kw), 5)
         runs.append([p.detach().clone() for p in m.parameters()])
     assert all(torch.equal(a, b) for r in runs[1:] for a, b in zip(runs[0], r))  # the fallback is the foreach path
     # said once per process, by the default path only, with the fix

@@ -276,7 +276,7 @@ def test_learned_gamma_moves_and_foreach_equals_reference_on_state():
     levels = ("global", "block", "layer", "unit", "parameter")
     for cls, kw in ((CAMHDAdamW, dict(lr=1e-2, weight_decay=0.1)), (CAMHDSGD, dict(lr=0.05, momentum=0.9))):
         ms = [make_net(dtype=torch.float64), make_net(dtype=torch.float64)]
-        opts = [cls(m, levels=levels, hypergrad_lr=1e-4, gamma_lr=0.1, decay_rate=0.01, foreach=fe, **kw)
+        opts = [cls(m, levels=levels, hypergrad_lr=1e-4, hypergrad_rule="additive", gamma_lr=0.1, decay_rate=0.01, foreach=fe, **kw)
                 for m, fe in zip(ms, (True, False))]
         for m, o in zip(ms, opts):
             train(m, o, 20, torch.float64)

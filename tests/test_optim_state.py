@@ -16,9 +16,9 @@ from conftest import batch, make_net, rel_err, torch_roundtrip, train
 
 LEVELS = ("global", "block", "layer", "unit", "parameter")
 CONFIGS = {
-    "adam": (CAMHDAdam, dict(lr=1e-3, hypergrad_lr=1e-6, gamma_lr=0.05, decay_rate=0.01)),
-    "adamw-softmax": (CAMHDAdamW, dict(lr=1e-3, hypergrad_lr=1e-6, gamma_lr=0.05, gamma_update="softmax")),
-    "sgdn": (CAMHDSGD, dict(lr=0.05, momentum=0.9, nesterov=True, hypergrad_lr=1e-4, gamma_lr=0.05)),
+    "adam": (CAMHDAdam, dict(lr=1e-3, hypergrad_lr=1e-6, hypergrad_rule="additive", gamma_lr=0.05, decay_rate=0.01)),
+    "adamw-softmax": (CAMHDAdamW, dict(lr=1e-3, hypergrad_lr=1e-6, hypergrad_rule="additive", gamma_lr=0.05, gamma_update="softmax")),
+    "sgdn": (CAMHDSGD, dict(lr=0.05, momentum=0.9, nesterov=True, hypergrad_lr=1e-4, hypergrad_rule="additive", gamma_lr=0.05)),
 }
 
 
@@ -55,7 +55,7 @@ def test_resume_in_a_fresh_process(tmp_path):
         from conftest import make_net, train
         from hf_camhd import CAMHDAdam
         mode, path = sys.argv[1], sys.argv[2]
-        kw = dict(levels=("global", "layer", "unit", "parameter"), hypergrad_lr=1e-6, gamma_lr=0.05)
+        kw = dict(levels=("global", "layer", "unit", "parameter"), hypergrad_lr=1e-6, hypergrad_rule="additive", gamma_lr=0.05)
         m = make_net(); opt = CAMHDAdam(m, **kw)
         if mode == "full":
             train(m, opt, 16)
@@ -80,7 +80,7 @@ def test_resume_in_a_fresh_process(tmp_path):
 
 def test_checkpoint_is_plain_data():
     m = make_net()
-    opt = CAMHDAdam(m, levels=LEVELS, hypergrad_lr=1e-6)
+    opt = CAMHDAdam(m, levels=LEVELS, hypergrad_lr=1e-6, hypergrad_rule="additive")
     train(m, opt, 2)
     sd = opt.state_dict()
     loaded = torch_roundtrip(sd)  # weights_only=True raises on anything but tensors and plain containers
@@ -92,7 +92,7 @@ def test_same_seed_same_parameters():
     runs = []
     for _ in range(2):
         m = make_net()
-        train(m, CAMHDSGD(m, lr=0.05, momentum=0.9, levels=LEVELS, hypergrad_lr=1e-4, gamma_lr=0.05), 10)
+        train(m, CAMHDSGD(m, lr=0.05, momentum=0.9, levels=LEVELS, hypergrad_lr=1e-4, hypergrad_rule="additive", gamma_lr=0.05), 10)
         runs.append([p.detach().clone() for p in m.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
@@ -121,7 +121,7 @@ def test_param_groups_keep_their_settings_and_share_the_tree():
     decay = [p for n, p in m.named_parameters() if n.endswith("weight")]
     no_decay = [p for n, p in m.named_parameters() if not n.endswith("weight")]
     opt = CAMHDAdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0, "lr": 5e-4}],
-                     lr=1e-3, levels=("global", "layer"), hypergrad_lr=1e-6)
+                     lr=1e-3, levels=("global", "layer"), hypergrad_lr=1e-6, hypergrad_rule="additive")
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert opt.tree.num_nodes("layer") == len(opt.tree.entries)  # plain tensors: one layer per tensor
     train(m, opt, 3)
@@ -135,7 +135,7 @@ def test_named_groups_share_layer_nodes_across_groups():
     groups = [{"params": [(n, p) for n, p in named if n.endswith("weight")], "weight_decay": 0.1},
               {"params": [(n, p) for n, p in named if not n.endswith("weight")], "weight_decay": 0.0}]
     tree = build_hierarchy(m, ("global", "layer", "unit"))
-    opt = CAMHDAdamW(groups, lr=1e-3, tree=tree, hypergrad_lr=1e-6)
+    opt = CAMHDAdamW(groups, lr=1e-3, tree=tree, hypergrad_lr=1e-6, hypergrad_rule="additive")
     assert opt.tree.num_nodes("layer") == tree.num_nodes("layer") == 4
     train(m, opt, 3)
     ref = build_hierarchy(m, ("global", "layer", "unit"))
@@ -145,7 +145,7 @@ def test_named_groups_share_layer_nodes_across_groups():
 def test_params_without_grad_are_skipped_and_frozen_params_stay_in_the_tree():
     m = make_net()
     m.features[0].weight.requires_grad_(False)
-    opt = CAMHDAdam(m, levels=("global", "layer", "parameter"), hypergrad_lr=1e-4)
+    opt = CAMHDAdam(m, levels=("global", "layer", "parameter"), hypergrad_lr=1e-4, hypergrad_rule="additive")
     assert "features.0.weight" in opt.tree.param_names  # as torch.optim holds it: unfreezing it trains it
     frozen = m.features[0].weight.detach().clone()
     head_w = m.head.weight
@@ -164,9 +164,9 @@ def test_params_without_grad_are_skipped_and_frozen_params_stay_in_the_tree():
 
 def test_bf16_model_keeps_fp32_hyper_state_across_load():
     m = make_net().to(torch.bfloat16)
-    opt = CAMHDAdam(m, levels=LEVELS, hypergrad_lr=1e-6, gamma_lr=0.01)
+    opt = CAMHDAdam(m, levels=LEVELS, hypergrad_lr=1e-6, hypergrad_rule="additive", gamma_lr=0.01)
     train(m, opt, 3, dtype=torch.bfloat16)
-    opt2 = CAMHDAdam(m, levels=LEVELS, hypergrad_lr=1e-6, gamma_lr=0.01)
+    opt2 = CAMHDAdam(m, levels=LEVELS, hypergrad_lr=1e-6, hypergrad_rule="additive", gamma_lr=0.01)
     opt2.load_state_dict(torch_roundtrip(opt.state_dict()))
     for o in (opt, opt2):
         assert o.param_groups[0]["camhd_gamma"].dtype == torch.float32
@@ -200,7 +200,7 @@ def test_loading_a_different_tree_names_the_parameter():
 
 def test_lr_stats_are_plain_floats():
     m = make_net()
-    opt = CAMHDAdam(m, levels=("global", "layer", "parameter"), hypergrad_lr=1e-6, gamma_lr=0.01)
+    opt = CAMHDAdam(m, levels=("global", "layer", "parameter"), hypergrad_lr=1e-6, hypergrad_rule="additive", gamma_lr=0.01)
     train(m, opt, 3)
     stats = opt.lr_stats()
     assert all(isinstance(v, float) for v in stats.values())

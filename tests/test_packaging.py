@@ -74,7 +74,7 @@ import hf_camhd
 from hf_camhd import CAMHDAdam, CAMHDSGD, build_hierarchy
 
 model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-opt = CAMHDAdam(model, lr=1e-2, levels=("global", "block", "layer", "unit"), hypergrad_lr=1e-4, gamma_lr=0.1)
+opt = CAMHDAdam(model, lr=1e-2, levels=("global", "block", "layer", "unit"), hypergrad_lr=1e-4, hypergrad_rule="additive", gamma_lr=0.1)
 for _ in range(3):
     opt.zero_grad()
     model(torch.randn(5, 4)).pow(2).mean().backward()

@@ -24,7 +24,7 @@ block / head) names timm's groups and gives the block level; timm's own groups a
     >>> model = timm.create_model("resnet18", num_classes=10)
     >>> tree = hf_camhd.build_hierarchy(model, ("global", "block", "layer"))
     >>> opt = create_optimizer_v2(model, opt="camhdadam", lr=1e-3, weight_decay=0.05, tree=tree,
-    ...                           hypergrad_lr=1e-8)
+    ...                           hypergrad_lr=0.01)
     >>> type(opt).__name__, opt.tree.num_nodes("block"), sorted({g["weight_decay"] for g in opt.param_groups})
     ('CAMHDAdam', 10, [0.0, 0.05])
 

@@ -15,7 +15,7 @@ CAM-HD settings go through ``train.py``'s own ``--opt-kwargs``::
 
     python -m hf_camhd.integrations.timm_train train.py --data-dir imagenette2-320 --model resnet18 \\
         --opt camhdadamw --lr 1e-3 --weight-decay 0.05 \\
-        --opt-kwargs levels=global,block,layer hypergrad_lr=1e-8 gamma_lr=0.01
+        --opt-kwargs levels=global,block,layer hypergrad_lr=0.01 gamma_lr=0.01
 
 Everything else (``--sched``, ``--layer-decay``, AMP, ``torchrun --nproc_per_node N -m
 hf_camhd.integrations.timm_train train.py ...`` for several GPUs, checkpoints and ``--resume``) is

@@ -138,7 +138,8 @@ def _home(hyper: HyperState) -> Tensor:
 class HyperUpdate:
     """What the parameter level's element-wise update needs from :func:`hyper_update`."""
 
-    ok: Tensor                  # 0-d bool: the hyper-gradient was finite (and, compiled, t > 1)
+    ok: object                  # the hyper-gradient was finite (compiled: and t > 1): a 0-d bool tensor, or a
+                                # Python bool when decided on the host
     gamma_param: Tensor | None  # γ_parameter of step t−1 (the γ that produced α*_{t−1})
     diag: dict
 
@@ -159,35 +160,49 @@ def hyper_update(sums: NodeSums, hyper: HyperState, step: StepTensors, index: Tr
         if lv in hyper.coarse:
             node[lv] = S.new_zeros(hyper.coarse[lv].shape[0], S.shape[1]).index_add_(0, of, S)
     finite = torch.isfinite(node["global"]).all()
-    ok = finite & (t > 1) if isinstance(t, Tensor) else finite
-    hyper.skipped.add_((~finite).to(hyper.skipped.dtype))
+    if gamma.device.type == "cpu" and not torch.compiler.is_compiling():
+        # note: on the host a branch is free: a skipped step changes nothing, and no update needs a mask
+        ok = bool(finite)
+        hyper.skipped.add_(int(not ok))
+        if not ok:
+            return HyperUpdate(False, None, dict(finite=finite, G=None, sums=node))
+    else:
+        ok = finite & (t > 1) if isinstance(t, Tensor) else finite
+        hyper.skipped.add_((~finite).to(hyper.skipped.dtype))
     G = _gamma_gradient(sums, node, hyper, cfg) if cfg.gamma_lr > 0 else None
     gamma_param = gamma[cfg.position("parameter")].clone() if "parameter" in levels else None
     for lv, alpha in hyper.coarse.items():                 # step 2
-        new = _new_alpha(alpha, node[lv], hyper.stats.get(lv), index.beta[lv], gamma[cfg.position(lv)], cfg, ok)
-        alpha.copy_(torch.where(ok, new, alpha))
+        _new_alpha(alpha, node[lv], hyper.stats.get(lv), index.beta[lv], gamma[cfg.position(lv)], cfg, ok)
     if "unit" in levels:
         g_unit = gamma[cfg.position("unit")]
         for gi, u in sums.units.items():
             alpha, start = step.unit_vectors[gi]
             u = u[start:start + alpha.shape[0]].to(alpha.device)
             stats = step.unit_stats[gi] if cfg.normalized else None
-            new = _new_alpha(alpha, u, stats, index.beta_unit[gi], g_unit, cfg, ok.to(alpha.device))
-            alpha.copy_(torch.where(ok.to(alpha.device), new, alpha))
+            _new_alpha(alpha, u, stats, index.beta_unit[gi], g_unit, cfg, on_device(ok, alpha))
     if G is not None:                                      # step 3
         update_gamma(hyper, _normalized_gamma_gradient(G, hyper, cfg, ok) if cfg.normalized else G, ok, cfg)
-    return HyperUpdate(ok, gamma_param, dict(finite=ok, G=G, sums=node))
+    return HyperUpdate(ok, gamma_param, dict(finite=torch.as_tensor(ok), G=G, sums=node))
+
+
+def put(dst: Tensor, new: Tensor, ok) -> None:
+    """``dst ← new`` where ``ok``: a 0-d bool tensor (a masked update, no host sync) or ``True`` (decided on the host)."""
+    dst.copy_(new if ok is True else torch.where(ok, new, dst))
+
+
+def on_device(ok, like: Tensor):
+    return ok if ok is True else ok.to(like.device)
 
 
 def _new_alpha(alpha: Tensor, sums: Tensor, stats: Tensor | None, beta, gamma_j: Tensor, cfg: HyperConfig,
-               ok: Tensor) -> Tensor:
-    """Step 2 for the nodes of one level (``sums``: ``(nodes, C)``), clamped to [alpha_min, alpha_max]. The
-    normalized rule first folds this step's sums into the smoothed ones (``stats``, in place, where ``ok``)."""
+               ok) -> None:
+    """Step 2 for the nodes of one level (``sums``: ``(nodes, C)``), clamped to [alpha_min, alpha_max], in place
+    where ``ok``. The normalized rule first folds this step's sums into the smoothed ones (``stats``)."""
     if not cfg.normalized:
-        return (alpha - beta * (gamma_j * sums[:, 0])).clamp_(cfg.alpha_min, cfg.alpha_max)
-    rho = cfg.hypergrad_smoothing
-    stats.copy_(torch.where(ok, rho * stats + (1.0 - rho) * sums.to(stats.dtype), stats))
-    return (alpha * (1.0 - cfg.hypergrad_lr * cosine(stats))).clamp_(cfg.alpha_min, cfg.alpha_max)
+        put(alpha, (alpha - beta * (gamma_j * sums[:, 0])).clamp_(cfg.alpha_min, cfg.alpha_max), ok)
+        return
+    put(stats, stats.lerp(sums.to(stats.dtype), 1.0 - cfg.hypergrad_smoothing), ok)
+    put(alpha, (alpha * (1.0 - cfg.hypergrad_lr * cosine(stats))).clamp_(cfg.alpha_min, cfg.alpha_max), ok)
 
 
 def cosine(stats: Tensor) -> Tensor:
@@ -200,9 +215,8 @@ def cosine(stats: Tensor) -> Tensor:
 def _normalized_gamma_gradient(G: Tensor, hyper: HyperState, cfg: HyperConfig, ok: Tensor) -> Tensor:
     """The normalized rule's ∂f/∂γ: the smoothed G divided by α₀ ‖g‖ ‖u‖ (smoothed, over the model), so that δ
     is dimensionless like β; equal G_j (equal rates) still leave γ where it is."""
-    rho = cfg.hypergrad_smoothing
     smoothed = hyper.gamma_grad
-    smoothed.copy_(torch.where(ok, rho * smoothed + (1.0 - rho) * G, smoothed))
+    put(smoothed, smoothed.lerp(G, 1.0 - cfg.hypergrad_smoothing), ok)
     g_stats = hyper.stats["global"][0]
     scale = cfg.lr * (g_stats[1] * g_stats[2]).sqrt()
     return torch.where(scale > 0, smoothed / torch.where(scale > 0, scale, torch.ones_like(scale)),
@@ -232,14 +246,13 @@ def update_gamma(hyper: HyperState, G: Tensor, ok: Tensor, cfg: HyperConfig) -> 
         grad_c = gamma * (G - (gamma * G).sum())          # ∂f/∂c_j = γ_j (G_j − Σ_k γ_k G_k)
         new_logits = logits - cfg.gamma_lr * grad_c
         new_logits = new_logits - new_logits.max()       # softmax is shift-invariant; keeps logits bounded
-        keep = ok & torch.isfinite(new_logits).all()
-        logits.copy_(torch.where(keep, new_logits, logits))
+        put(logits, new_logits, torch.isfinite(new_logits).all() & ok)
         gamma.copy_(torch.softmax(logits, dim=0))
         return
     proposal = (gamma - cfg.gamma_lr * G).clamp_min(0)
     total = proposal.sum()
-    keep = ok & torch.isfinite(total) & (total > 0)
-    gamma.copy_(torch.where(keep, proposal / torch.where(keep, total, torch.ones_like(total)), gamma))
+    keep = torch.isfinite(total) & (total > 0) & ok
+    put(gamma, proposal / torch.where(keep, total, torch.ones_like(total)), keep)
 
 
 # ------------------------------------------------------------------------------------------ step 4 (shared)
@@ -320,14 +333,13 @@ def _camhd_step_reference(step: StepTensors, hyper: HyperState, index: TreeIndex
         if step.offsets is not None and cfg.gamma_lr > 0:
             part.gamma_param = torch.stack([_to((off * x).sum(), home) for off, x in zip(step.offsets, h)])
         upd = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t)  # 2–3
-        if step.offsets is not None:  # 2'. additive α − β_p γ_p h, or normalized α (1 − β sign h); clamped
+        if step.offsets is not None and upd.ok is not False:  # 2'. additive α − β_p γ_p h, or α (1 − β sign h)
             for off, x in zip(step.offsets, h):
                 if cfg.normalized:
                     new = (cfg.lr + off) * (1.0 - cfg.hypergrad_lr * torch.sign(x)) - cfg.lr
                 else:
                     new = off - index.beta_param * _to(upd.gamma_param, off) * x
-                new = new.clamp(*cfg.offset_bounds(off.dtype))
-                off.copy_(torch.where(upd.ok.to(off.device), new, off))
+                put(off, new.clamp(*cfg.offset_bounds(off.dtype)), on_device(upd.ok, off))
         diag = upd.diag
     rates = combined_rates(step, hyper, index, cfg, t)                                             # 4
     for group, members, s in step.groups:                                                          # 5–6
@@ -362,7 +374,7 @@ def _camhd_step_multi_tensor(step: StepTensors, hyper: HyperState, index: TreeIn
     if adapts_now(cfg, t):
         part = _partial_sums_multi_tensor(step, cfg, _home(hyper))                                  # 1
         upd = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t)  # 2–3
-        if step.offsets is not None:                                                                # 2'
+        if step.offsets is not None and upd.ok is not False:                                        # 2'
             _parameter_level_multi_tensor(step, upd, index, cfg)
         diag = upd.diag
     rates = combined_rates(step, hyper, index, cfg, t)                                              # 4
@@ -434,8 +446,7 @@ def _parameter_level_multi_tensor(step: StepTensors, upd: HyperUpdate, index: Tr
             new = torch.addcmul(off, torch.sign(x) * (cfg.lr + off), _to(-cfg.hypergrad_lr * torch.sign(c), off))
         else:
             new = torch.addcmul(off, x, _to(coef * c, off))
-        new = new.clamp_(*cfg.offset_bounds(off.dtype))
-        off.copy_(torch.where(upd.ok.to(off.device), new, off))
+        put(off, new.clamp_(*cfg.offset_bounds(off.dtype)), on_device(upd.ok, off))
 
 
 def _multi_tensor_rates(step: StepTensors, rates: Rates, members: list[int], s, a0: float) -> tuple[list, list | None]:
@@ -522,29 +533,82 @@ def compiled_unavailable_reason() -> str | None:
 # ------------------------------------------------------------------------------------------ fused CPU
 def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: HyperConfig, rule, t,
                           sharding) -> dict:
-    """Steps 1–6 with the C kernels: pass 1 (sums) → α / γ on those few numbers → pass 2 per param group."""
+    """Steps 1–6 with the C kernels of :mod:`hf_camhd.optim._fused`, in the fewest passes over memory:
+
+    * no parameter level: pass A (the sums of step 1 from g and the previous direction, and the base rule's
+      update that overwrites it) → α / γ on those few numbers → pass B (θ ← θ + K ⊙ d);
+    * with a parameter level (whose element-wise update needs the previous direction after the hyper-update):
+      pass 1 (the sums) → α / γ → pass 2 (parameter-level α, base rule, θ and the next direction).
+    """
+    if step.offsets is not None:
+        return _fused_cpu_with_parameter_level(step, hyper, index, cfg, rule, t, sharding)
+    counts = _unit_counts(step)
+    old_scales = torch.stack(step.dir_scales).to(torch.float64)  # u_{t-1}'s factors, before pass A replaces them
+    tau = decay_factor(cfg, t)
+    totals, rows, scales = [None] * len(step.params), [None] * len(step.params), [1.0] * len(step.params)
+    for group, members, s in step.groups:                                                           # 1, 5
+        pick = lambda xs: [xs[m] for m in members]  # noqa: E731
+        rule.prepare_group(group)
+        sums, per_unit, scale = rule.fused_first(pick(step.params), pick(step.grads), pick(step.states), group,
+                                                 pick(step.dirs), pick(counts), cfg.normalized,
+                                                 pick(step.dir_scales), -s * tau)
+        for k, m in enumerate(members):
+            totals[m], rows[m] = sums[k], per_unit[k]
+            scales[m] = 1.0 if scale is None else scale[k]
+    diag: dict = {}
+    if adapts_now(cfg, t):                                                                           # 2–3
+        part = _fused_partial_sums(step, torch.stack(totals), rows if counts[0] is not None else None, old_scales,
+                                   _home(hyper), cfg)
+        diag = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t).diag
+    rates = combined_rates(step, hyper, index, cfg, t)                                              # 4
+    w = rates.w.tolist()
+    for group, members, s in step.groups:                                                           # 6
+        for m in members:
+            decay, dd = rule.fused_apply_terms(group, scales[m])
+            if counts[m] is not None:
+                krow = (-s * _unit_rate(step, rates, m, w[m], cfg.lr)).reshape(-1).to(torch.float64)
+                _fused.apply(step.params[m], step.dirs[m], krow, scales[m], decay, dd)
+            else:
+                k = -s * w[m]
+                _fused.apply(step.params[m], step.dirs[m], None, k * scales[m], decay * k, dd)
+    return diag
+
+
+def _unit_counts(step: StepTensors) -> list[int | None]:
+    return [hi - lo for lo, hi in step.unit_ranges] if step.unit_groups is not None else [None] * len(step.params)
+
+
+def _fused_partial_sums(step: StepTensors, totals: Tensor, rows: list | None, scales: Tensor, home: Tensor,
+                        cfg: HyperConfig, with_offsets: bool = False) -> PartialSums:
+    """Step 1's :class:`PartialSums` from the kernels' ``[Σ g·dir, Σ off·g·dir, Σ g², Σ dir²]`` (per tensor, and per
+    unit): u = c · dir, so Σ g·u = c Σ g·dir and (normalized rule) Σ u² = c² Σ dir²."""
+    factors = torch.stack([scales, torch.ones_like(scales), scales * scales], 1)[:, :cfg.channels]
+    picked = [0, 2, 3][:cfg.channels]
+    part = PartialSums(_to(totals[:, picked] * factors, home))
+    if rows is not None:
+        part.unit_rows = [_to(r[:, picked] * f, home) for r, f in zip(rows, factors)]
+        part.gamma_unit = torch.stack([(_to(unit_alpha_view(step, i), home) * r[:, 0]).sum()
+                                       for i, r in enumerate(part.unit_rows)])
+    if with_offsets:
+        part.gamma_param = _to(totals[:, 1] * scales, home)
+    return part
+
+
+def _fused_cpu_with_parameter_level(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: HyperConfig,
+                                    rule, t, sharding) -> dict:
+    """Pass 1 (sums) → α / γ on those few numbers → pass 2 per param group (see :func:`_camhd_step_fused_cpu`)."""
     diag: dict = {}
     T = len(step.params)
     alpha = [(0, 0.0, 0.0, 0.0, 0.0)] * T
     if adapts_now(cfg, t):
-        want_off = step.offsets is not None and cfg.gamma_lr > 0
+        want_off = cfg.gamma_lr > 0
         counts = [hi - lo for lo, hi in step.unit_ranges] if step.unit_groups is not None else None
         raw = _fused.partial_sums(step.grads, step.dirs, step.offsets if want_off else None, counts,   # 1
                                   norms=cfg.normalized)
         scales = torch.stack(step.dir_scales).to(torch.float64)
-        home = _home(hyper)
-        # the channels Σ g·u (= c Σ g·dir) and, normalized, Σ g², Σ u² (= c² Σ dir²)
-        factors = torch.stack([scales, torch.ones_like(scales), scales * scales], 1)[:, :cfg.channels]
-        picked = [0, 2, 3][:cfg.channels]
-        part = PartialSums(_to(raw.totals[:, picked] * factors, home))
-        if counts is not None:
-            part.unit_rows = [_to(r[:, picked] * f, home) for r, f in zip(raw.unit_rows, factors)]
-            part.gamma_unit = torch.stack([(_to(unit_alpha_view(step, i), home) * r[:, 0]).sum()
-                                           for i, r in enumerate(part.unit_rows)])
-        if want_off:
-            part.gamma_param = _to(raw.totals[:, 1] * scales, home)
+        part = _fused_partial_sums(step, raw.totals, raw.unit_rows, scales, _home(hyper), cfg, want_off)
         upd = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t)   # 2–3
-        if step.offsets is not None and bool(upd.ok):  # 2' runs inside pass 2 (it reads d_{t-1} there)
+        if bool(upd.ok):  # 2' runs inside pass 2 (it reads d_{t-1} there)
             if cfg.normalized:  # α (1 − β sign(c · g ⊙ dir))
                 alpha = [(2, cfg.hypergrad_lr * (1.0 if c > 0 else -1.0 if c < 0 else 0.0),
                           *cfg.offset_bounds(o.dtype), cfg.lr) for c, o in zip(scales.tolist(), step.offsets)]
@@ -554,8 +618,7 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
         diag = upd.diag
     rates = combined_rates(step, hyper, index, cfg, t)                                              # 4
     w = rates.w.tolist()
-    fine = float(rates.fine_coef) if rates.fine_coef is not None else 0.0
-    offsets = step.offsets or [None] * T
+    fine = float(rates.fine_coef)
     for group, members, s in step.groups:                                                           # 5–6
         pick = lambda xs: [xs[m] for m in members]  # noqa: E731
         if step.unit_groups is not None:  # per-unit K (units along dim 0): the kernels scale these factors
@@ -564,7 +627,7 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
         else:
             k_rows, k_base = [None] * len(members), [-s * w[m] for m in members]
         rule.prepare_group(group)
-        scale = rule.fused_update(pick(step.params), pick(step.grads), pick(step.states), group, pick(step.dirs),
-                                  pick(offsets), k_rows, k_base, [-s * fine] * len(members), pick(alpha))
-        _store_dir_scales(pick(step.dir_scales), s, rates.tau, scale)
+        rule.fused_update(pick(step.params), pick(step.grads), pick(step.states), group, pick(step.dirs),
+                          pick(step.offsets), k_rows, k_base, [-s * fine] * len(members), pick(alpha),
+                          pick(step.dir_scales), -s * rates.tau)  # the kernels also store u_t's factors
     return diag

@@ -115,9 +115,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     for sfx in _SUFFIX.values():
         getattr(lib, f"camhd_hsum_{sfx}").argtypes = [P, P, P, N, I, P]
         getattr(lib, f"camhd_hsum_rows_{sfx}").argtypes = [P, P, P, N, N, I, P, P]
-        getattr(lib, f"camhd_adam_{sfx}").argtypes = [P] * 7 + [N, P, N, I, F, F, F, F, F, F, I] + [F] * 8
-        getattr(lib, f"camhd_sgd_{sfx}").argtypes = [P] * 5 + [N, P, N, I, F, F, F, F, F, F, F, I, I, F, F]
-        for kind in ("hsum", "hsum_rows", "adam", "sgd"):
+        getattr(lib, f"camhd_adam_{sfx}").argtypes = [P] * 7 + [N, P, N, I, F, F, F, F, F, F, I] + [F] * 8 + [P, F]
+        getattr(lib, f"camhd_sgd_{sfx}").argtypes = [P] * 5 + [N, P, N, I, F, F, F, F, F, F, F, I, I, F, F, P, F]
+        getattr(lib, f"camhd_adam_a_{sfx}").argtypes = [P] * 6 + [N, N, P, I, P, I] + [F] * 6 + [P, F]
+        getattr(lib, f"camhd_sgd_a_{sfx}").argtypes = [P] * 4 + [N, N, P, I, P, F, I, I, F, F, P, F]
+        getattr(lib, f"camhd_apply_{sfx}").argtypes = [P, P, N, P, N, F, F, F]
+        for kind in ("hsum", "hsum_rows", "adam", "sgd", "adam_a", "sgd_a", "apply"):
             getattr(lib, f"camhd_{kind}_{sfx}").restype = None
 
 
@@ -164,7 +167,7 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-def _memory_format(t: Tensor) -> torch.memory_format | None:
+def memory_format(t: Tensor) -> torch.memory_format | None:
     """The dense layout of ``t`` (contiguous, or channels-last for 4-d / 5-d tensors), ``None`` if neither."""
     if t.is_contiguous():
         return torch.contiguous_format
@@ -189,7 +192,7 @@ def ineligible_reason(tensors: list[tuple[str, Tensor | None]]) -> str | None:
         if dtype is not None and t.dtype != dtype:
             return f"{what} has dtype {t.dtype}, the parameter {dtype}"
         if fmt is None:
-            fmt = _memory_format(t)
+            fmt = memory_format(t)
             if fmt is None:
                 return f"{what} is neither contiguous nor channels-last"
         elif not t.is_contiguous(memory_format=fmt):
@@ -239,7 +242,8 @@ def _row_len(p: Tensor, count: int) -> int:
 
 def adam(p: Tensor, g: Tensor, d: Tensor, off: Tensor | None, m: Tensor, v: Tensor, vmax: Tensor | None,
          alpha: tuple, krow: Tensor | None, ka: float, kb: float, decoupled: bool, da: float, db: float, dd: float,
-         wd: float, beta1: float, beta2: float, shift: float) -> None:
+         wd: float, beta1: float, beta2: float, shift: float, u_scale: Tensor | None = None,
+         u_value: float = 0.0) -> None:
     """Pass 2 for Adam / AdamW on one tensor, in place: see ``camhd_adam_*`` in the C source.
 
     ``θ ← θ (1 + da + db·off)`` (decoupled only) ``+ (ka + kb·off) · q`` with ``q = m / (sqrt(v) + shift)``;
@@ -247,19 +251,64 @@ def adam(p: Tensor, g: Tensor, d: Tensor, off: Tensor | None, m: Tensor, v: Tens
     ``(do, c, lo, hi, α₀)``, the parameter-level update of ``off = α − α₀`` from ``g ⊙ dir_old``, clamped to
     ``[lo, hi]``: ``do=1`` additive, ``off + c · g ⊙ dir_old``; ``do=2`` normalized, ``α (1 − c · sign(g ⊙ dir_old))``.
     ``krow`` (float64, one per unit along dim 0): ``ka`` and ``da`` are multiplied by the unit's factor.
+    ``u_scale`` (0-d, the parameter's dtype): set to ``u_value`` at the end (the stored direction's factor).
     """
     fn = getattr(load(), f"camhd_adam_{_SUFFIX[p.dtype]}")
     fn(p.data_ptr(), g.data_ptr(), d.data_ptr(), _ptr(off), m.data_ptr(), v.data_ptr(), _ptr(vmax), p.numel(),
        _ptr(krow), 0 if krow is None else _row_len(p, krow.numel()), *alpha, ka, kb, int(decoupled), da, db, dd,
-       wd, 1.0 - beta1, beta2, 1.0 - beta2, shift)
+       wd, 1.0 - beta1, beta2, 1.0 - beta2, shift, _ptr(u_scale), u_value)
 
 
 def sgd(p: Tensor, g: Tensor, d: Tensor, off: Tensor | None, buf: Tensor | None, alpha: tuple,
         krow: Tensor | None, ka: float, kb: float, wd: float, momentum: int, first: bool, mu: float,
-        dampening: float) -> None:
+        dampening: float, u_scale: Tensor | None = None, u_value: float = 0.0) -> None:
     """Pass 2 for SGD on one tensor, in place (``momentum``: 0 plain, 1 heavy ball, 2 Nesterov; ``first``:
     the momentum buffer starts as the gradient, as torch's). ``θ ← θ + (ka + kb·off) · d``, ``dir ← d``;
     ``alpha`` and ``krow`` as in :func:`adam`."""
     fn = getattr(load(), f"camhd_sgd_{_SUFFIX[p.dtype]}")
     fn(p.data_ptr(), g.data_ptr(), d.data_ptr(), _ptr(off), _ptr(buf), p.numel(), _ptr(krow),
-       0 if krow is None else _row_len(p, krow.numel()), *alpha, ka, kb, wd, momentum, int(first), mu, dampening)
+       0 if krow is None else _row_len(p, krow.numel()), *alpha, ka, kb, wd, momentum, int(first), mu, dampening,
+       _ptr(u_scale), u_value)
+
+
+# ------------------------------------------------------------------------------------------ passes A and B
+# Trees without a parameter level: pass A reads g and the previous direction once, for the sums and for the
+# base rule's update that overwrites it; pass B moves θ once the rates are known. Less memory than 1 + 2.
+
+def _sum_buffers(unit_count: int | None) -> tuple[Tensor, Tensor | None]:
+    """The ``(4,)`` totals and (with a unit level) ``(4, units)`` per-unit sums a pass-A kernel fills."""
+    return torch.zeros(4, dtype=torch.float64), (None if unit_count is None else
+                                                torch.zeros(4, unit_count, dtype=torch.float64))
+
+
+def adam_first(p: Tensor, g: Tensor, d: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None, unit_count: int | None,
+               norms: bool, decoupled: bool, dd: float, wd: float, beta1: float, beta2: float, shift: float,
+               u_scale: Tensor, u_value: float) -> tuple[Tensor, Tensor | None]:
+    """Pass A for Adam / AdamW on one tensor: returns the sums ``[Σ g·dir_old, 0, Σ g², Σ dir_old²]`` (the norms
+    with ``norms``; per unit too with ``unit_count``), then updates the moments and writes ``dir ← q + dd·θ``
+    (decoupled) or ``q``; ``u_scale ← u_value``."""
+    fn = getattr(load(), f"camhd_adam_a_{_SUFFIX[p.dtype]}")
+    totals, rows = _sum_buffers(unit_count)
+    fn(p.data_ptr(), g.data_ptr(), d.data_ptr(), m.data_ptr(), v.data_ptr(), _ptr(vmax), p.numel(),
+       0 if unit_count is None else _row_len(p, unit_count), _ptr(rows), int(norms), totals.data_ptr(),
+       int(decoupled), dd, wd, 1.0 - beta1, beta2, 1.0 - beta2, shift, u_scale.data_ptr(), u_value)
+    return totals, None if rows is None else rows.T
+
+
+def sgd_first(p: Tensor, g: Tensor, d: Tensor, buf: Tensor | None, unit_count: int | None, norms: bool, wd: float,
+              momentum: int, first: bool, mu: float, dampening: float, u_scale: Tensor,
+              u_value: float) -> tuple[Tensor, Tensor | None]:
+    """Pass A for SGD on one tensor: the sums as :func:`adam_first`, then the momentum buffer and ``dir ← d``."""
+    fn = getattr(load(), f"camhd_sgd_a_{_SUFFIX[p.dtype]}")
+    totals, rows = _sum_buffers(unit_count)
+    fn(p.data_ptr(), g.data_ptr(), d.data_ptr(), _ptr(buf), p.numel(),
+       0 if unit_count is None else _row_len(p, unit_count), _ptr(rows), int(norms), totals.data_ptr(), wd, momentum,
+       int(first), mu, dampening, u_scale.data_ptr(), u_value)
+    return totals, None if rows is None else rows.T
+
+
+def apply(p: Tensor, d: Tensor, krow: Tensor | None, ka: float, da: float = 0.0, dd: float = 0.0) -> None:
+    """Pass B on one tensor: ``θ ← θ (1 + da) + ka · dir`` (``krow``: one factor per unit along dim 0, multiplying
+    ka and da); with ``dd`` (decoupled decay) the stored direction becomes ``dir + dd · θ_old``."""
+    getattr(load(), f"camhd_apply_{_SUFFIX[p.dtype]}")(p.data_ptr(), d.data_ptr(), p.numel(), _ptr(krow),
+                                                       0 if krow is None else _row_len(p, krow.numel()), ka, da, dd)

@@ -94,11 +94,28 @@ class BaseRule:
 
     def fused_update(self, params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
                      dirs: list[Tensor], offsets: list[Tensor | None], k_rows: list[Tensor | None],
-                     k_base: list[float], k_fine: list[float], alpha: list[tuple]) -> list[float] | None:
+                     k_base: list[float], k_fine: list[float], alpha: list[tuple], dir_scales: list[Tensor],
+                     u_factor: float) -> None:
         """The fused CPU pass 2 (:mod:`hf_camhd.optim._fused`): update the base state, move
         ``θ ← θ + K ⊙ d`` with ``K = k_base · k_row + k_fine · α_offset`` (``k_row``: one factor per unit along
-        dim 0, or 1) and write ``d`` over ``dirs`` (after the parameter-level α update ``alpha[i]`` has read the
-        previous direction). Returns the per-tensor ``scale`` of :class:`Directions` (``None``: unscaled)."""
+        dim 0, or 1), write ``d`` over ``dirs`` (after the parameter-level α update ``alpha[i]`` has read the
+        previous direction) and set ``dir_scales[i]`` to ``u_factor`` × the direction's ``scale`` (see
+        :class:`Directions`), so that ``u = dir_scale · dir``."""
+        raise NotImplementedError(f"the {self.name} rule has no fused kernel")
+
+    def fused_apply_terms(self, group: dict, scale: float) -> tuple[float, float]:
+        """Pass B's decoupled decay: ``(λ, λ / scale)`` — θ ← θ (1 + λK) + K · scale · dir and the stored direction
+        gains ``(λ / scale) θ_old`` — or ``(0, 0)`` for rules without one."""
+        return 0.0, 0.0
+
+    def fused_first(self, params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
+                    dirs: list[Tensor], unit_counts: list[int | None], norms: bool, dir_scales: list[Tensor],
+                    u_factor: float) -> tuple[list[Tensor], list[Tensor | None], list[float] | None]:
+        """The fused CPU pass A (trees without a parameter level, :mod:`hf_camhd.optim._fused`): per tensor, the
+        sums ``[Σ g·dir, 0, Σ g², Σ dir²]`` of the previous direction (per unit too, with a unit count), then the
+        base state and the new direction written over ``dirs``, and ``dir_scales[i] ← u_factor · scale_i``.
+        Returns the sums, the per-unit sums and the per-tensor ``scale`` of :class:`Directions` (the factor
+        pass B multiplies the rate by; ``None``: 1)."""
         raise NotImplementedError(f"the {self.name} rule has no fused kernel")
 
 
@@ -149,17 +166,37 @@ class SGDRule(BaseRule):
 
     fused_state_keys = ("momentum_buffer",)
 
-    def fused_update(self, params, grads, states, group, dirs, offsets, k_rows, k_base, k_fine, alpha):
+    def fused_update(self, params, grads, states, group, dirs, offsets, k_rows, k_base, k_fine, alpha, dir_scales,
+                     u_factor):
         wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
         kind = 0 if mu == 0 else (2 if group["nesterov"] else 1)
         for i, (p, g, s) in enumerate(zip(params, grads, states)):
-            buf, first = s.get("momentum_buffer"), False
-            if kind and buf is None:  # torch.optim.SGD starts the buffer as the (decayed) gradient
-                buf, first = torch.empty_like(p, memory_format=torch.preserve_format), True
-                s["momentum_buffer"] = buf
+            buf, first = self._momentum_buffer(p, s, kind)
             _fused.sgd(p, g, dirs[i], offsets[i], buf if kind else None, alpha[i], k_rows[i], k_base[i], k_fine[i],
-                       wd, kind, first, mu, damp)
-        return None
+                       wd, kind, first, mu, damp, dir_scales[i], u_factor)
+
+    def fused_first(self, params, grads, states, group, dirs, unit_counts, norms, dir_scales, u_factor):
+        wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
+        kind = 0 if mu == 0 else (2 if group["nesterov"] else 1)
+        sums, rows = [], []
+        for i, (p, g, s) in enumerate(zip(params, grads, states)):
+            buf, first = self._momentum_buffer(p, s, kind)
+            total, per_unit = _fused.sgd_first(p, g, dirs[i], buf, unit_counts[i], norms, wd, kind, first, mu, damp,
+                                               dir_scales[i], u_factor)
+            sums.append(total)
+            rows.append(per_unit)
+        return sums, rows, None
+
+    @staticmethod
+    def _momentum_buffer(p: Tensor, state: dict, kind: int) -> tuple[Tensor | None, bool]:
+        """The momentum buffer (created empty, to be started as the gradient as torch.optim.SGD's, on first use)."""
+        if not kind:
+            return None, False
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            return buf, True
+        return buf, False
 
 
 def _into(out: list[Tensor | None] | None, d: list[Tensor], owned: bool) -> Directions:
@@ -230,7 +267,8 @@ class AdamRule(BaseRule):
         """
         beta1, beta2 = group["betas"]
         steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1)
+        # note: a tensor 1 on the steps' (CPU) device, as torch's Adam does: one fast multi-tensor add
+        torch._foreach_add_(steps, torch.ones((), dtype=steps[0].dtype, device=steps[0].device), alpha=1.0)
         values = [s.double() for s in steps] if torch.compiler.is_compiling() else torch.stack(steps).tolist()
         bc2_sqrt = [_sqrt(1 - beta2 ** s) for s in values]
         scale = [b2 / (1 - beta1 ** s) for s, b2 in zip(values, bc2_sqrt)]
@@ -274,7 +312,8 @@ class AdamRule(BaseRule):
 
     fused_state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
-    def fused_update(self, params, grads, states, group, dirs, offsets, k_rows, k_base, k_fine, alpha):
+    def fused_update(self, params, grads, states, group, dirs, offsets, k_rows, k_base, k_fine, alpha, dir_scales,
+                     u_factor):
         beta1, beta2 = group["betas"]
         wd = group["weight_decay"]
         scale, shift = self._bias_terms(states, group)
@@ -286,8 +325,25 @@ class AdamRule(BaseRule):
             _fused.adam(p, g, dirs[i], offsets[i], s["exp_avg"], s["exp_avg_sq"],
                         s["max_exp_avg_sq"] if group["amsgrad"] else None, alpha[i], k_rows[i], ka * c, kb * c, decoupled,
                         wd * ka if decoupled else 0.0, wd * kb if decoupled else 0.0, wd / c if decoupled else 0.0,
-                        l2, beta1, beta2, shift[i])
-        return scale
+                        l2, beta1, beta2, shift[i], dir_scales[i], u_factor * c)
+
+    def fused_first(self, params, grads, states, group, dirs, unit_counts, norms, dir_scales, u_factor):
+        beta1, beta2 = group["betas"]
+        wd = group["weight_decay"]
+        scale, shift = self._bias_terms(states, group)
+        sums, rows = [], []
+        for i, (p, g, s) in enumerate(zip(params, grads, states)):
+            # dir = q here; with decoupled decay pass B adds (λ / c) θ_old to it (see fused_apply_terms)
+            total, per_unit = _fused.adam_first(
+                p, g, dirs[i], s["exp_avg"], s["exp_avg_sq"], s["max_exp_avg_sq"] if group["amsgrad"] else None,
+                unit_counts[i], norms, False, 0.0, 0.0 if self.decoupled else wd, beta1, beta2, shift[i],
+                dir_scales[i], u_factor * scale[i])
+            sums.append(total)
+            rows.append(per_unit)
+        return sums, rows, scale
+
+    def fused_apply_terms(self, group: dict, scale: float) -> tuple[float, float]:
+        return (group["weight_decay"], group["weight_decay"] / scale) if self.decoupled else (0.0, 0.0)
 
 
 def _sqrt(x):

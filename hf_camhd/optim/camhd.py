@@ -113,7 +113,8 @@ class CAMHDOptimizer(Optimizer):
             warnings.warn(f"{type(self).__name__}: hypergrad_lr={hypergrad_lr:g} with hypergrad_rule='normalized' (the "
                           f"default) lets a learned rate move by at most {hypergrad_lr:g} of itself per step, so it "
                           f"barely adapts: this rule's β is dimensionless (default {NORMALIZED_HYPERGRAD_LR:g}). For "
-                          "the paper's additive rule and its β, pass hypergrad_rule='additive'.", UserWarning, stacklevel=4)
+                          "the paper's additive rule and its β, pass hypergrad_rule='additive'.", UserWarning,
+                          stacklevel=3 + _init_depth(type(self)))
         return hypergrad_lr, gamma_lr
 
     def _reset_caches(self) -> None:
@@ -125,6 +126,7 @@ class CAMHDOptimizer(Optimizer):
         self._last_path: str | None = None  # the implementation the last step ran ("fused_cpu", "multi_tensor", ...)
         self._forced_implementation: str | None = None  # for tests, e.g. "compiled" (the CUDA fused path) on CPU
         self._rates_warned = False
+        self._fused_checked: dict = {}  # state tensors already found fused-eligible -> the parameter's layout
 
     def _register_hooks(self) -> None:
         self.register_load_state_dict_pre_hook(_load_pre_hook)
@@ -271,6 +273,8 @@ class CAMHDOptimizer(Optimizer):
         cfg, lr = self.config, self.config.lr
         local = self._sharding.local if self._sharding is not None else (lambda x: x)
         for lv in self.levels:  # this rank's values only (no collective: ranks may warn at different steps)
+            if lv == "parameter" and t % 100 and not every_step:
+                continue  # reading every parameter's rate costs a pass over memory: every 100th step only
             if lv in COARSE_LEVELS:
                 top = float(self.param_groups[0][alpha_key(lv)].max())
             else:
@@ -406,12 +410,20 @@ class CAMHDOptimizer(Optimizer):
                 _fused.warn_unavailable_once()
             return f"the fused kernels are unavailable ({_fused.unavailable_reason()})"
         for k, p in enumerate(step.params):
-            why = _fused.ineligible_reason([
-                ("the parameter", p), ("its gradient", step.grads[k]), (DIR, step.dirs[k]),
-                (ALPHA_OFFSET, step.offsets[k] if step.offsets is not None else None),
-                *((key, step.states[k].get(key)) for key in self.rule.fused_state_keys)])
+            g = step.grads[k]
+            state = [(DIR, step.dirs[k]), (ALPHA_OFFSET, step.offsets[k] if step.offsets is not None else None),
+                     *((key, step.states[k].get(key)) for key in self.rule.fused_state_keys)]
+            # note: a parameter whose state passed once is only checked against its new gradient (a fast check)
+            seen = (id(p), *(id(t) for _, t in state))
+            fmt = self._fused_checked.get(seen)
+            if fmt is not None and g.dtype == p.dtype and g.device == p.device and g.is_contiguous(memory_format=fmt):
+                continue
+            why = _fused.ineligible_reason([("the parameter", p), ("its gradient", g), *state])
+            if not why and step.dir_scales[k].dtype != p.dtype:  # the kernels write u's factor in the param's dtype
+                why = f"{DIR_SCALE} has dtype {step.dir_scales[k].dtype}, the parameter {p.dtype}"
             if why:
                 return f"{self.tree.entries[step.index[k]].name!r}: {why}"
+            self._fused_checked[seen] = _fused.memory_format(p)
         return None
 
     # ------------------------------------------------------------------------------------ state-creating step
@@ -540,6 +552,12 @@ class CAMHDOptimizer(Optimizer):
         return "\n".join(lines)
 
 
+def _init_depth(cls: type) -> int:
+    """How many ``__init__`` frames of CAM-HD subclasses stand between the user's call and the base class's."""
+    return sum(1 for c in cls.__mro__ if c is not CAMHDOptimizer and issubclass(c, CAMHDOptimizer)
+               and "__init__" in c.__dict__)
+
+
 def _full(a: Tensor | None, shape: tuple, value_if_missing: float, device, add: float) -> Tensor:
     """A state vector as a whole float64 tensor on ``device`` (gathered when sharded), ``+ add``."""
     if a is None:
@@ -652,7 +670,7 @@ class CAMHDSGD(CAMHDOptimizer):
         >>> from hf_camhd import CAMHDSGD
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
         >>> opt = CAMHDSGD(model, lr=0.1, momentum=0.9, nesterov=True, levels=("global", "layer"),
-        ...                hypergrad_lr=1e-3)
+        ...                hypergrad_lr=0.02)
         >>> loss = model(torch.randn(16, 4)).pow(2).mean(); loss.backward(); opt.step()
         >>> opt.alpha("layer").shape
         torch.Size([2])
@@ -691,8 +709,7 @@ class CAMHDAdam(CAMHDOptimizer):
         >>> import torch
         >>> from hf_camhd import CAMHDAdam
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(576, 10))
-        >>> opt = CAMHDAdam(model, lr=1e-3, levels=("global", "unit"), gamma=(0.8, 0.2),
-        ...                 hypergrad_lr=1e-8, gamma_lr=0.03, decay_rate=0.002)
+        >>> opt = CAMHDAdam(model, lr=1e-3, levels=("global", "unit"), gamma=(0.8, 0.2), decay_rate=0.002)
         >>> loss = model(torch.randn(8, 1, 14, 14)).logsumexp(1).mean(); loss.backward(); opt.step()
         >>> round(float(opt.gamma.sum()), 6)
         1.0

@@ -6,6 +6,9 @@
  *   camhd_hsum_rows_<t>  pass 1 with per-unit sums (units along dim 0, rows of row_len elements)
  *   camhd_adam_<t>       pass 2: parameter-level alpha update, Adam/AdamW moments, theta update, next dir
  *   camhd_sgd_<t>        pass 2: the same with SGD / momentum / Nesterov
+ *   camhd_adam_a_<t>     pass A (no parameter level): pass 1's sums, the Adam state and the next dir in one loop
+ *   camhd_sgd_a_<t>      pass A for SGD
+ *   camhd_apply_<t>      pass B: theta <- theta + K * dir
  *
  * The kernels are written once in camhd_fused_impl.h and included for float (f32) and double (f64).
  * Sums accumulate in double, in an order fixed by the data layout and the thread count (never by thread
@@ -75,6 +78,24 @@ INLINE void camhd_slice(int64_t n, int t, int nt, int64_t *lo, int64_t *hi) {
 #define SGD_CASES_MOM(L2, MOM) SGD_CASES_OFF(L2, 0, MOM) SGD_CASES_OFF(L2, 1, MOM)
 #define SGD_CASES SGD_CASES_MOM(0, 0) SGD_CASES_MOM(1, 0) SGD_CASES_MOM(0, 1) SGD_CASES_MOM(1, 1)   \
     SGD_CASES_MOM(0, 2) SGD_CASES_MOM(1, 2)
+
+/* pass A: every flag combination (norms, decoupled, amsgrad, L2 / norms, L2, first, momentum) */
+#define ADAM_A_CASE(NORMS, DEC, AMS, L2)                                                             \
+    case (NORMS | DEC << 1 | AMS << 2 | L2 << 3):                                                  \
+        SFX(adam_a_loop)(p, g, dir, m, v, vmax, lo, hi, NORMS, DEC, AMS, L2, dd, wd, w1, b2, w2, shift, s); \
+        break;
+#define ADAM_A_CASES_N(DEC, AMS, L2) ADAM_A_CASE(0, DEC, AMS, L2) ADAM_A_CASE(1, DEC, AMS, L2)
+#define ADAM_A_CASES ADAM_A_CASES_N(0, 0, 0) ADAM_A_CASES_N(1, 0, 0) ADAM_A_CASES_N(0, 1, 0)               \
+    ADAM_A_CASES_N(1, 1, 0) ADAM_A_CASES_N(0, 0, 1) ADAM_A_CASES_N(1, 0, 1) ADAM_A_CASES_N(0, 1, 1)     \
+    ADAM_A_CASES_N(1, 1, 1)
+#define SGD_A_CASE(NORMS, L2, FIRST, MOM)                                                            \
+    case (NORMS | L2 << 1 | FIRST << 2 | MOM << 3):                                                \
+        SFX(sgd_a_loop)(p, g, dir, buf, lo, hi, NORMS, MOM, FIRST, L2, wd, mu, dm, s);             \
+        break;
+#define SGD_A_CASES_N(L2, FIRST, MOM) SGD_A_CASE(0, L2, FIRST, MOM) SGD_A_CASE(1, L2, FIRST, MOM)
+#define SGD_A_CASES_F(L2, MOM) SGD_A_CASES_N(L2, 0, MOM) SGD_A_CASES_N(L2, 1, MOM)
+#define SGD_A_CASES SGD_A_CASES_F(0, 0) SGD_A_CASES_F(1, 0) SGD_A_CASES_F(0, 1) SGD_A_CASES_F(1, 1)       \
+    SGD_A_CASES_F(0, 2) SGD_A_CASES_F(1, 2)
 
 #define T float
 #define SFX(name) name##_f32

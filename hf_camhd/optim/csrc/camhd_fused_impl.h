@@ -130,11 +130,13 @@ INLINE void SFX(adam_range)(T *p, const T *g, T *dir, T *off, T *m, T *v, T *vma
 /* Adam / AdamW on one tensor. off (nullable): parameter-level alpha offsets, updated from g and dir_old when
  * do_alpha (1: additive, 2: normalized; see alpha_off, a0 = alpha_0). q = m / (sqrt(v) + shift) after the moment updates (L2 decay wd enters g);
  * theta <- theta*(1 + da + db*off) [decoupled] + (ka + kb*off)*q; dir <- q + dd*theta_old [decoupled] or q.
- * krow (nullable, the unit level): per-row factors, row r of row_len elements uses ka*krow[r], da*krow[r]. */
+ * krow (nullable, the unit level): per-row factors, row r of row_len elements uses ka*krow[r], da*krow[r].
+ * u_scale (nullable): the 0-d factor of the stored direction, set to u_value (u = u_value * dir). */
 CAMHD_CLONES void SFX(camhd_adam)(T *p, const T *g, T *dir, T *off, T *m, T *v, T *vmax, int64_t n,
                                   const double *krow, int64_t row_len, int do_alpha, double c, double olo,
                                   double ohi, double a0, double ka, double kb, int decoupled, double da, double db,
-                                  double dd, double wd, double w1, double b2, double w2, double shift) {
+                                  double dd, double wd, double w1, double b2, double w2, double shift,
+                                  T *u_scale, double u_value) {
     int nt = camhd_threads(n);
     int OFF = off != 0, UPD = off != 0 ? (do_alpha < 0 ? 0 : (do_alpha > 2 ? 2 : do_alpha)) : 0;
     int DEC = decoupled != 0, AMS = vmax != 0, L2 = wd != 0.0;
@@ -157,6 +159,7 @@ CAMHD_CLONES void SFX(camhd_adam)(T *p, const T *g, T *dir, T *off, T *m, T *v, 
             }
         }
     }
+    if (u_scale) *u_scale = (T)u_value;  /* u = u_value * dir: the stored direction's factor */
 }
 
 INLINE void SFX(sgd_loop)(T *restrict p, const T *restrict g, T *restrict dir, T *restrict off,
@@ -188,7 +191,8 @@ INLINE void SFX(sgd_range)(T *p, const T *g, T *dir, T *off, T *buf, int64_t lo,
  * first step). theta <- theta + (ka + kb*off)*d; dir <- d. krow, row_len, off, do_alpha: as camhd_adam. */
 CAMHD_CLONES void SFX(camhd_sgd)(T *p, const T *g, T *dir, T *off, T *buf, int64_t n, const double *krow,
                                  int64_t row_len, int do_alpha, double c, double olo, double ohi, double a0,
-                                 double ka, double kb, double wd, int momentum, int first, double mu, double damp) {
+                                 double ka, double kb, double wd, int momentum, int first, double mu, double damp,
+                                 T *u_scale, double u_value) {
     int nt = camhd_threads(n);
     int OFF = off != 0, UPD = off != 0 ? (do_alpha < 0 ? 0 : (do_alpha > 2 ? 2 : do_alpha)) : 0, L2 = wd != 0.0;
     int MOM = momentum < 0 ? 0 : (momentum > 2 ? 2 : momentum), FIRST = first != 0;
@@ -210,4 +214,183 @@ CAMHD_CLONES void SFX(camhd_sgd)(T *p, const T *g, T *dir, T *off, T *buf, int64
             }
         }
     }
+    if (u_scale) *u_scale = (T)u_value;
 }
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Trees without a parameter level take two other passes, which move less memory than pass 1 + pass 2:
+ *   pass A (per rule): the sums of pass 1, read from g and the previous direction just before it is
+ *          overwritten, and the base rule's state update and the new direction in the same loop;
+ *   pass B (every rule): theta <- theta + K * dir, once the hyper-update has given K.
+ * ------------------------------------------------------------------------------------------------------ */
+
+/* the pass-1 sums of element k (lane j): g*dir_old, and g*g, dir_old*dir_old when NORMS */
+#define CAMHD_A_SUMS(k, j)                                                                                \
+    double gv_ = (double)g[k], dv_ = (double)dir[k];                                                     \
+    a[j] += gv_ * dv_;                                                                                   \
+    if (NORMS) { c[j] += gv_ * gv_; d[j] += dv_ * dv_; }
+
+#define CAMHD_ADAM_A_BODY(k, j)                                                                           \
+    {                                                                                                    \
+        CAMHD_A_SUMS(k, j)                                                                               \
+        T gi = g[k], th = (DEC || L2) ? p[k] : (T)0;                                                     \
+        T gg = L2 ? gi + wd * th : gi;                                                                   \
+        T mi = m[k] + w1 * (gg - m[k]);                                                                  \
+        T vi = b2 * v[k] + w2 * gg * gg;                                                                 \
+        m[k] = mi;                                                                                       \
+        v[k] = vi;                                                                                       \
+        if (AMS) {                                                                                       \
+            T mx = vmax[k];                                                                              \
+            vi = vi > mx ? vi : mx;                                                                      \
+            vmax[k] = vi;                                                                                \
+        }                                                                                                \
+        T q = mi / (SQRT(vi) + shift);                                                                   \
+        dir[k] = DEC ? q + dd * th : q;                                                                  \
+    }
+
+/* pass A for Adam / AdamW over [lo, hi): s[0] = sum g*dir_old, s[2] = sum g*g, s[3] = sum dir_old^2 (NORMS) */
+INLINE void SFX(adam_a_loop)(const T *restrict p, const T *restrict g, T *restrict dir, T *restrict m,
+                             T *restrict v, T *restrict vmax, int64_t lo, int64_t hi, const int NORMS,
+                             const int DEC, const int AMS, const int L2, T dd, T wd, T w1, T b2, T w2, T shift,
+                             double *s) {
+    double a[CAMHD_LANES] = {0}, c[CAMHD_LANES] = {0}, d[CAMHD_LANES] = {0};
+    int64_t i = lo, end = lo + (hi - lo) / CAMHD_LANES * CAMHD_LANES;
+    for (; i < end; i += CAMHD_LANES)
+        for (int j = 0; j < CAMHD_LANES; j++) CAMHD_ADAM_A_BODY(i + j, j)
+    for (; i < hi; i++) CAMHD_ADAM_A_BODY(i, 0)
+    s[0] = s[1] = s[2] = s[3] = 0.0;
+    for (int j = 0; j < CAMHD_LANES; j++) { s[0] += a[j]; s[2] += c[j]; s[3] += d[j]; }
+}
+
+INLINE void SFX(adam_a_range)(const T *p, const T *g, T *dir, T *m, T *v, T *vmax, int64_t lo, int64_t hi,
+                              int code, T dd, T wd, T w1, T b2, T w2, T shift, double *s) {
+    switch (code) { ADAM_A_CASES }
+}
+
+#define CAMHD_SGD_A_BODY(k, j)                                                                            \
+    {                                                                                                    \
+        CAMHD_A_SUMS(k, j)                                                                               \
+        T gi = g[k];                                                                                     \
+        T gg = L2 ? gi + wd * p[k] : gi;                                                                 \
+        T dk = gg;                                                                                       \
+        if (MOM) {                                                                                       \
+            T b = FIRST ? gg : buf[k] * mu + dm * gg;                                                    \
+            buf[k] = b;                                                                                  \
+            dk = MOM == 2 ? gg + mu * b : b;                                                             \
+        }                                                                                                \
+        dir[k] = dk;                                                                                     \
+    }
+
+/* pass A for SGD (plain, heavy ball, Nesterov) over [lo, hi), sums as adam_a_loop */
+INLINE void SFX(sgd_a_loop)(const T *restrict p, const T *restrict g, T *restrict dir, T *restrict buf,
+                            int64_t lo, int64_t hi, const int NORMS, const int MOM, const int FIRST, const int L2,
+                            T wd, T mu, T dm, double *s) {
+    double a[CAMHD_LANES] = {0}, c[CAMHD_LANES] = {0}, d[CAMHD_LANES] = {0};
+    int64_t i = lo, end = lo + (hi - lo) / CAMHD_LANES * CAMHD_LANES;
+    for (; i < end; i += CAMHD_LANES)
+        for (int j = 0; j < CAMHD_LANES; j++) CAMHD_SGD_A_BODY(i + j, j)
+    for (; i < hi; i++) CAMHD_SGD_A_BODY(i, 0)
+    s[0] = s[1] = s[2] = s[3] = 0.0;
+    for (int j = 0; j < CAMHD_LANES; j++) { s[0] += a[j]; s[2] += c[j]; s[3] += d[j]; }
+}
+
+INLINE void SFX(sgd_a_range)(const T *p, const T *g, T *dir, T *buf, int64_t lo, int64_t hi, int code, T wd, T mu,
+                             T dm, double *s) {
+    switch (code) { SGD_A_CASES }
+}
+
+/* run a pass-A range function over a tensor: per-thread slices (totals added in thread order) or, with
+ * row_len > 0 (the unit level), whole rows per thread (rows[ch * nrows + r]; totals added in row order) */
+#define CAMHD_RUN_A(CALL)                                                                                \
+    int nt = camhd_threads(n), used = 1;                                                                 \
+    (void)nt;                                                                                            \
+    if (row_len <= 0) {                                                                                  \
+        double part[4 * CAMHD_MAX_THREADS];                                                             \
+        _Pragma("omp parallel num_threads(nt)")                                                          \
+        {                                                                                                \
+            int t = omp_get_thread_num(), k = omp_get_num_threads();                                     \
+            int64_t lo, hi;                                                                              \
+            if (t == 0) used = k;                                                                        \
+            camhd_slice(n, t, k, &lo, &hi);                                                              \
+            double *s = &part[4 * t];                                                                    \
+            s[0] = s[1] = s[2] = s[3] = 0.0;                                                             \
+            CALL;                                                                                        \
+        }                                                                                                \
+        for (int ch = 0; ch < 4; ch++) out[ch] = 0.0;                                                    \
+        for (int t = 0; t < used; t++)                                                                   \
+            for (int ch = 0; ch < 4; ch++) out[ch] += part[4 * t + ch];                                  \
+    } else {                                                                                             \
+        int64_t nrows = n / row_len;                                                                     \
+        _Pragma("omp parallel for num_threads(nt) schedule(static)")                                     \
+        for (int64_t r = 0; r < nrows; r++) {                                                            \
+            double s[4] = {0.0, 0.0, 0.0, 0.0};                                                          \
+            int64_t lo = r * row_len, hi = (r + 1) * row_len;                                            \
+            CALL;                                                                                        \
+            for (int ch = 0; ch < 4; ch++) rows[ch * nrows + r] = s[ch];                                 \
+        }                                                                                                \
+        for (int ch = 0; ch < 4; ch++) {                                                                 \
+            out[ch] = 0.0;                                                                               \
+            for (int64_t r = 0; r < nrows; r++) out[ch] += rows[ch * nrows + r];                         \
+        }                                                                                                \
+    }                                                                                                    \
+    if (u_scale) *u_scale = (T)u_value;
+
+/* Adam / AdamW pass A on one tensor: out[0], out[2], out[3] = sum g*dir_old, sum g*g, sum dir_old^2 (the latter
+ * two when norms), then the moments and dir <- q + dd*theta (decoupled) or q, q = m / (sqrt(v) + shift); L2
+ * decay wd enters g. p is read only for the decay. rows (row_len > 0): the same sums per unit along dim 0. */
+CAMHD_CLONES void SFX(camhd_adam_a)(const T *p, const T *g, T *dir, T *m, T *v, T *vmax, int64_t n,
+                                    int64_t row_len, double *rows, int norms, double *out, int decoupled, double dd,
+                                    double wd, double w1, double b2, double w2, double shift, T *u_scale,
+                                    double u_value) {
+    int code = (norms != 0) | (decoupled != 0) << 1 | (vmax != 0) << 2 | (wd != 0.0) << 3;
+    CAMHD_RUN_A(SFX(adam_a_range)(p, g, dir, m, v, vmax, lo, hi, code, dd, wd, w1, b2, w2, shift, s))
+}
+
+/* SGD pass A on one tensor (momentum: 0 plain, 1 heavy ball, 2 Nesterov; first: buf <- g), sums as camhd_adam_a */
+CAMHD_CLONES void SFX(camhd_sgd_a)(const T *p, const T *g, T *dir, T *buf, int64_t n, int64_t row_len,
+                                   double *rows, int norms, double *out, double wd, int momentum, int first,
+                                   double mu, double damp, T *u_scale, double u_value) {
+    int MOM = momentum < 0 ? 0 : (momentum > 2 ? 2 : momentum);
+    int code = (norms != 0) | (wd != 0.0) << 1 | (first != 0) << 2 | MOM << 3;
+    T dm = (T)(1.0 - damp);
+    CAMHD_RUN_A(SFX(sgd_a_range)(p, g, dir, buf, lo, hi, code, wd, mu, dm, s))
+}
+
+/* pass B on one tensor: theta <- theta * (1 + kd) + k * dir with k = ka, kd = da (times krow[r] on row r with the
+ * unit level); with decoupled decay (dd != 0) the stored direction becomes dir + dd * theta_old (AdamW: the rate
+ * scales q + (lambda / c) theta, applied multiplicatively, rounded as torch's AdamW) */
+#define CAMHD_APPLY_LOOP(DEC)                                                                             \
+    for (int64_t j = i; j < e; j++) {                                                                    \
+        T th = pp[j], q = dd_[j];                                                                        \
+        if (DEC) {                                                                                       \
+            pp[j] = th * (kd + (T)1) + k * q;                                                            \
+            dd_[j] = q + ddc * th;                                                                       \
+        } else {                                                                                         \
+            pp[j] = th + k * q;                                                                          \
+        }                                                                                                \
+    }
+CAMHD_CLONES void SFX(camhd_apply)(T *p, T *dir, int64_t n, const double *krow, int64_t row_len, double ka,
+                                   double da, double dd) {
+    int nt = camhd_threads(n);
+    T ddc = (T)dd;
+    (void)nt;
+    #pragma omp parallel num_threads(nt)
+    {
+        int64_t lo, hi;
+        camhd_slice(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        for (int64_t i = lo; i < hi;) {
+            int64_t r = krow ? i / row_len : 0;
+            int64_t e = krow ? ((r + 1) * row_len < hi ? (r + 1) * row_len : hi) : hi;
+            T k = (T)(krow ? ka * krow[r] : ka), kd = (T)(krow ? da * krow[r] : da);
+            T *restrict pp = p;
+            T *restrict dd_ = dir;
+            if (dd != 0.0) {
+                CAMHD_APPLY_LOOP(1)
+            } else {
+                CAMHD_APPLY_LOOP(0)
+            }
+            i = e;
+        }
+    }
+}
+#undef CAMHD_APPLY_LOOP
