@@ -6,7 +6,7 @@ extras (see ``pyproject.toml``):
 * ``hf``: transformers, accelerate, datasets, timm, evaluate, huggingface_hub, safetensors — the integrations,
   ``hf_camhd.models``, ``hf_camhd.data``, ``hf_camhd.metrics``, ``hf_camhd.hub``;
 * ``experiments``: ``hf`` plus matplotlib, scikit-learn, jinja2, tqdm, pillow — ``hf-camhd compare`` and the
-  training scripts;
+  training scripts — and the learning-rate-free baselines (prodigyopt, schedulefree, dadaptation, dog-optimizer);
 * ``all``: both; ``test``: ``all`` plus the test tools.
 
 A module that needs an extra calls :func:`require` first, so importing it without the package gives one
@@ -32,6 +32,7 @@ EXTRA_OF = {
     "transformers": "hf", "accelerate": "hf", "datasets": "hf", "timm": "hf", "evaluate": "hf",
     "huggingface_hub": "hf", "safetensors": "hf", "jinja2": "hf",
     "matplotlib": "experiments", "sklearn": "experiments", "tqdm": "experiments", "PIL": "experiments",
+    "prodigyopt": "experiments", "schedulefree": "experiments", "dadaptation": "experiments", "dog": "experiments",
 }
 
 

@@ -21,6 +21,7 @@ from hf_camhd.baselines import (
 )
 
 PAPER_NAMES = ("adam", "adamw", "sgd", "sgdn", "radam", "adabound", "adam-l4")
+LR_FREE_NAMES = ("prodigy", "schedulefree-adamw", "dadapt-adam", "dog", "ldog")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -319,11 +320,13 @@ def test_state_dict_round_trip_continues_identically(name):
 
 # --------------------------------------------------------------------------- registry
 def test_registry_names_and_display_names():
-    assert baseline_names() == PAPER_NAMES
-    assert set(BASELINES) == set(PAPER_NAMES)
+    assert baseline_names() == PAPER_NAMES + LR_FREE_NAMES
+    assert set(BASELINES) == set(PAPER_NAMES + LR_FREE_NAMES)
     displays = {n: s.display_name for n, s in BASELINES.items()}
     assert displays == {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "sgdn": "SGDN", "radam": "RAdam",
-                        "adabound": "AdaBound", "adam-l4": "Adam-L4"}
+                        "adabound": "AdaBound", "adam-l4": "Adam-L4", "prodigy": "Prodigy",
+                        "schedulefree-adamw": "Schedule-Free AdamW", "dadapt-adam": "D-Adapt Adam", "dog": "DoG",
+                        "ldog": "LDoG"}
     for name, spec in BASELINES.items():
         assert isinstance(spec, BaselineSpec) and spec.name == name
         with pytest.raises(Exception):

@@ -219,15 +219,15 @@ def test_presets_follow_table_1():
                                  "resnet34-cifar10"}
     lenet = get_task("lenet5-cifar10")
     kw = arm_hyperparameters(resolve_arm("adam-camhd"), lenet)
-    assert kw == {"lr": 1e-3, "weight_decay": 0.0, "hypergrad_lr": 1e-8, "levels": ["global", "unit"],
-                  "gamma": [0.8, 0.2], "gamma_lr": 0.03, "decay_rate": 0.002}
+    assert kw == {"lr": 1e-3, "weight_decay": 0.0, "hypergrad_lr": 1e-8, "hypergrad_rule": "additive",
+                  "levels": ["global", "unit"], "gamma": [0.8, 0.2], "gamma_lr": 0.03, "decay_rate": 0.002}
     assert get_task("lenet5-svhn").batch_size == 128 and lenet.batch_size == 256
     mlp = get_task("mlp-mnist")
     assert arm_hyperparameters(resolve_arm("adam-camhd-3level"), mlp)["levels"] == ["global", "layer", "parameter"]
     assert arm_hyperparameters(resolve_arm("adam-camhd-3level"), mlp)["gamma"] == [0.4, 0.3, 0.3]
     assert arm_hyperparameters(resolve_arm("adam-camhd-2level"), mlp)["gamma"] == [0.5, 0.5]
     assert arm_hyperparameters(resolve_arm("adam-hd"), mlp) == {"lr": 1e-3, "weight_decay": 0.0,
-                                                                "hypergrad_lr": 1e-7}
+                                                                "hypergrad_lr": 1e-7, "hypergrad_rule": "additive"}
     resnet = get_task("resnet18-cifar10")
     kw = arm_hyperparameters(resolve_arm("sgdn-camhd"), resnet)
     assert (kw["lr"], kw["momentum"], kw["hypergrad_lr"], kw["gamma_lr"], kw["decay_rate"]) == (0.1, 0.9, 1e-6, 1e-3,

@@ -93,11 +93,14 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_key(arm: str, seed: int, gamma_global: float | None = None) -> str:
-    """The resume key of one run: ``adam-camhd|seed=0`` (``|gamma_global=0.4`` in a γ sweep)."""
+def run_key(arm: str, seed: int, gamma_global: float | None = None, hypergrad_lr: float | None = None) -> str:
+    """The resume key of one run: ``adam-camhd|seed=0`` (``|gamma_global=0.4`` in a γ sweep,
+    ``|hypergrad_lr=1e-08`` in a β sweep)."""
     key = f"{arm}|seed={int(seed)}"
     if gamma_global is not None:
         key += f"|gamma_global={float(gamma_global):g}"
+    if hypergrad_lr is not None:
+        key += f"|hypergrad_lr={float(hypergrad_lr):g}"
     return key
 
 
