@@ -10,7 +10,7 @@ imported only when the optimizer is built (or its signature is read), and a miss
     >>> ctor = ExternalOptimizer("surely_not_installed_pkg", "Opt", "surely-not-installed")
     >>> ctor([])
     Traceback (most recent call last):
-    ImportError: the surely-not-installed baseline needs surely_not_installed_pkg, which is not installed: pip install 'hf_camhd[experiments]'
+    hf_camhd._extras.MissingDependencyError: the surely-not-installed baseline needs surely_not_installed_pkg, which is not installed: pip install 'hf_camhd[experiments]'
 """
 
 from __future__ import annotations
