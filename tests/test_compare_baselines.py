@@ -168,3 +168,17 @@ def test_dog_is_evaluated_on_its_averaged_weights(arm, tmp_path):
     assert run["final"]["test_loss"] == pytest.approx(averaged, rel=1e-9)
     # the averaged model, not the trained iterate, is what is reported (they differ 100x more than the match above)
     assert abs(averaged - base) > 1e-5 * base
+
+
+def test_a_missing_package_is_one_usage_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "schedulefree", None)  # as if `pip install hf_camhd` without the extra
+    rc = main(["compare", "--optimizers", "adam,schedulefree-adamw", "--output-dir", str(tmp_path / "o"),
+               "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == ["hf-camhd: error: the schedulefree-adamw arm of hf-camhd compare needs "
+                                        "schedulefree, which is not installed: pip install 'hf_camhd[experiments]'"]
+    assert not (tmp_path / "o").exists()  # nothing was started
