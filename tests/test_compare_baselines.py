@@ -182,3 +182,14 @@ def test_a_missing_package_is_one_usage_error(tmp_path, monkeypatch, capsys):
     assert err.strip().splitlines() == ["hf-camhd: error: the schedulefree-adamw arm of hf-camhd compare needs "
                                         "schedulefree, which is not installed: pip install 'hf_camhd[experiments]'"]
     assert not (tmp_path / "o").exists()  # nothing was started
+
+
+def test_d_adaptation_and_dog_learn_over_a_longer_run(tmp_path):
+    # 300 steps: at its README's reps_rel, DoG's step size needs ~150 of them to grow from 1e-5 to ~0.2 on this MLP
+    cfg = CompareConfig(**dict(TINY, optimizers=("dadapt-adam", "dog", "ldog"), epochs=15, batch_size=16,
+                               max_train_samples=320), output_dir=str(tmp_path))
+    for run in run_comparison(cfg, log=None).results["runs"]:
+        assert not run["diverged"], run["key"]
+        assert run["final"]["test_loss"] < 0.5 and run["final"]["test_accuracy"] > 85, (run["key"], run["final"])
+        first, last = run["epochs"][0]["adapted_lr"], run["epochs"][-1]["adapted_lr"]
+        assert last > (100 if run["arm"] in ("dog", "ldog") else 1) * first, (run["key"], first, last)
