@@ -196,3 +196,44 @@ def test_d_adaptation_and_dog_learn_over_a_longer_run(tmp_path):
             assert first > 100 * 1e-6, (run["key"], first)
         else:  # DoG's η grew from its tiny first steps
             assert last > 100 * first, (run["key"], first, last)
+
+
+def test_batch_norm_statistics_are_recomputed_at_the_evaluated_point():
+    """Schedule-Free's README: after optimizer.eval(), run up to 50 training batches in train mode so batch norm's
+    statistics are those of x, not of the training point y."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6, momentum=None))  # exact running mean
+    x = torch.randn(64, 4)
+    loader = [{"pixel_values": x[i:i + 8]} for i in range(0, 64, 8)]
+    opt = build_optimizer(resolve_arm("schedulefree-adamw"), model, {"lr": 0.05, "warmup_fraction": 0.0}, total_steps=1)
+    opt.train()
+    for _ in range(5):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    with torch.no_grad():
+        at_y = torch.stack([model[0](b["pixel_values"]).mean(0) for b in loader]).mean(0)
+        opt.eval()
+        at_x = torch.stack([model[0](b["pixel_values"]).mean(0) for b in loader]).mean(0)
+    assert not torch.allclose(at_x, at_y, atol=1e-3)  # the two points' statistics differ
+    model[1].reset_running_stats()  # note: momentum=None averages every batch seen; start the count here
+    runner_module._refresh_batch_norm(model, loader, max_batches=50)
+    assert not model.training
+    assert torch.allclose(model[1].running_mean, at_x, atol=1e-6)
+    assert int(model[1].num_batches_tracked) == 8
+    runner_module._refresh_batch_norm(model, loader, max_batches=3)  # at most max_batches batches
+    assert int(model[1].num_batches_tracked) == 8 + 3
+
+
+def test_the_runner_refreshes_batch_norm_only_for_schedule_free_models_with_it(tmp_path, monkeypatch):
+    calls = []
+    real = runner_module._refresh_batch_norm
+    monkeypatch.setattr(runner_module, "_refresh_batch_norm", lambda model, loader: calls.append(
+        type(model).__name__) or real(model, loader))
+    cfg = dict(TINY, epochs=1, batch_size=32, max_train_samples=64, max_test_samples=64)
+    run_comparison(CompareConfig(**cfg, model="resnet18", optimizers=("schedulefree-adamw", "adam"),
+                                 output_dir=str(tmp_path / "rn")), log=None)
+    assert calls == ["ResNet"]  # Schedule-Free on a batch-norm model, once per evaluation; Adam never
+    run_comparison(CompareConfig(**cfg, optimizers=("schedulefree-adamw",), output_dir=str(tmp_path / "mlp")),
+                   log=None)
+    assert calls == ["ResNet"]  # the MLP has no batch norm
