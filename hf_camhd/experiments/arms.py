@@ -20,7 +20,6 @@ the SGD family ``sgd_lr`` / ``momentum`` / ``sgd_hypergrad_lr``; every CAM-HD ar
 * ``adam-camhd-3level`` (Adam-CAM-HD (3-level)): global + layer + parameter, γ = (0.4, 0.3, 0.3).
 * ``adamw-camhd``, ``sgd-camhd``, ``sgdn-camhd``, each with an optional ``-2level`` / ``-3level``
   suffix: the same trees on CAMHDAdamW / CAMHDSGD (heavy-ball momentum; ``sgdn``: Nesterov).
-
 * ``…-camhd-normalized`` (``adam-camhd-normalized``, ``sgdn-camhd-normalized``, ``adamw-camhd-normalized``,
   also with ``-2level`` / ``-3level`` before the suffix): the same trees and task settings (lr, momentum,
   weight decay, initial γ) on the scale-free ``hypergrad_rule="normalized"``. β, δ, ρ and r are NOT set
@@ -38,7 +37,7 @@ with the ``experiments`` extra):
   Prodigy and D-Adaptation follow the task's step schedule when it has one (D-Adaptation's README: "use
   the same learning rate scheduler you would normally use on the problem").
 * ``schedulefree-adamw`` (Schedule-Free AdamW): lr 0.0025 (the package's default and its MNIST example's;
-  the README: 1x–10x the scheduled AdamW rate), AdamW's decoupled weight decay, and a linear warm-up over
+  the README: 1x–10x the scheduled AdamW rate), the task's AdamW (decoupled) weight decay, a linear warm-up over
   the first 5 % of the run's steps (the README recommends a warm-up without giving a length; 5 % is ours).
   No schedule: the runner calls ``optimizer.train()`` / ``optimizer.eval()`` around every evaluation.
 * ``dog``, ``ldog`` (DoG, LDoG): lr 1.0, ``reps_rel`` 1e-6 (1e-4 for models with batch norm, as the README
@@ -46,7 +45,7 @@ with the ``experiments`` extra):
   requires (``dog.PolynomialDecayAverager``, γ = 8): the reported numbers are the averaged model's.
 
 ``sgdm-camhd`` is accepted for ``sgd-camhd`` and ``l4`` for ``adam-l4``. The HD arms use no decay
-(r = 0), as in Baydin et al.; the CAM-HD arms use the preset's r. The SGD-family arms follow the
+(r = 0), as in Baydin et al.; the paper's CAM-HD arms use the preset's r. The SGD-family arms follow the
 preset's step schedule (``sgd_milestones``); CAM-HD treats it as a multiplier on its learned rates.
 """
 
