@@ -45,6 +45,17 @@ def _band(ax, xs, means, ses, color, label) -> None:
     ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0)
 
 
+def _log_scale_if_wide(ax, ratio: float = 1e3) -> None:
+    """A log y-axis when the plotted values span more than ``ratio`` (a run whose loss blew up would otherwise
+    flatten every other curve to a line at 0)."""
+    import numpy as np
+
+    ys = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()] or [np.zeros(0)])
+    ys = ys[np.isfinite(ys) & (ys > 0)]
+    if ys.size and ys.max() / ys.min() > ratio:
+        ax.set_yscale("log")
+
+
 def _count_curves(fig) -> int:
     return sum(len(ax.get_lines()) for ax in fig.axes)
 
@@ -73,10 +84,12 @@ def plot_learning_curves(results: Mapping[str, Any], path: Path) -> dict[str, in
         label = runs[0].get("display_name", s)
         for ax, (metric, _) in zip(axes[0], metrics):
             _band(ax, *epoch_curve(runs, metric), color=color, label=label)
-    for ax, (_, ylabel) in zip(axes[0], metrics):
+    for ax, (metric, ylabel) in zip(axes[0], metrics):
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
+        if metric.endswith("loss"):
+            _log_scale_if_wide(ax)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:  # note: outside the axes, so a dozen arms never hide the curves
         fig.legend(handles, labels, loc="outside right upper", fontsize=7)
