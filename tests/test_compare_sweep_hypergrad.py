@@ -154,3 +154,18 @@ def test_sweep_flag_errors_exit_2(argv, message, tmp_path, capsys):
     assert main(["compare", *argv, "--output-dir", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_loss_axes_turn_logarithmic_when_a_run_blows_up():
+    from matplotlib.figure import Figure
+
+    from hf_camhd.experiments.plots import _log_scale_if_wide
+
+    ax = Figure().subplots()
+    ax.plot([1, 2], [2.3, 0.4])
+    ax.plot([1, 2], [2.2, 0.5])
+    _log_scale_if_wide(ax)
+    assert ax.get_yscale() == "linear"  # ordinary curves keep a linear axis
+    ax.plot([1, 2], [2.3, 4e33])  # a run whose loss blew up (the digits sweep's SGD-N, additive β = 0.1)
+    _log_scale_if_wide(ax)
+    assert ax.get_yscale() == "log"
