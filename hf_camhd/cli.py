@@ -3,6 +3,7 @@
     hf-camhd compare                                   # the small offline default (digits, MLP, 3 seeds)
     hf-camhd compare --task lenet5-fashion-mnist --seeds 5 --optimizers adam,adam-hd,adam-camhd
     hf-camhd compare --task lenet5-fashion-mnist --sweep-gamma
+    hf-camhd compare --task lenet5-fashion-mnist --sweep-hypergrad-lr --seeds 3
     accelerate launch -m hf_camhd.cli compare --task resnet18-cifar10   # multi-GPU / mixed precision
     hf-camhd tree --help
 
@@ -61,7 +62,7 @@ def _add_compare_parser(subparsers) -> None:
     from .data.info import list_datasets
     from .experiments.arms import arm_names
     from .experiments.models import MODELS
-    from .experiments.presets import DEFAULT_TASK, SWEEP_GAMMAS, TASKS
+    from .experiments.presets import DEFAULT_TASK, SWEEP_GAMMAS, SWEEP_HYPERGRAD_LRS, TASKS
 
     tasks = "\n".join(f"  {name:22s} {t.description}" for name, t in TASKS.items())
     p = subparsers.add_parser(
@@ -75,8 +76,15 @@ def _add_compare_parser(subparsers) -> None:
             "from its last finished epoch (OUTPUT_DIR/checkpoints).\n\n"
             f"tasks (--task, default {DEFAULT_TASK}):\n{tasks}\n\n"
             "arms (--optimizers): " + ", ".join(arm_names()) + "\n"
-            "  (baselines; *-hd = global-only hyper-gradient; *-camhd = the task's 2-level tree or --levels;\n"
-            "   -2level / -3level pick the paper's trees; see hf_camhd.experiments.arms)\n\n"
+            "  (baselines; prodigy, schedulefree-adamw, dadapt-adam, dog, ldog: the learning-rate-free\n"
+            "   optimizers, as their READMEs recommend; *-hd = global-only hyper-gradient; *-camhd = the task's\n"
+            "   2-level tree or --levels, the paper's additive rule and β; -2level / -3level pick the paper's\n"
+            "   trees; *-normalized = the scale-free rule with the optimizer's default β, δ, ρ; sfadamw-camhd =\n"
+            "   CAM-HD over Schedule-Free AdamW; see hf_camhd.experiments.arms)\n\n"
+            "β sensitivity (--sweep-hypergrad-lr): per base of --bases, the base optimizer and its CAM-HD arm\n"
+            "on each rule of --rules at each β of the rule's grid (× --seeds); default grids:\n"
+            + "".join(f"  {rule} {family}: " + ", ".join(f"{b:g}" for b in grid) + "\n"
+                      for (rule, family), grid in SWEEP_HYPERGRAD_LRS.items()) + "\n"
             "multi-GPU / mixed precision (ResNet presets):\n"
             "  accelerate launch --multi_gpu --num_processes 4 --mixed_precision bf16 \\\n"
             "      -m hf_camhd.cli compare --task resnet18-cifar10"),
@@ -99,12 +107,22 @@ def _add_compare_parser(subparsers) -> None:
                    help="auto: CUDA if available (under accelerate launch its config decides)")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"),
                    help="default: accelerate's config / environment, else no")
-    p.add_argument("--output-dir", help="default outputs/compare-<task> (outputs/sweep-gamma-<task> for a sweep)")
+    p.add_argument("--output-dir", help="default outputs/compare-<task> (outputs/sweep-gamma-<task>, "
+                                        "outputs/sweep-hypergrad-lr-<task> for the sweeps)")
     p.add_argument("--data-dir", help="local dataset folder (save_to_disk, parquet or IDX files)")
     p.add_argument("--sweep-gamma", action="store_true",
                    help="the paper's Figure 1: 2-level Adam-CAM-HD with FIXED γ (δ = 0) at γ_global = "
                         + ", ".join(f"{g:g}" for g in SWEEP_GAMMAS))
     p.add_argument("--sweep-values", type=_csv(float), metavar="G,...", help="γ_global values of the sweep")
+    p.add_argument("--sweep-hypergrad-lr", action="store_true",
+                   help="the β-sensitivity study (see above); writes sweep_hypergrad_lr.png and a table per base")
+    p.add_argument("--bases", type=_csv(), metavar="B,...",
+                   help="with --sweep-hypergrad-lr: base optimizers among adam, adamw, sgd, sgdn (default adam,sgdn)")
+    p.add_argument("--rules", type=_csv(), metavar="R,...",
+                   help="with --sweep-hypergrad-lr: additive, normalized or both (default both)")
+    p.add_argument("--betas", type=_csv(float), metavar="B,...",
+                   help="with --sweep-hypergrad-lr: β values for every rule instead of the default grids (pair it "
+                        "with one --rules value to give that rule its own grid)")
     p.add_argument("--max-train-samples", type=_positive_int, metavar="N",
                    help="train on a fixed random subset of N examples (quick runs; recorded in the results)")
     p.add_argument("--max-test-samples", type=_positive_int, metavar="N", help="evaluate on a subset of N examples")
@@ -132,6 +150,7 @@ def _add_compare_parser(subparsers) -> None:
 def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         from .experiments import CompareConfig, run_comparison  # first: its error names the experiments extra
+        from ._extras import MissingDependencyError
         from .data import DatasetUnavailableError
     except ImportError as err:  # `pip install hf_camhd` without the experiments extra: the message names it
         return _error(str(err))
@@ -142,16 +161,15 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
             first_seed=args.first_seed, epochs=args.epochs, batch_size=args.batch_size,
             eval_batch_size=args.eval_batch_size, levels=args.levels, gamma=args.gamma, device=args.device,
             mixed_precision=args.mixed_precision, output_dir=args.output_dir, data_dir=args.data_dir,
-            sweep_gamma=args.sweep_gamma, max_train_samples=args.max_train_samples,
+            sweep_gamma=args.sweep_gamma, sweep_hypergrad_lr=args.sweep_hypergrad_lr, sweep_bases=args.bases,
+            sweep_rules=args.rules, sweep_betas=args.betas, max_train_samples=args.max_train_samples,
             max_test_samples=args.max_test_samples, log_every=args.log_every, threads=args.threads, resume=args.resume,
             keep_checkpoints=args.keep_checkpoints, progress=args.progress, plots=args.plots, command="hf-camhd " + shlex.join(argv),
             push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, hub_optimizer=args.hub_optimizer,
             hub_private=args.hub_private, hub_token=args.hub_token,
             **({"sweep_values": args.sweep_values} if args.sweep_values else {}))
         summary = run_comparison(cfg, log=print)
-    except DatasetUnavailableError as err:
-        return _error(str(err))
-    except ValueError as err:
+    except (DatasetUnavailableError, MissingDependencyError, ValueError) as err:
         return _error(str(err))
     if summary.markdown:
         print()

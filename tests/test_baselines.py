@@ -21,6 +21,7 @@ from hf_camhd.baselines import (
 )
 
 PAPER_NAMES = ("adam", "adamw", "sgd", "sgdn", "radam", "adabound", "adam-l4")
+LR_FREE_NAMES = ("prodigy", "schedulefree-adamw", "dadapt-adam", "dog", "ldog")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -319,11 +320,13 @@ def test_state_dict_round_trip_continues_identically(name):
 
 # --------------------------------------------------------------------------- registry
 def test_registry_names_and_display_names():
-    assert baseline_names() == PAPER_NAMES
-    assert set(BASELINES) == set(PAPER_NAMES)
+    assert baseline_names() == PAPER_NAMES + LR_FREE_NAMES
+    assert set(BASELINES) == set(PAPER_NAMES + LR_FREE_NAMES)
     displays = {n: s.display_name for n, s in BASELINES.items()}
     assert displays == {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "sgdn": "SGDN", "radam": "RAdam",
-                        "adabound": "AdaBound", "adam-l4": "Adam-L4"}
+                        "adabound": "AdaBound", "adam-l4": "Adam-L4", "prodigy": "Prodigy",
+                        "schedulefree-adamw": "Schedule-Free AdamW", "dadapt-adam": "D-Adapt Adam", "dog": "DoG",
+                        "ldog": "LDoG"}
     for name, spec in BASELINES.items():
         assert isinstance(spec, BaselineSpec) and spec.name == name
         with pytest.raises(Exception):
@@ -384,3 +387,48 @@ def test_bad_name_and_bad_keyword_errors():
         create_baseline("adam-l4", [p], weight_decay=1e-4)
     with pytest.raises(TypeError, match="same hyper-parameter"):
         create_baseline("adam-l4", [p], lr=0.1, alpha=0.2)
+
+
+# --------------------------------------------------------------------------- learning-rate-free baselines
+@pytest.mark.parametrize("name", LR_FREE_NAMES)
+def test_each_learning_rate_free_baseline_reduces_the_loss_at_its_readme_settings(name):
+    x, y, model = _problem()
+    opt = create_baseline(name, model.parameters())
+    if name == "schedulefree-adamw":
+        opt.train()  # Schedule-Free: train() before stepping (step() raises otherwise)
+    with torch.no_grad():
+        initial = torch.nn.functional.mse_loss(model(x), y).item()
+    final = _train(model, opt, x, y, steps=300)
+    assert final < 0.5 * initial, (name, initial, final)
+
+
+@pytest.mark.parametrize("name, cls, expected", [
+    ("prodigy", "prodigyopt.Prodigy", {"lr": 1.0, "d0": 1e-6, "safeguard_warmup": False}),
+    ("schedulefree-adamw", "schedulefree.AdamWScheduleFree", {"lr": 0.0025, "warmup_steps": 0}),
+    ("dadapt-adam", "dadaptation.DAdaptAdam", {"lr": 1.0, "decouple": False}),
+    ("dog", "dog.DoG", {"lr": 1.0, "reps_rel": 1e-6}),
+    ("ldog", "dog.LDoG", {"lr": 1.0, "reps_rel": 1e-6}),
+])
+def test_learning_rate_free_names_build_their_packages_classes(name, cls, expected):
+    import importlib
+
+    module, attr = cls.rsplit(".", 1)
+    opt = create_baseline(name, [torch.nn.Parameter(torch.zeros(3))])
+    assert type(opt) is getattr(importlib.import_module(module), attr)
+    for k, v in expected.items():
+        assert opt.defaults[k] == v, (name, k)
+    with pytest.raises(TypeError, match=r"'momentum'; accepted: "):  # keywords checked against the real class
+        create_baseline(name, [torch.nn.Parameter(torch.zeros(3))], momentum=0.9)
+
+
+def test_a_missing_package_is_one_error_naming_the_extra(monkeypatch):
+    import sys
+
+    from hf_camhd._extras import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # as if not installed
+    with pytest.raises(MissingDependencyError,
+                       match=r"^the prodigy baseline needs prodigyopt, which is not installed: "
+                             r"pip install 'hf_camhd\[experiments\]'$"):
+        create_baseline("prodigy", [torch.nn.Parameter(torch.zeros(3))])
+    assert create_baseline("adam", [torch.nn.Parameter(torch.zeros(3))])  # the others need nothing more

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from hf_camhd import CAMHDAdam, CAMHDAdamW, CAMHDSGD, build_hierarchy
+from hf_camhd._extras import MissingDependencyError
 from hf_camhd.cli import main as cli_main
 from hf_camhd.data import DatasetUnavailableError
 from hf_camhd.hub import HubUploadError
@@ -347,6 +348,39 @@ DATA = [
                ValueError, r"^pixel_values and labels disagree on the number of examples: 3 vs 2$"),
 ]
 
+def _without(c, module: str, call: Callable[[], object]) -> object:
+    """``call()`` as if ``module`` were not installed."""
+    c.mp.setitem(sys.modules, module, None)
+    return call()
+
+
+def _compare(c, **kw) -> object:
+    from hf_camhd.experiments import CompareConfig, run_comparison
+
+    return run_comparison(CompareConfig(**{"epochs": 1, "seeds": 1, "progress": False, "plots": False,
+                                           "output_dir": str(c.ws / "compare-out"), **kw}), log=None)
+
+
+COMPARE_API = [
+    ErrorInput("a baseline whose package is missing",
+               lambda c: _without(c, "dadaptation", lambda: __import__("hf_camhd.baselines", fromlist=["x"])
+                                  .create_baseline("dadapt-adam", [nn.Parameter(torch.zeros(2))])),
+               MissingDependencyError, r"^the dadapt-adam baseline needs dadaptation, which is not installed: pip "
+                                       r"install 'hf_camhd\[experiments\]'$"),
+    ErrorInput("a comparison arm whose package is missing",
+               lambda c: _without(c, "dog", lambda: _compare(c, optimizers=("adam", "dog"))), MissingDependencyError,
+               r"^the dog arm of hf-camhd compare needs dog, which is not installed: pip install "
+               r"'hf_camhd\[experiments\]'$"),
+    ErrorInput("a Schedule-Free arm without the run's length",
+               lambda c: __import__("hf_camhd.experiments.arms", fromlist=["x"]).build_optimizer(
+                   __import__("hf_camhd.experiments.arms", fromlist=["x"]).resolve_arm("schedulefree-adamw"),
+                   nn.Linear(2, 2), {"lr": 0.0025, "warmup_fraction": 0.05}),
+               ValueError, r"^Invalid total_steps: None; the schedulefree-adamw arm warms up over a fraction of the "
+                           r"run, so build_optimizer needs total_steps"),
+    ErrorInput("β sweep with a bad base", lambda c: _compare(c, sweep_hypergrad_lr=True, sweep_bases=("rmsprop",)),
+               ValueError, r"^Invalid --bases value: 'rmsprop'; expected some of adam, adamw, sgd, sgdn"),
+]
+
 PUBLISH = [
     ErrorInput("missing results", lambda c: _publish(c, results=None), ValueError,
                r"^Invalid results: None; publish needs the evaluation results .*such as \{'accuracy': 0\.91\}"),
@@ -384,7 +418,7 @@ PUBLISH = [
 ]
 
 ENTRY_POINTS = {"build_hierarchy": HIERARCHY, "CAMHDOptimizerFactory": FACTORY, "optimizers": _optimizer_rows(),
-                "data": DATA, "publish": PUBLISH}
+                "data": DATA, "compare": COMPARE_API, "publish": PUBLISH}
 PY_ROWS = [(f"{group}: {row.id}", row) for group, rows in ENTRY_POINTS.items() for row in rows]
 
 
@@ -442,6 +476,26 @@ COMPARE = [
              r"^hf-camhd: error: Invalid hub_optimizer 'sgd': not among this comparison's optimizers"),
     CLIError("push of a sweep", ("compare", "--sweep-gamma", "--push-to-hub", "--hub-model-id", "me/x"),
              r"^hf-camhd: error: Invalid push_to_hub: publish from a comparison, not from a --sweep-gamma run$"),
+    CLIError("push of a β sweep", ("compare", "--sweep-hypergrad-lr", "--push-to-hub", "--hub-model-id", "me/x"),
+             r"^hf-camhd: error: Invalid push_to_hub: publish from a comparison, not from a --sweep-hypergrad-lr run$"),
+    CLIError("two sweeps at once", ("compare", "--sweep-gamma", "--sweep-hypergrad-lr"),
+             r"^hf-camhd: error: Invalid sweep: --sweep-gamma and --sweep-hypergrad-lr are two studies; run them one "
+             r"at a time"),
+    CLIError("β-sweep flag without the sweep", ("compare", "--rules", "normalized"),
+             r"^hf-camhd: error: Invalid --rules: it sets the β sweep; add --sweep-hypergrad-lr \(or drop --rules\)$"),
+    CLIError("β sweep of an unknown base", ("compare", "--sweep-hypergrad-lr", "--bases", "adam,lion"),
+             r"^hf-camhd: error: Invalid --bases value: 'lion'; expected some of adam, adamw, sgd, sgdn "
+             r"\(comma-separated\)$"),
+    CLIError("β sweep of an unknown rule", ("compare", "--sweep-hypergrad-lr", "--rules", "multiplicative"),
+             r"^hf-camhd: error: Invalid --rules value: 'multiplicative'; expected additive, normalized or both"),
+    CLIError("β sweep with β = 0", ("compare", "--sweep-hypergrad-lr", "--betas", "0,1e-3"),
+             r"^hf-camhd: error: Invalid --betas value: 0\.0; every β must be a finite number > 0 \(the base "
+             r"optimizer, β = 0, is the sweep's reference line already\)$"),
+    CLIError("β sweep with β not numbers", ("compare", "--sweep-hypergrad-lr", "--betas", "1e-3,x"),
+             r"^hf-camhd compare: error: argument --betas: '1e-3,x': could not convert string to float: 'x'$"),
+    CLIError("β sweep with --optimizers", ("compare", "--sweep-hypergrad-lr", "--optimizers", "adam-camhd"),
+             r"^hf-camhd: error: Invalid --optimizers for --sweep-hypergrad-lr: the sweep picks its arms from --bases "
+             r"\(adam, adamw, sgd, sgdn\) and --rules \(additive, normalized\); drop --optimizers$"),
     CLIError("output dir that is a file", (*_C, "--output-dir", "{ws}/afile"),
              r"^hf-camhd: error: Invalid output_dir '.*/afile': it is a file; pass --output-dir a folder path"),
     CLIError("output dir inside a file", (*_C, "--output-dir", "{ws}/afile/sub"),

@@ -150,10 +150,11 @@ def test_extras_cover_the_packages_and_the_test_extra_installs_everything():
     names = {extra: {d.split(">")[0].split("[")[0] for d in deps} for extra, deps in extras.items()}
     assert {"transformers", "accelerate", "datasets", "timm", "evaluate", "huggingface_hub", "safetensors"} <= names["hf"]
     assert {"matplotlib", "scikit-learn", "tqdm", "pillow"} <= names["experiments"]
+    assert {"prodigyopt", "schedulefree", "dadaptation", "dog-optimizer"} <= names["experiments"]  # compare's arms
     assert "hf_camhd[hf]" in extras["experiments"] and "hf_camhd[hf,experiments]" in extras["all"]
     assert "hf_camhd[all]" in extras["test"] and {"pytest", "hypothesis"} <= names["test"]
     from hf_camhd._extras import EXTRA_OF
 
-    pip_name = {"sklearn": "scikit-learn", "PIL": "pillow"}
+    pip_name = {"sklearn": "scikit-learn", "PIL": "pillow", "dog": "dog-optimizer"}
     for module, extra in EXTRA_OF.items():  # the extra an ImportError names really installs the package
         assert pip_name.get(module, module) in names[extra], module

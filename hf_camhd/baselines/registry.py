@@ -1,4 +1,4 @@
-"""The baseline optimizers of the CAM-HD paper's experiments, by name, with the paper's defaults.
+"""The baseline optimizers of the CAM-HD paper's experiments (and the learning-rate-free ones), by name, with defaults.
 
 ==========  ============  ==============================  =============================================
 name        display name  optimizer                       defaults
@@ -11,6 +11,23 @@ radam       RAdam         :class:`torch.optim.RAdam`      ``lr=1e-3``
 adabound    AdaBound      :class:`~.adabound.AdaBound`    ``lr=1e-3, final_lr=0.1, gamma=1e-3``
 adam-l4     Adam-L4       :class:`~.l4.L4` (Adam dir.)    ``alpha=0.15`` (``lr`` is accepted for alpha)
 ==========  ============  ==============================  =============================================
+
+The learning-rate-free optimizers users pick instead of tuning a rate, with their READMEs' settings (their
+packages come with the ``experiments`` extra and are imported only when one is built,
+:mod:`hf_camhd.baselines.external`):
+
+==================  ===================  ==================================  ==================================
+name                display name         optimizer                           defaults
+==================  ===================  ==================================  ==================================
+prodigy             Prodigy              ``prodigyopt.Prodigy``              ``lr=1.0`` (README: "use lr=1.")
+schedulefree-adamw  Schedule-Free AdamW  ``schedulefree.AdamWScheduleFree``  ``lr=0.0025`` (its default)
+dadapt-adam         D-Adapt Adam         ``dadaptation.DAdaptAdam``          ``lr=1.0`` (README: "set to 1.0")
+dog                 DoG                  ``dog.DoG``                         ``lr=1.0, reps_rel=1e-6``
+ldog                LDoG                 ``dog.LDoG`` (per-tensor steps)     ``lr=1.0, reps_rel=1e-6``
+==================  ===================  ==================================  ==================================
+
+Schedule-Free must be switched with ``optimizer.train()`` / ``optimizer.eval()``, and DoG / LDoG need
+iterate averaging (``dog.PolynomialDecayAverager``); ``hf-camhd compare`` does both.
 
 Example::
 
@@ -37,6 +54,7 @@ import torch
 from torch.optim import Optimizer
 
 from .adabound import AdaBound
+from .external import ExternalOptimizer
 from .l4 import L4
 
 __all__ = ["BASELINES", "BaselineSpec", "baseline_names", "create_baseline", "get_baseline",
@@ -122,15 +140,28 @@ BASELINES: Mapping[str, BaselineSpec] = MappingProxyType({s.name: s for s in (
     _spec("adam-l4", "Adam-L4", L4,
           "Rolinek & Martius, L4: Practical loss-based stepsize adaptation for deep learning, NeurIPS 2018",
           aliases={"lr": "alpha"}, alpha=0.15, direction="adam"),
+    _spec("prodigy", "Prodigy", ExternalOptimizer("prodigyopt", "Prodigy", "prodigy"),
+          "Mishchenko & Defazio, Prodigy: An Expeditiously Adaptive Parameter-Free Learner, ICML 2024", lr=1.0),
+    _spec("schedulefree-adamw", "Schedule-Free AdamW",
+          ExternalOptimizer("schedulefree", "AdamWScheduleFree", "schedulefree-adamw"),
+          "Defazio et al., The Road Less Scheduled, NeurIPS 2024", lr=0.0025),
+    _spec("dadapt-adam", "D-Adapt Adam", ExternalOptimizer("dadaptation", "DAdaptAdam", "dadapt-adam"),
+          "Defazio & Mishchenko, Learning-Rate-Free Learning by D-Adaptation, ICML 2023", lr=1.0),
+    _spec("dog", "DoG", ExternalOptimizer("dog", "DoG", "dog"),
+          "Ivgi, Hinder & Carmon, DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size Schedule, ICML 2023",
+          lr=1.0, reps_rel=1e-6),
+    _spec("ldog", "LDoG", ExternalOptimizer("dog", "LDoG", "ldog"),
+          "Ivgi, Hinder & Carmon, DoG is SGD's Best Friend (layer-wise DoG), ICML 2023", lr=1.0, reps_rel=1e-6),
 )})
 """Baselines by registry name (read-only)."""
 
 _ALIASES = {"sgd-nesterov": "sgdn", "l4": "adam-l4", "l4adam": "adam-l4", "l4-adam": "adam-l4",
-            "adam_l4": "adam-l4"}
+            "adam_l4": "adam-l4", "schedule-free-adamw": "schedulefree-adamw", "sf-adamw": "schedulefree-adamw",
+            "d-adapt-adam": "dadapt-adam"}
 
 
 def baseline_names() -> tuple[str, ...]:
-    """The registry names, in the paper's order."""
+    """The registry names: the paper's, in its order, then the learning-rate-free ones."""
     return tuple(BASELINES)
 
 

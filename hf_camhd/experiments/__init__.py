@@ -9,8 +9,8 @@ Example:
 """
 
 from .arms import Arm, arm_hyperparameters, arm_names, build_optimizer, resolve_arm
-from .presets import DEFAULT_TASK, SWEEP_GAMMAS, TASKS, TaskPreset, get_task, list_tasks
-from .results import load_results, render_markdown, summarize, summarize_sweep
+from .presets import DEFAULT_TASK, SWEEP_GAMMAS, SWEEP_HYPERGRAD_LRS, TASKS, TaskPreset, get_task, list_tasks
+from .results import load_results, render_markdown, summarize, summarize_hypergrad_sweep, summarize_sweep
 
 _RUNNER = ("CompareConfig", "CompareSummary", "RunSpec", "plan_runs", "resolve_task", "run_comparison")
 
@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_TASK",
     "RunSpec",
     "SWEEP_GAMMAS",
+    "SWEEP_HYPERGRAD_LRS",
     "TASKS",
     "TaskPreset",
     "arm_hyperparameters",
@@ -46,5 +47,6 @@ __all__ = [
     "resolve_task",
     "run_comparison",
     "summarize",
+    "summarize_hypergrad_sweep",
     "summarize_sweep",
 ]

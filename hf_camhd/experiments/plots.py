@@ -1,5 +1,6 @@
 """PNG plots of a comparison (matplotlib's Agg canvas, no pyplot state): learning curves with s.e. bands
-(the paper's Figures 2–4), γ / α trajectories (Figures 5–8) and the fixed-γ sweep (Figure 1)."""
+(the paper's Figures 2–4), γ / α trajectories (Figures 5–8), the fixed-γ sweep (Figure 1) and the β
+sensitivity study (test accuracy against β)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_path
-from .results import arm_order, epoch_curve, finished_runs, hyper_curve, summarize_sweep
+from .results import arm_order, epoch_curve, finished_runs, hyper_curve, summarize_hypergrad_sweep, summarize_sweep
 
-__all__ = ["write_plots", "plot_learning_curves", "plot_gamma_trajectories", "plot_gamma_sweep"]
+__all__ = ["write_plots", "plot_learning_curves", "plot_gamma_trajectories", "plot_gamma_sweep",
+           "plot_hypergrad_sweep"]
 
 
 def _figure(ncols: int, nrows: int = 1, width: float = 5.0, height: float = 3.8, extra_width: float = 0.0):
@@ -43,6 +45,17 @@ def _band(ax, xs, means, ses, color, label) -> None:
     ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0)
 
 
+def _log_scale_if_wide(ax, ratio: float = 1e3) -> None:
+    """A log y-axis when the plotted values span more than ``ratio`` (a run whose loss blew up would otherwise
+    flatten every other curve to a line at 0)."""
+    import numpy as np
+
+    ys = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()] or [np.zeros(0)])
+    ys = ys[np.isfinite(ys) & (ys > 0)]
+    if ys.size and ys.max() / ys.min() > ratio:
+        ax.set_yscale("log")
+
+
 def _count_curves(fig) -> int:
     return sum(len(ax.get_lines()) for ax in fig.axes)
 
@@ -71,10 +84,12 @@ def plot_learning_curves(results: Mapping[str, Any], path: Path) -> dict[str, in
         label = runs[0].get("display_name", s)
         for ax, (metric, _) in zip(axes[0], metrics):
             _band(ax, *epoch_curve(runs, metric), color=color, label=label)
-    for ax, (_, ylabel) in zip(axes[0], metrics):
+    for ax, (metric, ylabel) in zip(axes[0], metrics):
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
+        if metric.endswith("loss"):
+            _log_scale_if_wide(ax)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:  # note: outside the axes, so a dozen arms never hide the curves
         fig.legend(handles, labels, loc="outside right upper", fontsize=7)
@@ -133,6 +148,40 @@ def plot_gamma_sweep(results: Mapping[str, Any], path: Path) -> dict[str, int] |
     return _save(fig, path)
 
 
+def plot_hypergrad_sweep(results: Mapping[str, Any], path: Path) -> dict[str, int] | None:
+    """The β study: last-epoch test accuracy (mean ± s.e.) against β on a log axis, one panel per base optimizer,
+    one line per hyper-gradient rule; the base optimizer without adaptation as a horizontal line with its s.e.
+    band; points where a run's loss went NaN / inf marked with a red ×."""
+    bases = summarize_hypergrad_sweep(results)
+    if not bases:
+        return None
+    fig, axes = _figure(len(bases), width=5.2)
+    rules = list(dict.fromkeys(rule for b in bases for rule in b["rules"]))
+    colors = dict(zip(rules, _colors(len(rules))))
+    for ax, entry in zip(axes[0], bases):
+        ref = entry["reference"]
+        name = ref["display_name"] if ref else entry["base"]
+        if ref and ref["test_accuracy"] is not None:
+            m, se = ref["test_accuracy"], ref["test_accuracy_se"] or 0.0
+            ax.axhline(m, color="0.3", linestyle="--", linewidth=1, label=f"{name}, no adaptation")
+            ax.axhspan(m - se, m + se, color="0.3", alpha=0.12, linewidth=0)
+        for rule, rows in entry["rules"].items():
+            _band(ax, [r["hypergrad_lr"] for r in rows], [r["test_accuracy"] for r in rows],
+                  [r["test_accuracy_se"] for r in rows], color=colors[rule], label=f"{rule} rule")
+            bad = [r for r in rows if r["diverged"] and r["test_accuracy"] is not None]
+            if bad:
+                ax.scatter([r["hypergrad_lr"] for r in bad], [r["test_accuracy"] for r in bad], marker="x", s=40,
+                           color="red", zorder=5, label=f"{rule}: a NaN/inf loss")
+        ax.set_xscale("log")
+        ax.set_xlabel("β (hypergrad_lr)")
+        ax.set_ylabel(f"test accuracy (%) at epoch {results.get('config', {}).get('epochs')}")
+        ax.set_title(f"{name} base", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("β sensitivity of CAM-HD, " + _title(results), fontsize=9)
+    return _save(fig, path)
+
+
 def write_plots(results: Mapping[str, Any], out_dir: Path) -> dict[str, dict[str, int]]:
     """Write every plot that applies into ``out_dir``; returns ``{file name: {"curves": n, "axes": k}}``
     (``curves`` = the number of plotted mean lines, counted on the figure before saving)."""
@@ -144,6 +193,10 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> dict[str, dict[str
         info = plot_gamma_sweep(results, out_dir / "sweep_gamma.png")
         if info:
             written["sweep_gamma.png"] = info
+    elif results.get("kind") == "sweep-hypergrad-lr":
+        info = plot_hypergrad_sweep(results, out_dir / "sweep_hypergrad_lr.png")
+        if info:
+            written["sweep_hypergrad_lr.png"] = info
     else:
         info = plot_gamma_trajectories(results, out_dir / "gamma_trajectories.png")
         if info:

@@ -33,10 +33,29 @@ from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Mapping
 
-__all__ = ["TaskPreset", "TASKS", "DEFAULT_TASK", "get_task", "list_tasks", "SWEEP_GAMMAS"]
+__all__ = ["TaskPreset", "TASKS", "DEFAULT_TASK", "get_task", "list_tasks", "SWEEP_GAMMAS", "SWEEP_HYPERGRAD_LRS",
+           "sweep_hypergrad_lrs"]
 
 #: γ_global values of the paper's Figure 1 sweep (two levels, fixed γ).
 SWEEP_GAMMAS: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+#: β grids of ``--sweep-hypergrad-lr``, per (rule, base family), one value per decade. The additive grids
+#: span the paper's values (Table 1: Adam 1e-7 MLP / 1e-8 LeNet-5 and ResNets; SGD 1e-3 MLP and LeNet-5 /
+#: 1e-6 ResNets) two decades below and up to where the additive rule breaks down (on the digits MLP: Adam at
+#: 1e-3 – 1e-2, SGD-N at 1e-1; a bigger model breaks down at a smaller β, since its node sums grow with its
+#: size); the normalized rule's β is dimensionless (a rate moves by at most the fraction β per step), so one
+#: grid serves both bases: four decades up to 1, where one step may halve or double a rate.
+SWEEP_HYPERGRAD_LRS: Mapping[tuple[str, str], tuple[float, ...]] = MappingProxyType({
+    ("additive", "adam"): (1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3),
+    ("additive", "sgd"): (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+    ("normalized", "adam"): (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+    ("normalized", "sgd"): (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+})
+
+
+def sweep_hypergrad_lrs(rule: str, family: str) -> tuple[float, ...]:
+    """The default β grid of ``--sweep-hypergrad-lr`` for ``rule`` on a ``family`` (``adam`` / ``sgd``) base."""
+    return SWEEP_HYPERGRAD_LRS[(rule, family)]
 
 
 @dataclass(frozen=True)

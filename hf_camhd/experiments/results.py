@@ -4,29 +4,34 @@
 
     {
       "schema_version": 1,
-      "kind": "compare" | "sweep-gamma",
+      "kind": "compare" | "sweep-gamma" | "sweep-hypergrad-lr",
       "command": "hf-camhd compare ...",          # how the folder was made
       "config": {...},                             # the CompareConfig (resolved task, arms, seeds, ...)
       "task": {...},                               # the TaskPreset after overrides
       "data": {"dataset", "train_size", "test_size", "source"},
-      "environment": {"torch", "hf_camhd", "device", "num_processes", "mixed_precision", "git_commit", ...},
+      "environment": {"torch", "hf_camhd", "device", "num_processes", "mixed_precision", "git_commit",
+                      "optimizer_packages": {"prodigyopt": "1.1.2", ...}, ...},
                                                    # of the latest invocation (each run keeps its own)
-      "runs": [                                    # one per optimizer arm x seed (x fixed gamma for a sweep)
-        {"key": "adam-camhd|seed=0", "arm", "series" (the arm; "arm|gamma_global=0.4" in a sweep),
-         "display_name", "seed", "gamma_global" (sweep) or null,
+      "runs": [                                    # one per optimizer arm x seed (x fixed gamma / x beta for a sweep)
+        {"key": "adam-camhd|seed=0", "arm", "series" (the arm; "arm|gamma_global=0.4" / "arm|hypergrad_lr=1e-08"
+         in a sweep), "display_name", "seed", "gamma_global" (γ sweep) or null, "hypergrad_lr" (β sweep) or null,
          "config_hash",                            # hash of everything that decides the run's numbers
          "status": "running" | "finished", "started_at", "finished_at",
          "environment": {"git_commit", "torch", "device", "num_processes", "mixed_precision"},  # when trained
-         "optimizer": {"name", "class", "kind", "hyperparameters", "lr_schedule"},
+         "optimizer": {"name", "class", "kind", "hyperparameters" (what the arm passed), "settings" (CAM-HD: the
+                       β, δ, ρ, r, rule, bounds the optimizer resolved, defaults included), "train_eval_switch"
+                       (Schedule-Free: evaluated after optimizer.eval()), "averaging" (DoG: evaluated on the
+                       polynomial-decay average), "lr_schedule"},
          "num_parameters", "steps_per_epoch",
          "epochs": [{"epoch", "train_loss" (mean mini-batch loss during the epoch), "test_loss" (mean cross
                      entropy on the test split after the epoch), "test_accuracy" (percent), "test_metrics" (the
                      evaluate modules' results under their names: {"accuracy": fraction}), "lr_factor" (the
-                     scheduler's multiplier), "wall_time_s" (cumulative)}, ...],
+                     scheduler's multiplier), "adapted_lr" (Prodigy / D-Adapt: d·lr, DoG / LDoG: mean η; only
+                     for them), "wall_time_s" (cumulative)}, ...],
          "hyper_log": [{"step", "epoch" (fractional), "gamma": {level: value},
                         "alpha_mean": {level: value}, "effective_lr_mean"}, ...],   # CAM-HD / HD arms
          "final": {"test_accuracy", "test_metrics", "test_loss", "train_loss", "gamma", "alpha_mean"},
-         "wall_time_s"}
+         "diverged" (a train or test loss was NaN / inf), "wall_time_s"}
       ],
       "plots": {"learning_curves.png": {"curves": 12, "axes": 3}, ...}
     }
@@ -60,6 +65,8 @@ __all__ = [
     "series_of",
     "summarize",
     "summarize_sweep",
+    "summarize_hypergrad_sweep",
+    "stable_range",
     "paired_difference",
     "reference_series",
     "epoch_curve",
@@ -93,11 +100,14 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_key(arm: str, seed: int, gamma_global: float | None = None) -> str:
-    """The resume key of one run: ``adam-camhd|seed=0`` (``|gamma_global=0.4`` in a γ sweep)."""
+def run_key(arm: str, seed: int, gamma_global: float | None = None, hypergrad_lr: float | None = None) -> str:
+    """The resume key of one run: ``adam-camhd|seed=0`` (``|gamma_global=0.4`` in a γ sweep,
+    ``|hypergrad_lr=1e-08`` in a β sweep)."""
     key = f"{arm}|seed={int(seed)}"
     if gamma_global is not None:
         key += f"|gamma_global={float(gamma_global):g}"
+    if hypergrad_lr is not None:
+        key += f"|hypergrad_lr={float(hypergrad_lr):g}"
     return key
 
 
@@ -178,8 +188,9 @@ def _level_means(runs: Sequence[Mapping[str, Any]], field: str) -> dict[str, tup
 
 
 def reference_series(results: Mapping[str, Any]) -> str | None:
-    """The arm paired differences are taken against: ``adam`` when the comparison has it (not in a sweep)."""
-    if results.get("kind") == "sweep-gamma":
+    """The arm paired differences are taken against: ``adam`` when the comparison has it (not in a sweep: the β
+    sweep pairs each base's runs with that base, :func:`summarize_hypergrad_sweep`)."""
+    if results.get("kind") in ("sweep-gamma", "sweep-hypergrad-lr"):
         return None
     return "adam" if finished_runs(results, "adam") else None
 
@@ -240,6 +251,81 @@ def summarize_sweep(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _sweep_base_and_rule(run: Mapping[str, Any]) -> tuple[str, str | None]:
+    """(base arm, rule) of a β-sweep run: ``adam-camhd-normalized`` → (``adam``, ``normalized``); a reference run
+    (no β) → (its arm, None)."""
+    if run.get("hypergrad_lr") is None:
+        return run["arm"], None
+    hp = (run.get("optimizer") or {}).get("hyperparameters") or {}
+    return run["arm"].split("-camhd")[0], hp.get("hypergrad_rule") or ("normalized" if run["arm"].endswith(
+        "-normalized") else "additive")
+
+
+def _point(runs: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    acc, se, n = mean_se(r["final"].get("test_accuracy") for r in runs)
+    tl, tl_se, _ = mean_se(r["final"].get("test_loss") for r in runs)
+    delta, delta_se, _ = paired_difference(runs, reference) if reference else (None, None, 0)
+    return {"n": n, "test_accuracy": acc, "test_accuracy_se": se, "test_loss": tl, "test_loss_se": tl_se,
+            "delta_vs_base": delta, "delta_vs_base_se": delta_se,
+            "diverged": sum(bool(r.get("diverged")) for r in runs), "display_name": runs[0].get("display_name")}
+
+
+def summarize_hypergrad_sweep(results: Mapping[str, Any], tolerance: float = 0.5) -> list[dict[str, Any]]:
+    """The β study of a ``--sweep-hypergrad-lr`` run, one dict per base optimizer (plan order)::
+
+        {"base": "adam", "reference": {point of the base without adaptation} or None,
+         "rules": {"additive": [{"hypergrad_lr": β, **point}, ...ascending β], "normalized": [...]},
+         "stable": {rule: stable_range(...)}}
+
+    A point: ``n``, final test accuracy / loss mean ± s.e., ``delta_vs_base`` (paired with the base optimizer on
+    the same seed) ± s.e., ``diverged`` (runs whose train or test loss went NaN / inf)."""
+    runs = finished_runs(results)
+    by_base: dict[str, dict[str, Any]] = {}
+    for r in runs:  # plan order: each base's reference first
+        base, rule = _sweep_base_and_rule(r)
+        entry = by_base.setdefault(base, {"base": base, "references": [], "points": {}})
+        if rule is None:
+            entry["references"].append(r)
+        else:
+            entry["points"].setdefault(rule, {}).setdefault(float(r["hypergrad_lr"]), []).append(r)
+    out = []
+    for base, entry in by_base.items():
+        ref = entry["references"]
+        rules = {rule: [{"hypergrad_lr": beta, **_point(points[beta], ref)} for beta in sorted(points)]
+                 for rule, points in entry["points"].items()}
+        out.append({"base": base, "reference": _point(ref, []) if ref else None, "rules": rules,
+                    "stable": {rule: stable_range(rows, tolerance) for rule, rows in rules.items()}})
+    return out
+
+
+def stable_range(rows: Sequence[Mapping[str, Any]], tolerance: float = 0.5) -> dict[str, Any] | None:
+    """The widest run of neighbouring grid points (ascending β) whose mean test accuracy is within ``tolerance``
+    points of the rule's best and where no run went NaN / inf: ``{"best", "best_hypergrad_lr", "low", "high",
+    "ratio" (high / low), "points"}``; None without finite accuracies."""
+    scored = [r for r in rows if r.get("test_accuracy") is not None]
+    if not scored:
+        return None
+    top = max(scored, key=lambda r: r["test_accuracy"])
+
+    def width(points: Sequence[Mapping[str, Any]]) -> float:
+        return points[-1]["hypergrad_lr"] / points[0]["hypergrad_lr"] if points else 0.0
+
+    best_span: list[Mapping[str, Any]] = []
+    span: list[Mapping[str, Any]] = []
+    for r in rows:
+        ok = r.get("test_accuracy") is not None and r["test_accuracy"] >= top["test_accuracy"] - tolerance \
+            and not r.get("diverged")
+        span = [*span, r] if ok else []
+        if width(span) > width(best_span):
+            best_span = span
+    if not best_span:
+        return {"best": top["test_accuracy"], "best_hypergrad_lr": top["hypergrad_lr"], "low": None, "high": None,
+                "ratio": None, "points": 0}
+    low, high = best_span[0]["hypergrad_lr"], best_span[-1]["hypergrad_lr"]
+    return {"best": top["test_accuracy"], "best_hypergrad_lr": top["hypergrad_lr"], "low": low, "high": high,
+            "ratio": high / low, "points": len(best_span)}
+
+
 def epoch_curve(runs: Sequence[Mapping[str, Any]], metric: str) -> tuple[list[int], list[float | None], list[float | None]]:
     """``(epochs, mean, s.e.)`` of per-epoch ``metric`` across ``runs`` (epochs every run reached)."""
     if not runs:
@@ -279,6 +365,8 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def _pm(mean: float | None, se: float | None, digits: int) -> str:
     if mean is None:
         return "n/a"
+    if abs(mean) >= 1e5:  # a loss that blew up: 2.396e+29, not thirty digits
+        return f"{mean:.{digits}g}" if se is None else f"{mean:.{digits}g} ± {se:.{digits}g}"
     return f"{mean:.{digits}f}" if se is None else f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
@@ -298,6 +386,58 @@ def _levels_cell(values: Mapping[str, tuple[float | None, float | None]], digits
     if not values:
         return "—"
     return ", ".join(f"{lv} {format(m, digits) if m is not None else 'n/a'}" for lv, (m, _) in values.items())
+
+
+def _beta(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:g}"
+
+
+def _stable_text(rule: str, stable: Mapping[str, Any] | None, tolerance: float) -> str:
+    if stable is None:
+        return f"{rule}: no finite accuracy"
+    if not stable["points"]:
+        return f"{rule}: none (every point near the best had a NaN / inf loss)"
+    if stable["points"] == 1:
+        return f"{rule}: only β = {_beta(stable['low'])}"
+    return (f"{rule}: β ∈ [{_beta(stable['low'])}, {_beta(stable['high'])}] ({stable['ratio']:.3g}×, "
+            f"{stable['points']} grid points)")
+
+
+def _hypergrad_sweep_markdown(results: Mapping[str, Any], tolerance: float = 0.5) -> list[str]:
+    """The β-sensitivity tables of a ``--sweep-hypergrad-lr`` run (one per base), or nothing."""
+    if results.get("kind") != "sweep-hypergrad-lr":
+        return []
+    bases = summarize_hypergrad_sweep(results, tolerance)
+    if not bases:
+        return []
+    lines = ["## β sensitivity (--sweep-hypergrad-lr)", "",
+             "Test accuracy (%) at the last epoch, mean ± s.e. over seeds, per base optimizer, hyper-gradient rule "
+             "and β (`hypergrad_lr`); the rest of each arm's settings as in the comparison (the normalized rule: the "
+             "optimizer's defaults). Δ: paired difference to the base optimizer without adaptation on the same seed "
+             "± its s.e. NaN/inf: runs whose train or test loss became non-finite (their accuracy still counts). "
+             "Best mean of each rule in bold.", ""]
+    for entry in bases:
+        ref = entry["reference"]
+        base_name = ref["display_name"] if ref else entry["base"]
+        head = f"### {base_name}"
+        if ref:
+            nonfinite = f", {ref['diverged']} NaN/inf" if ref["diverged"] else ""
+            head += f" (no adaptation: {_pm(ref['test_accuracy'], ref['test_accuracy_se'], 2)}, {ref['n']} runs{nonfinite})"
+        lines.append(head)
+        lines += ["", f"| Rule | β | Test acc (%) | Test S.E | Δ acc vs {base_name} (paired) | Test loss | Runs | "
+                      "NaN/inf runs |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for rule, rows in entry["rules"].items():
+            best = (entry["stable"][rule] or {}).get("best")
+            for r in rows:
+                is_best = best is not None and r["test_accuracy"] is not None and r["test_accuracy"] == best
+                lines.append(f"| {rule} | {_beta(r['hypergrad_lr'])} | {_bold_if(_fmt(r['test_accuracy']), is_best)} | "
+                             f"{_fmt(r['test_accuracy_se'])} | "
+                             f"{_signed(r['delta_vs_base'], r['delta_vs_base_se'], False) if ref else '—'} | "
+                             f"{_pm(r['test_loss'], r['test_loss_se'], 4)} | {r['n']} | {r['diverged']} |")
+        lines += ["", f"Widest β range within {tolerance:g} points of the rule's best, with no NaN/inf loss: "
+                  + "; ".join(_stable_text(rule, entry["stable"][rule], tolerance) for rule in entry["rules"]) + ".",
+                  ""]
+    return lines
 
 
 def render_markdown(results: Mapping[str, Any]) -> str:
@@ -365,6 +505,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             lines.append(f"| {r['gamma_global']:.1f} | {_bold_if(_fmt(r['test_accuracy']), is_best)} | "
                          f"{_fmt(r['test_accuracy_se'])} | {_pm(r['test_loss'], r['test_loss_se'], 4)} | {r['n']} |")
         lines.append("")
+
+    lines += _hypergrad_sweep_markdown(results)
 
     plots = results.get("plots") or {}
     if plots:

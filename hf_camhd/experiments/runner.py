@@ -1,4 +1,5 @@
-"""The comparison runner: plan (arms × seeds, or fixed γ × seeds), train and evaluate each run, record, resume.
+"""The comparison runner: plan (arms × seeds, fixed γ × seeds or rule × β × seeds), train and evaluate each run,
+record, resume.
 
 One run = one arm × one seed: the seed fixes the model's initialisation and the data order (so every
 arm of a seed starts from the same weights and sees the same batches). Training goes through
@@ -45,9 +46,9 @@ from ..baselines import requires_loss  # noqa: E402
 from ..data import TensorImageDataset, as_tensors, dataset_info, load_image_dataset, train_transform  # noqa: E402
 from ..files import CorruptFileError, atomic_path, atomic_write, check_file, recover_leftovers  # noqa: E402
 from ..metrics import load as load_metric  # noqa: E402
-from .arms import Arm, arm_hyperparameters, build_optimizer, resolve_arm, uses_schedule
+from .arms import CAMHD_BASES, Arm, arm_hyperparameters, build_optimizer, resolve_arm, uses_schedule
 from .models import build_model, logits_of
-from .presets import DEFAULT_TASK, SWEEP_GAMMAS, TaskPreset, get_task
+from .presets import DEFAULT_TASK, SWEEP_GAMMAS, TaskPreset, get_task, sweep_hypergrad_lrs
 from .results import (
     SCHEMA_VERSION,
     config_hash,
@@ -78,6 +79,11 @@ class CompareConfig:
         mixed_precision: ``no``, ``fp16``, ``bf16`` or ``None`` (accelerate's config / environment).
         sweep_gamma: run the Figure 1 sweep instead: a 2-level CAM-HD arm with fixed γ (δ = 0) at
             γ_global ∈ ``sweep_values``.
+        sweep_hypergrad_lr: run the β-sensitivity study instead: for every base of ``sweep_bases`` (default
+            ``adam, sgdn``), the base optimizer without adaptation (the reference) and its CAM-HD arm on every
+            rule of ``sweep_rules`` (default ``additive, normalized``; the task's tree, ``--levels`` /
+            ``--gamma`` replace it) at every β of the rule's grid
+            (:data:`~hf_camhd.experiments.presets.SWEEP_HYPERGRAD_LRS`, or ``sweep_betas`` for every rule).
         max_train_samples, max_test_samples: keep a fixed random subset (seed 0, same for every run).
         log_every: record γ and mean α per level every this many optimizer steps (and at the start / end).
         threads: torch intra-op threads on CPU (default 1: these small models train fastest on one
@@ -110,6 +116,10 @@ class CompareConfig:
     data_dir: str | None = None
     sweep_gamma: bool = False
     sweep_values: Sequence[float] = SWEEP_GAMMAS
+    sweep_hypergrad_lr: bool = False
+    sweep_bases: Sequence[str] | None = None
+    sweep_rules: Sequence[str] | None = None
+    sweep_betas: Sequence[float] | None = None
     max_train_samples: int | None = None
     max_test_samples: int | None = None
     log_every: int = 50
@@ -128,8 +138,13 @@ class CompareConfig:
     def __post_init__(self) -> None:
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("Invalid hub_model_id: --push-to-hub needs --hub-model-id user/name")
-        if self.push_to_hub and self.sweep_gamma:
-            raise ValueError("Invalid push_to_hub: publish from a comparison, not from a --sweep-gamma run")
+        if self.sweep_gamma and self.sweep_hypergrad_lr:
+            raise ValueError("Invalid sweep: --sweep-gamma and --sweep-hypergrad-lr are two studies; run them one at a "
+                             "time (each writes its own output folder)")
+        if self.push_to_hub and (self.sweep_gamma or self.sweep_hypergrad_lr):
+            flag = "--sweep-gamma" if self.sweep_gamma else "--sweep-hypergrad-lr"
+            raise ValueError(f"Invalid push_to_hub: publish from a comparison, not from a {flag} run")
+        self._check_hypergrad_sweep()
         if self.push_to_hub:
             from ..hub import check_repo_id
 
@@ -150,6 +165,29 @@ class CompareConfig:
             if not 0.0 <= float(g) <= 1.0:
                 raise ValueError(f"Invalid sweep value: {g}; γ_global must lie in [0, 1]")
 
+    def _check_hypergrad_sweep(self) -> None:
+        given = [flag for flag, value in (("--bases", self.sweep_bases), ("--rules", self.sweep_rules),
+                                          ("--betas", self.sweep_betas)) if value is not None]
+        if given and not self.sweep_hypergrad_lr:
+            raise ValueError(f"Invalid {given[0]}: it sets the β sweep; add --sweep-hypergrad-lr (or drop {given[0]})")
+        if not self.sweep_hypergrad_lr:
+            return
+        if self.optimizers:
+            raise ValueError("Invalid --optimizers for --sweep-hypergrad-lr: the sweep picks its arms from --bases "
+                             f"({', '.join(CAMHD_BASES)}) and --rules (additive, normalized); drop --optimizers")
+        for base in self.sweep_bases or ():
+            if str(base).strip().lower() not in CAMHD_BASES:
+                raise ValueError(f"Invalid --bases value: {base!r}; expected some of {', '.join(CAMHD_BASES)} "
+                                 "(comma-separated)")
+        for rule in self.sweep_rules or ():
+            if str(rule).strip().lower() not in ("additive", "normalized"):
+                raise ValueError(f"Invalid --rules value: {rule!r}; expected additive, normalized or both "
+                                 "(comma-separated)")
+        for beta in self.sweep_betas or ():
+            if not (math.isfinite(float(beta)) and float(beta) > 0):
+                raise ValueError(f"Invalid --betas value: {beta!r}; every β must be a finite number > 0 (the base "
+                                 "optimizer, β = 0, is the sweep's reference line already)")
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -159,17 +197,22 @@ class RunSpec:
     seed: int
     hyperparameters: dict
     gamma_global: float | None = None
+    hypergrad_lr: float | None = None  # the swept β (--sweep-hypergrad-lr); None elsewhere
 
     @property
     def key(self) -> str:
-        return run_key(self.arm.name, self.seed, self.gamma_global)
+        return run_key(self.arm.name, self.seed, self.gamma_global, self.hypergrad_lr)
 
     @property
     def series(self) -> str:
+        if self.hypergrad_lr is not None:
+            return f"{self.arm.name}|hypergrad_lr={self.hypergrad_lr:g}"
         return self.arm.name if self.gamma_global is None else f"{self.arm.name}|gamma_global={self.gamma_global:g}"
 
     @property
     def display_name(self) -> str:
+        if self.hypergrad_lr is not None:
+            return f"{self.arm.display_name}, β = {self.hypergrad_lr:g}"
         if self.gamma_global is None:
             return self.arm.display_name
         return f"γ_global = {self.gamma_global:.1f}"
@@ -220,6 +263,8 @@ def plan_runs(cfg: CompareConfig, preset: TaskPreset) -> list[RunSpec]:
                                  f"{', '.join(kw['levels'])}")
             runs += [RunSpec(arm, s, kw, g) for s in seeds]
         return runs
+    if cfg.sweep_hypergrad_lr:
+        return _plan_hypergrad_sweep(cfg, preset, seeds)
     names = list(cfg.optimizers) if cfg.optimizers else list(preset.optimizers)
     arms = [resolve_arm(n) for n in names]
     seen = set()
@@ -233,28 +278,59 @@ def plan_runs(cfg: CompareConfig, preset: TaskPreset) -> list[RunSpec]:
     return runs
 
 
+def _plan_hypergrad_sweep(cfg: CompareConfig, preset: TaskPreset, seeds: range) -> list[RunSpec]:
+    """The β study: per base, its plain optimizer (the reference), then its CAM-HD arm per rule × β × seed."""
+    bases = list(dict.fromkeys(str(b).strip().lower() for b in (cfg.sweep_bases or ("adam", "sgdn"))))
+    rules = list(dict.fromkeys(str(r).strip().lower() for r in (cfg.sweep_rules or ("additive", "normalized"))))
+    runs = []
+    for base in bases:
+        reference = resolve_arm(base)
+        runs += [RunSpec(reference, s, arm_hyperparameters(reference, preset)) for s in seeds]
+        for rule in rules:
+            arm = resolve_arm(f"{base}-camhd" + ("-normalized" if rule == "normalized" else ""))
+            kw = arm_hyperparameters(arm, preset, levels=cfg.levels, gamma=cfg.gamma)
+            for beta in dict.fromkeys(float(b) for b in (cfg.sweep_betas or sweep_hypergrad_lrs(rule, arm.family))):
+                runs += [RunSpec(arm, s, {**kw, "hypergrad_lr": beta}, hypergrad_lr=beta) for s in seeds]
+    return runs
+
+
+def run_kind(cfg: CompareConfig) -> str:
+    """``results.json``'s ``kind``: ``compare``, ``sweep-gamma`` or ``sweep-hypergrad-lr``."""
+    return "sweep-gamma" if cfg.sweep_gamma else "sweep-hypergrad-lr" if cfg.sweep_hypergrad_lr else "compare"
+
+
 def default_output_dir(cfg: CompareConfig) -> Path:
-    """``outputs/compare-<task>`` (``outputs/sweep-gamma-<task>`` for a sweep), with ``-<dataset>`` when overridden."""
+    """``outputs/compare-<task>`` (``outputs/sweep-gamma-<task>``, ``outputs/sweep-hypergrad-lr-<task>`` for the
+    sweeps), with ``-<model>`` / ``-<dataset>`` when overridden."""
     name = get_task(cfg.task).name
     if cfg.model:
         name += f"-{cfg.model}"
     if cfg.dataset:
         name += f"-{dataset_info(cfg.dataset).name}"
-    return Path("outputs") / (("sweep-gamma-" if cfg.sweep_gamma else "compare-") + name)
+    kind = run_kind(cfg)
+    return Path("outputs") / (("compare" if kind == "compare" else kind) + "-" + name)
 
 
-def _run_hash(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data_meta: dict) -> str:
-    """Hash of everything that decides a run's numbers (not the output folder, device or logging)."""
+def _run_hash(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data_meta: dict,
+              settings: dict | None = None) -> str:
+    """Hash of everything that decides a run's numbers (not the output folder, device or logging).
+
+    ``settings``: the CAM-HD settings the optimizer resolved (:func:`_camhd_settings`); hashed for the arms
+    that take the optimizer's defaults (normalized rule, Schedule-Free CAM-HD), so that a run made under other
+    defaults is not reused on resume."""
     task = preset.to_dict()
     for k in ("description", "optimizers", "name"):
         task.pop(k, None)
-    return config_hash({
+    fields = {
         "task": task, "arm": spec.arm.name, "seed": spec.seed, "hyperparameters": spec.hyperparameters,
         "gamma_global": spec.gamma_global, "schedule": uses_schedule(spec.arm, preset),
         "max_train_samples": cfg.max_train_samples, "max_test_samples": cfg.max_test_samples,
         "train_size": data_meta["train_size"], "test_size": data_meta["test_size"],
         "mixed_precision": cfg.mixed_precision or "no",
-    })
+    }
+    if settings is not None and spec.arm.rule in ("normalized", "default"):
+        fields["optimizer_settings"] = settings
+    return config_hash(fields)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -324,6 +400,62 @@ def _environment(accelerator, cfg: CompareConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ one run
+def _camhd_settings(opt) -> dict | None:
+    """A CAM-HD optimizer's resolved hyper-gradient settings (β, δ, ρ, r, rule, bounds, …) as plain data;
+    None for other optimizers."""
+    import dataclasses
+
+    config = getattr(opt, "config", None)
+    if config is None or not dataclasses.is_dataclass(config):
+        return None
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+def _adapted_lr(opt) -> float | None:
+    """The step size a learning-rate-free optimizer has chosen: Prodigy / D-Adapt Adam d·lr, DoG / LDoG the mean
+    η over the tensors; None for the others (their users' top complaint: "the lr stays 1.0" in the logs)."""
+    group = opt.param_groups[0]
+    if "d" in group and "lr" in group:
+        return float(group["d"]) * float(group["lr"])
+    etas = group.get("eta")
+    if isinstance(etas, (list, tuple)) and etas:
+        return float(sum(float(e) for e in etas) / len(etas))
+    return None
+
+
+def _switches_mode(opt) -> bool:
+    """True for optimizers that keep the point to evaluate apart from the point they train at (Schedule-Free,
+    CAM-HD over Schedule-Free): they must be told ``train()`` / ``eval()``."""
+    return callable(getattr(opt, "train", None)) and callable(getattr(opt, "eval", None))
+
+
+def _train_mode(opt) -> None:
+    """``opt.train()`` before training (Schedule-Free: parameters ← y, the point it trains at)."""
+    opt.train()
+
+
+def _eval_mode(opt) -> None:
+    """``opt.eval()`` before every evaluation and checkpoint (Schedule-Free: parameters ← x, the average)."""
+    opt.eval()
+
+
+def _has_batch_norm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def _refresh_batch_norm(model: torch.nn.Module, loader, max_batches: int = 50) -> None:
+    """Batch-norm statistics at the evaluated point x (Schedule-Free's README: after ``optimizer.eval()``, run up
+    to 50 training batches through the model in train mode). ``loader``: the training set in file order without
+    augmentation, so no generator of the run is touched."""
+    import itertools
+
+    model.train()
+    for batch in itertools.islice(loader, max_batches):
+        model(batch["pixel_values"])
+    model.eval()
+
+
 def _hyper_entry(opt, step: int, steps_per_epoch: int) -> dict:
     stats = opt.lr_stats()
     return {"step": step, "epoch": step / max(1, steps_per_epoch),
@@ -334,6 +466,7 @@ def _hyper_entry(opt, step: int, steps_per_epoch: int) -> dict:
 
 CHECKPOINTS = "checkpoints"
 _CHECKPOINT_FORMAT = 1
+_AVERAGER_GAMMA = 8.0  # dog.PolynomialDecayAverager's default γ, which its README says works out of the box
 
 
 def checkpoint_path(out_dir: Path, key: str) -> Path:
@@ -342,7 +475,7 @@ def checkpoint_path(out_dir: Path, key: str) -> Path:
 
 
 def _save_run_checkpoint(path: Path, accelerator, *, key: str, config_hash_: str, epoch: int, step: int, model,
-                         optimizer, scheduler, generators: dict, record: dict, elapsed: float) -> None:
+                         optimizer, scheduler, generators: dict, record: dict, elapsed: float, averager=None) -> None:
     """Write the run's state after ``epoch`` atomically (main process; every process takes part in the gather)."""
     from accelerate.utils import gather_object
 
@@ -356,7 +489,8 @@ def _save_run_checkpoint(path: Path, accelerator, *, key: str, config_hash_: str
              "shuffle_generator": generators["shuffle"].get_state(), "transform_generators": transform,
              "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if accelerator.device.type == "cuda" else None,
-             "record": {"epochs": record["epochs"], "hyper_log": record["hyper_log"]}, "elapsed_s": elapsed}
+             "record": {"epochs": record["epochs"], "hyper_log": record["hyper_log"]}, "elapsed_s": elapsed,
+             "averager": averager.state_dict() if averager is not None else None}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -404,12 +538,18 @@ def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, acce
     # note: move the model before building the optimizer, so CAM-HD's model-wide state (γ, coarse α) is
     # created on the training device rather than moved there afterwards
     model = model.to(accelerator.device)
-    optimizer = build_optimizer(spec.arm, model, spec.hyperparameters)
+    optimizer = build_optimizer(spec.arm, model, spec.hyperparameters,
+                                total_steps=_total_steps(preset, int(y.shape[0])))
     transform_gen = torch.Generator().manual_seed(10_000 + spec.seed)
     shuffle_gen = torch.Generator().manual_seed(spec.seed)
     train_ds = TensorImageDataset(x, y, transform=train_transform(info.name, generator=transform_gen))
     train_loader = DataLoader(train_ds, batch_size=preset.batch_size, shuffle=True, generator=shuffle_gen)
     test_loader = DataLoader(TensorImageDataset(xt, yt), batch_size=cfg.eval_batch_size, shuffle=False)
+    switches = _switches_mode(optimizer)
+    bn_loader = None
+    if switches and _has_batch_norm(model):
+        bn_loader = accelerator.prepare(DataLoader(TensorImageDataset(x, y), batch_size=preset.batch_size,
+                                                   shuffle=False))
     scheduler = None
     if uses_schedule(spec.arm, preset):
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(preset.sgd_milestones),
@@ -419,8 +559,18 @@ def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, acce
     with_loss = requires_loss(inner)
     logs_hyper = hasattr(inner, "lr_stats")
     steps_per_epoch = len(train_loader)
+    averager = None
+    if spec.arm.averaging == "polynomial-decay":
+        from dog import PolynomialDecayAverager
+
+        # note: DoG's README: DoG / LDoG must be combined with iterate averaging; every evaluation (and the
+        # reported numbers) use the averaged weights
+        averager = PolynomialDecayAverager(accelerator.unwrap_model(model), gamma=_AVERAGER_GAMMA)
     record.update(optimizer={"name": spec.arm.optimizer, "class": type(inner).__name__, "kind": spec.arm.kind,
-                             "hyperparameters": spec.hyperparameters,
+                             "hyperparameters": spec.hyperparameters, "settings": _camhd_settings(inner),
+                             "train_eval_switch": switches,
+                             "averaging": ({"type": "PolynomialDecayAverager", "gamma": _AVERAGER_GAMMA,
+                                            "evaluated": "averaged model"} if averager is not None else None),
                              "lr_schedule": ({"type": "MultiStepLR", "milestones": list(preset.sgd_milestones),
                                               "gamma": preset.sgd_lr_factor} if scheduler else None)},
                   num_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -443,6 +593,8 @@ def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, acce
         torch.set_rng_state(saved["torch_rng"])
         if saved["cuda_rng"] is not None and accelerator.device.type == "cuda":
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        if averager is not None:
+            averager.load_state_dict(saved["averager"])
         record.update(saved["record"])
         first_epoch, step, elapsed = saved["epoch"] + 1, saved["step"], saved["elapsed_s"]
         _say(log, f"{spec.key}: continuing after epoch {saved['epoch']} from {checkpoint}")
@@ -453,6 +605,8 @@ def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, acce
     start = time.perf_counter() - elapsed
     for epoch in range(first_epoch, preset.epochs + 1):
         model.train()
+        if switches:  # note: also after every evaluation / checkpoint, which leave the optimizer in eval mode
+            _train_mode(inner)
         loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
         count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
         for batch in train_loader:
@@ -466,6 +620,8 @@ def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, acce
                 opt.step(lambda: step_loss)
             else:
                 opt.step()
+            if averager is not None:
+                averager.step()
             step += 1
             n = batch["labels"].shape[0]
             loss_sum += loss.detach().double() * n
@@ -479,18 +635,29 @@ def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, acce
             scheduler.step()
         loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")
         train_loss = float(loss_sum / count)
-        test_loss, test_metrics = _evaluate(model, test_loader, accelerator, accuracy)
+        if switches:  # note: Schedule-Free's README: eval() before every evaluation and every checkpoint
+            _eval_mode(inner)
+            if bn_loader is not None:
+                _refresh_batch_norm(model, bn_loader)
+        if averager is not None:
+            with accelerator.autocast():
+                test_loss, test_metrics = _evaluate(averager.averaged_model, test_loader, accelerator, accuracy)
+        else:
+            test_loss, test_metrics = _evaluate(model, test_loader, accelerator, accuracy)
         group = inner.param_groups[0]
-        record["epochs"].append({"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
-                                 "test_accuracy": 100.0 * test_metrics["accuracy"], "test_metrics": test_metrics,
-                                 "lr_factor": group["lr"] / group.get("initial_lr", group["lr"])
-                                 if group.get("lr") else None,
-                                 "wall_time_s": time.perf_counter() - start})
+        entry = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
+                 "test_accuracy": 100.0 * test_metrics["accuracy"], "test_metrics": test_metrics,
+                 "lr_factor": group["lr"] / group.get("initial_lr", group["lr"]) if group.get("lr") else None,
+                 "wall_time_s": time.perf_counter() - start}
+        adapted = _adapted_lr(inner)
+        if adapted is not None:
+            entry["adapted_lr"] = adapted
+        record["epochs"].append(entry)
         if checkpoint is not None and (epoch < preset.epochs or cfg.keep_checkpoints):
             _save_run_checkpoint(checkpoint, accelerator, key=spec.key, config_hash_=record["config_hash"], epoch=epoch,
                                  step=step, model=model, optimizer=opt, scheduler=scheduler,
                                  generators={"shuffle": shuffle_gen, "transform": transform_gen}, record=record,
-                                 elapsed=time.perf_counter() - start)
+                                 elapsed=time.perf_counter() - start, averager=averager)
         on_epoch()
     bar.close()
     if logs_hyper and (not record["hyper_log"] or record["hyper_log"][-1]["step"] != step):
@@ -500,11 +667,22 @@ def _train_run(spec: RunSpec, preset: TaskPreset, cfg: CompareConfig, data, acce
                        "test_loss": last["test_loss"], "train_loss": last["train_loss"],
                        "gamma": record["hyper_log"][-1]["gamma"] if logs_hyper else None,
                        "alpha_mean": record["hyper_log"][-1]["alpha_mean"] if logs_hyper else None}
-    record["diverged"] = not all(math.isfinite(e["train_loss"]) for e in record["epochs"])
+    # note: a NaN / inf loss anywhere (train or test) marks the run; its numbers are still reported
+    record["diverged"] = not all(_finite(e["train_loss"]) and _finite(e["test_loss"]) for e in record["epochs"])
     record["wall_time_s"] = time.perf_counter() - start
-    trained = accelerator.unwrap_model(model)
+    # the model the reported numbers are of: DoG's averaged weights; Schedule-Free's x (left in eval mode)
+    trained = averager.averaged_model if averager is not None else accelerator.unwrap_model(model)
     accelerator.free_memory()
     return trained, inner
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _total_steps(preset: TaskPreset, train_size: int) -> int:
+    """The run's optimizer steps: batches per epoch (the last one partial) × epochs."""
+    return math.ceil(train_size / preset.batch_size) * preset.epochs
 
 
 @torch.no_grad()
@@ -523,24 +701,29 @@ def _evaluate(model, loader, accelerator, metric) -> tuple[float, dict[str, floa
     return float(loss_sum) / count, metric.compute()
 
 
-def _check_arms(plan: Sequence[RunSpec], preset: TaskPreset, info, mixed_precision: str) -> None:
-    """Build every distinct optimizer once on a throw-away model, so a bad tree / γ fails before training."""
+def _check_arms(plan: Sequence[RunSpec], preset: TaskPreset, info, mixed_precision: str,
+                total_steps: int) -> dict[str, dict | None]:
+    """Build every distinct optimizer once on a throw-away model, so a bad tree / γ fails before training.
+
+    Returns the CAM-HD settings each run's optimizer resolves (:func:`_camhd_settings`), by run key."""
     if mixed_precision == "fp16":
         needs_loss = sorted({s.arm.name for s in plan if s.arm.name == "adam-l4"})
         if needs_loss:
             raise ValueError(f"Invalid optimizers for fp16: {needs_loss[0]} steps with a loss closure, which torch's "
                              "GradScaler does not support; use --mixed-precision bf16 or no")
     model = None
-    seen = set()
+    built: dict[tuple, dict | None] = {}
+    settings = {}
     for spec in plan:
         key = (spec.arm.name, config_hash(spec.hyperparameters))
-        if key in seen:
-            continue
-        seen.add(key)
-        if model is None:
-            with torch.random.fork_rng(devices=[]):
-                model = build_model(preset.model, info, preset.model_kwargs, cifar_stem=preset.resnet_cifar_stem)
-        build_optimizer(spec.arm, model, spec.hyperparameters)
+        if key not in built:
+            if model is None:
+                with torch.random.fork_rng(devices=[]):
+                    model = build_model(preset.model, info, preset.model_kwargs, cifar_stem=preset.resnet_cifar_stem)
+            built[key] = _camhd_settings(build_optimizer(spec.arm, model, spec.hyperparameters,
+                                                         total_steps=total_steps))
+        settings[spec.key] = built[key]
+    return settings
 
 
 # ------------------------------------------------------------------------------------------------ comparison
@@ -563,6 +746,22 @@ def check_output_dir(out_dir: Path) -> Path:
     return out_dir
 
 
+def _require_packages(plan: Sequence[RunSpec]) -> dict[str, str]:
+    """Import the optional package of every arm that needs one (ImportError naming the ``experiments`` extra when
+    one is missing); returns ``{distribution: version}`` of those packages, for the results' provenance."""
+    from importlib import metadata
+
+    versions = {}
+    for arm in dict.fromkeys(s.arm for s in plan if s.arm.package):
+        require(f"the {arm.name} arm of hf-camhd compare", arm.package, extra="experiments")
+        for dist in metadata.packages_distributions().get(arm.package, [arm.package]):
+            try:
+                versions[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                versions[dist] = None
+    return versions
+
+
 def run_comparison(cfg: CompareConfig, *, log: Logger = print) -> CompareSummary:
     """Run (or resume) the comparison ``cfg`` and write results.json, results.md and the plots.
 
@@ -571,6 +770,7 @@ def run_comparison(cfg: CompareConfig, *, log: Logger = print) -> CompareSummary
     """
     preset = resolve_task(cfg)
     plan = plan_runs(cfg, preset)  # validates arm names and trees before loading data
+    packages = _require_packages(plan)  # a missing optional package: one error naming the extra, before any work
     out_dir = check_output_dir(Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg))
     accelerator = _make_accelerator(cfg)
     if accelerator.device.type == "cpu":
@@ -582,16 +782,18 @@ def run_comparison(cfg: CompareConfig, *, log: Logger = print) -> CompareSummary
     main = accelerator.is_main_process
     log = log if main else None
 
-    _check_arms(plan, preset, data[4], str(accelerator.mixed_precision))
-    hashes = {spec.key: _run_hash(spec, preset, cfg, data_meta) for spec in plan}
+    settings = _check_arms(plan, preset, data[4], str(accelerator.mixed_precision),
+                           _total_steps(preset, data_meta["train_size"]))
+    hashes = {spec.key: _run_hash(spec, preset, cfg, data_meta, settings[spec.key]) for spec in plan}
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k != "command"}
     config.update(task=preset.name, optimizers=list(dict.fromkeys(s.arm.name for s in plan)),
                   series=list(dict.fromkeys(s.series for s in plan)), epochs=preset.epochs,
                   batch_size=preset.batch_size, model=preset.model, dataset=preset.dataset,
                   output_dir=str(out_dir))
-    results = {"schema_version": SCHEMA_VERSION, "kind": "sweep-gamma" if cfg.sweep_gamma else "compare",
+    results = {"schema_version": SCHEMA_VERSION, "kind": run_kind(cfg),
                "command": cfg.command, "config": config, "task": preset.to_dict(), "data": data_meta,
-               "environment": _environment(accelerator, cfg), "runs": [], "plots": {}}
+               "environment": {**_environment(accelerator, cfg), "optimizer_packages": packages}, "runs": [],
+               "plots": {}}
 
     path = out_dir / "results.json"
     if main:
@@ -643,7 +845,8 @@ def run_comparison(cfg: CompareConfig, *, log: Logger = print) -> CompareSummary
             _say(log, f"[{i}/{len(plan)}] {spec.key}: finished earlier, skipped")
             continue
         record = {"key": spec.key, "arm": spec.arm.name, "series": spec.series, "display_name": spec.display_name,
-                  "seed": spec.seed, "gamma_global": spec.gamma_global, "config_hash": hashes[spec.key],
+                  "seed": spec.seed, "gamma_global": spec.gamma_global, "hypergrad_lr": spec.hypergrad_lr,
+                  "config_hash": hashes[spec.key],
                   "status": "running",
                   "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                   # note: per-run provenance; the top-level "environment" is the latest invocation's
