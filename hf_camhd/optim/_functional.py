@@ -563,14 +563,19 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
     rates = combined_rates(step, hyper, index, cfg, t)                                              # 4
     w = rates.w.tolist()
     for group, members, s in step.groups:                                                           # 6
+        k_rows, ka, da, dd = [], [], [], []
         for m in members:
-            decay, dd = rule.fused_apply_terms(group, scales[m])
-            if counts[m] is not None:
-                krow = (-s * _unit_rate(step, rates, m, w[m], cfg.lr)).reshape(-1).to(torch.float64)
-                _fused.apply(step.params[m], step.dirs[m], krow, scales[m], decay, dd)
+            decay, shift = rule.fused_apply_terms(group, scales[m])
+            if counts[m] is not None:  # the unit's rate multiplies ka and da row by row
+                k_rows.append((-s * _unit_rate(step, rates, m, w[m], cfg.lr)).reshape(-1).to(torch.float64))
+                k = 1.0
             else:
+                k_rows.append(None)
                 k = -s * w[m]
-                _fused.apply(step.params[m], step.dirs[m], None, k * scales[m], decay * k, dd)
+            ka.append(k * scales[m])
+            da.append(decay * k)
+            dd.append(shift)
+        _fused.apply_many([step.params[m] for m in members], [step.dirs[m] for m in members], k_rows, ka, da, dd)
     return diag
 
 

@@ -117,11 +117,13 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"camhd_hsum_rows_{sfx}").argtypes = [P, P, P, N, N, I, P, P]
         getattr(lib, f"camhd_adam_{sfx}").argtypes = [P] * 7 + [N, P, N, I, F, F, F, F, F, F, I] + [F] * 8 + [P, F]
         getattr(lib, f"camhd_sgd_{sfx}").argtypes = [P] * 5 + [N, P, N, I, F, F, F, F, F, F, F, I, I, F, F, P, F]
-        getattr(lib, f"camhd_adam_a_{sfx}").argtypes = [P] * 6 + [N, N, P, I, P, I] + [F] * 6 + [P, F]
-        getattr(lib, f"camhd_sgd_a_{sfx}").argtypes = [P] * 4 + [N, N, P, I, P, F, I, I, F, F, P, F]
-        getattr(lib, f"camhd_apply_{sfx}").argtypes = [P, P, N, P, N, F, F, F]
-        for kind in ("hsum", "hsum_rows", "adam", "sgd", "adam_a", "sgd_a", "apply"):
+        getattr(lib, f"camhd_adam_a_many_{sfx}").argtypes = [N] + [P] * 9 + [I, P] + [F] * 4 + [P, P, P]
+        getattr(lib, f"camhd_sgd_a_many_{sfx}").argtypes = [N] + [P] * 8 + [I, P, F, I, F, F, P, P]
+        getattr(lib, f"camhd_apply_many_{sfx}").argtypes = [N] + [P] * 8
+        for kind in ("hsum", "hsum_rows", "adam", "sgd"):
             getattr(lib, f"camhd_{kind}_{sfx}").restype = None
+        for kind in ("adam_a_many", "sgd_a_many", "apply_many"):
+            getattr(lib, f"camhd_{kind}_{sfx}").restype = ctypes.c_int
 
 
 def load() -> ctypes.CDLL | None:
@@ -274,41 +276,98 @@ def sgd(p: Tensor, g: Tensor, d: Tensor, off: Tensor | None, buf: Tensor | None,
 # ------------------------------------------------------------------------------------------ passes A and B
 # Trees without a parameter level: pass A reads g and the previous direction once, for the sums and for the
 # base rule's update that overwrites it; pass B moves θ once the rates are known. Less memory than 1 + 2.
+# Each is one C call per param group (and dtype): the tensors are cut into chunks that the threads share, so a
+# model of many small tensors costs one call, not one per tensor, and its sums do not depend on the thread count.
 
-def _sum_buffers(unit_count: int | None) -> tuple[Tensor, Tensor | None]:
-    """The ``(4,)`` totals and (with a unit level) ``(4, units)`` per-unit sums a pass-A kernel fills."""
-    return torch.zeros(4, dtype=torch.float64), (None if unit_count is None else
-                                                torch.zeros(4, unit_count, dtype=torch.float64))
-
-
-def adam_first(p: Tensor, g: Tensor, d: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None, unit_count: int | None,
-               norms: bool, decoupled: bool, dd: float, wd: float, beta1: float, beta2: float, shift: float,
-               u_scale: Tensor, u_value: float) -> tuple[Tensor, Tensor | None]:
-    """Pass A for Adam / AdamW on one tensor: returns the sums ``[Σ g·dir_old, 0, Σ g², Σ dir_old²]`` (the norms
-    with ``norms``; per unit too with ``unit_count``), then updates the moments and writes ``dir ← q + dd·θ``
-    (decoupled) or ``q``; ``u_scale ← u_value``."""
-    fn = getattr(load(), f"camhd_adam_a_{_SUFFIX[p.dtype]}")
-    totals, rows = _sum_buffers(unit_count)
-    fn(p.data_ptr(), g.data_ptr(), d.data_ptr(), m.data_ptr(), v.data_ptr(), _ptr(vmax), p.numel(),
-       0 if unit_count is None else _row_len(p, unit_count), _ptr(rows), int(norms), totals.data_ptr(),
-       int(decoupled), dd, wd, 1.0 - beta1, beta2, 1.0 - beta2, shift, u_scale.data_ptr(), u_value)
-    return totals, None if rows is None else rows.T
+def _array(ctype, values) -> ctypes.Array:
+    return (ctype * max(len(values), 1))(*values)
 
 
-def sgd_first(p: Tensor, g: Tensor, d: Tensor, buf: Tensor | None, unit_count: int | None, norms: bool, wd: float,
-              momentum: int, first: bool, mu: float, dampening: float, u_scale: Tensor,
-              u_value: float) -> tuple[Tensor, Tensor | None]:
-    """Pass A for SGD on one tensor: the sums as :func:`adam_first`, then the momentum buffer and ``dir ← d``."""
-    fn = getattr(load(), f"camhd_sgd_a_{_SUFFIX[p.dtype]}")
-    totals, rows = _sum_buffers(unit_count)
-    fn(p.data_ptr(), g.data_ptr(), d.data_ptr(), _ptr(buf), p.numel(),
-       0 if unit_count is None else _row_len(p, unit_count), _ptr(rows), int(norms), totals.data_ptr(), wd, momentum,
-       int(first), mu, dampening, u_scale.data_ptr(), u_value)
-    return totals, None if rows is None else rows.T
+def _pointers(tensors) -> ctypes.Array:
+    return _array(ctypes.c_void_p, [0 if t is None else t.data_ptr() for t in tensors])
 
 
-def apply(p: Tensor, d: Tensor, krow: Tensor | None, ka: float, da: float = 0.0, dd: float = 0.0) -> None:
-    """Pass B on one tensor: ``θ ← θ (1 + da) + ka · dir`` (``krow``: one factor per unit along dim 0, multiplying
-    ka and da); with ``dd`` (decoupled decay) the stored direction becomes ``dir + dd · θ_old``."""
-    getattr(load(), f"camhd_apply_{_SUFFIX[p.dtype]}")(p.data_ptr(), d.data_ptr(), p.numel(), _ptr(krow),
-                                                       0 if krow is None else _row_len(p, krow.numel()), ka, da, dd)
+def _by_dtype(tensors: list[Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by dtype (a kernel call takes one), in order."""
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    return list(groups.values())
+
+
+def _pass_a(kind: str, params: list[Tensor], unit_counts: list[int | None], norms: bool, u_scales: list[Tensor],
+            u_values: list[float], per_tensor: dict, scalars: tuple,
+            shifts: list[float] | None = None) -> tuple[list[Tensor], list[Tensor | None]]:
+    """Call ``camhd_<kind>_a_many`` per dtype: ``(nt, sizes, row_lens, params, *per_tensor, rows, norms, out,
+    *scalars[, shifts], u_scales, u_values)``; ``per_tensor``: name → list (tensors, or ints for ``first``)."""
+    totals: list = [None] * len(params)
+    rows: list = [None] * len(params)
+    for idx in _by_dtype(params):
+        ps = [params[i] for i in idx]
+        out = torch.zeros(len(idx), 4, dtype=torch.float64)
+        units = [unit_counts[i] for i in idx]
+        bufs = [None if c is None else torch.zeros(4, c, dtype=torch.float64) for c in units]
+        row_lens = None if all(c is None for c in units) else _array(
+            ctypes.c_int64, [0 if c is None else _row_len(p, c) for p, c in zip(ps, units)])
+        args = []
+        for name, values in per_tensor.items():
+            picked = [values[i] for i in idx]
+            if name == "first":
+                args.append(_array(ctypes.c_int32, picked))
+            else:
+                args.append(None if all(v is None for v in picked) else _pointers(picked))
+        tail = [] if shifts is None else [_array(ctypes.c_double, [shifts[i] for i in idx])]
+        fn = getattr(load(), f"camhd_{kind}_a_many_{_SUFFIX[ps[0].dtype]}")
+        code = fn(len(idx), _array(ctypes.c_int64, [p.numel() for p in ps]), row_lens, _pointers(ps), *args,
+                  _pointers(bufs) if row_lens is not None else None, int(norms), out.data_ptr(), *scalars, *tail,
+                  _pointers([u_scales[i] for i in idx]), _array(ctypes.c_double, [u_values[i] for i in idx]))
+        if code != 0:
+            raise MemoryError(f"camhd_{kind}_a_many could not allocate its chunk list ({len(idx)} tensors)")
+        for k, i in enumerate(idx):
+            totals[i] = out[k]
+            rows[i] = None if bufs[k] is None else bufs[k].T
+    return totals, rows
+
+
+def adam_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor], exp_avgs: list[Tensor],
+               exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None, unit_counts: list[int | None],
+               norms: bool, wd: float, beta1: float, beta2: float, shifts: list[float], u_scales: list[Tensor],
+               u_values: list[float]) -> tuple[list[Tensor], list[Tensor | None]]:
+    """Pass A for Adam / AdamW on a list of tensors: returns per tensor the sums
+    ``[Σ g·dir_old, 0, Σ g², Σ dir_old²]`` (the norms with ``norms``; per unit too, ``(units, 4)``, where
+    ``unit_counts[i]`` is given), then updates the moments (L2 decay ``wd`` enters the gradient) and writes
+    ``dir ← q = m / (sqrt(v) + shift)``; ``u_scales[i] ← u_values[i]``."""
+    n = len(params)
+    return _pass_a("adam", params, unit_counts, norms, u_scales, u_values,
+                   {"g": grads, "dir": dirs, "m": exp_avgs, "v": exp_avg_sqs,
+                    "vmax": max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * n},
+                   (wd, 1.0 - beta1, beta2, 1.0 - beta2), shifts)
+
+
+def sgd_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor], bufs: list[Tensor | None],
+              first: list[bool], unit_counts: list[int | None], norms: bool, wd: float, momentum: int, mu: float,
+              dampening: float, u_scales: list[Tensor],
+              u_values: list[float]) -> tuple[list[Tensor], list[Tensor | None]]:
+    """Pass A for SGD on a list of tensors (``momentum``: 0 plain, 1 heavy ball, 2 Nesterov; ``first[i]``: the
+    buffer starts as the gradient, as torch's): the sums as :func:`adam_first`, then the buffers and ``dir ← d``."""
+    return _pass_a("sgd", params, unit_counts, norms, u_scales, u_values,
+                   {"g": grads, "dir": dirs, "buf": bufs if momentum else [None] * len(params),
+                    "first": [int(f) for f in first]}, (wd, momentum, mu, dampening))
+
+
+def apply_many(params: list[Tensor], dirs: list[Tensor], k_rows: list[Tensor | None], ka: list[float],
+               da: list[float], dd: list[float]) -> None:
+    """Pass B on a list of tensors: ``θ ← θ (1 + da) + ka · dir`` (``k_rows[i]``: float64, one factor per unit
+    along dim 0 multiplying ka and da, or ``None``); with ``dd`` (decoupled decay) the stored direction becomes
+    ``dir + dd · θ_old``."""
+    for idx in _by_dtype(params):
+        ps = [params[i] for i in idx]
+        rows = [k_rows[i] for i in idx]
+        with_rows = any(r is not None for r in rows)
+        row_lens = _array(ctypes.c_int64, [0 if r is None else _row_len(p, r.numel()) for p, r in zip(ps, rows)])
+        code = getattr(load(), f"camhd_apply_many_{_SUFFIX[ps[0].dtype]}")(
+            len(idx), _array(ctypes.c_int64, [p.numel() for p in ps]), row_lens if with_rows else None,
+            _pointers(ps), _pointers([dirs[i] for i in idx]), _pointers(rows) if with_rows else None,
+            *(_array(ctypes.c_double, [v[i] for i in idx]) for v in (ka, da, dd)))
+        if code != 0:
+            raise MemoryError(f"camhd_apply_many could not allocate its chunk list ({len(idx)} tensors)")

@@ -178,13 +178,9 @@ class SGDRule(BaseRule):
     def fused_first(self, params, grads, states, group, dirs, unit_counts, norms, dir_scales, u_factor):
         wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
         kind = 0 if mu == 0 else (2 if group["nesterov"] else 1)
-        sums, rows = [], []
-        for i, (p, g, s) in enumerate(zip(params, grads, states)):
-            buf, first = self._momentum_buffer(p, s, kind)
-            total, per_unit = _fused.sgd_first(p, g, dirs[i], buf, unit_counts[i], norms, wd, kind, first, mu, damp,
-                                               dir_scales[i], u_factor)
-            sums.append(total)
-            rows.append(per_unit)
+        bufs, first = zip(*(self._momentum_buffer(p, s, kind) for p, s in zip(params, states)))
+        sums, rows = _fused.sgd_first(params, grads, dirs, list(bufs), list(first), unit_counts, norms, wd, kind, mu,
+                                      damp, dir_scales, [u_factor] * len(params))
         return sums, rows, None
 
     @staticmethod
@@ -329,17 +325,13 @@ class AdamRule(BaseRule):
 
     def fused_first(self, params, grads, states, group, dirs, unit_counts, norms, dir_scales, u_factor):
         beta1, beta2 = group["betas"]
-        wd = group["weight_decay"]
         scale, shift = self._bias_terms(states, group)
-        sums, rows = [], []
-        for i, (p, g, s) in enumerate(zip(params, grads, states)):
-            # dir = q here; with decoupled decay pass B adds (λ / c) θ_old to it (see fused_apply_terms)
-            total, per_unit = _fused.adam_first(
-                p, g, dirs[i], s["exp_avg"], s["exp_avg_sq"], s["max_exp_avg_sq"] if group["amsgrad"] else None,
-                unit_counts[i], norms, False, 0.0, 0.0 if self.decoupled else wd, beta1, beta2, shift[i],
-                dir_scales[i], u_factor * scale[i])
-            sums.append(total)
-            rows.append(per_unit)
+        # dir = q here; with decoupled decay pass B adds (λ / c) θ_old to it (see fused_apply_terms)
+        sums, rows = _fused.adam_first(
+            params, grads, dirs, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None, unit_counts, norms,
+            0.0 if self.decoupled else group["weight_decay"], beta1, beta2, shift, dir_scales,
+            [u_factor * c for c in scale])
         return sums, rows, scale
 
     def fused_apply_terms(self, group: dict, scale: float) -> tuple[float, float]:

@@ -6,9 +6,10 @@
  *   camhd_hsum_rows_<t>  pass 1 with per-unit sums (units along dim 0, rows of row_len elements)
  *   camhd_adam_<t>       pass 2: parameter-level alpha update, Adam/AdamW moments, theta update, next dir
  *   camhd_sgd_<t>        pass 2: the same with SGD / momentum / Nesterov
- *   camhd_adam_a_<t>     pass A (no parameter level): pass 1's sums, the Adam state and the next dir in one loop
- *   camhd_sgd_a_<t>      pass A for SGD
- *   camhd_apply_<t>      pass B: theta <- theta + K * dir
+ *   camhd_adam_a_many_<t>  pass A (no parameter level), all tensors of a param group in one call: pass 1's sums,
+ *                          the Adam state and the next dir in one loop
+ *   camhd_sgd_a_many_<t>   pass A for SGD
+ *   camhd_apply_many_<t>   pass B: theta <- theta + K * dir, all tensors of a param group
  *
  * The kernels are written once in camhd_fused_impl.h and included for float (f32) and double (f64).
  * Sums accumulate in double, in an order fixed by the data layout and the thread count (never by thread
@@ -19,6 +20,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -29,6 +31,7 @@ static int omp_get_num_threads(void) { return 1; }
 #endif
 
 #define CAMHD_GRAIN 32768
+#define CAMHD_CHUNK 65536  /* elements per chunk of the many-tensor kernels */
 #define CAMHD_MAX_THREADS 256
 #define CAMHD_LANES 16
 #define INLINE static inline __attribute__((always_inline))
@@ -47,6 +50,37 @@ static int camhd_threads(int64_t n) {
     if (t > mx) t = mx;
     if (t > CAMHD_MAX_THREADS) t = CAMHD_MAX_THREADS;
     return (int)t;
+}
+
+/* a piece of one tensor's work for the many-tensor kernels: elements [lo, hi) of tensor t */
+typedef struct {
+    int64_t t, lo, hi;
+} camhd_chunk;
+
+/* every tensor cut into chunks of about CAMHD_CHUNK elements (whole rows of row_lens[t] elements where > 0, at
+ * least one row per chunk), in tensor order; the list is malloc'ed (NULL when out of memory) */
+static camhd_chunk *camhd_chunks(int64_t nt, const int64_t *sizes, const int64_t *row_lens, int64_t *count) {
+    int64_t total = 0;
+    for (int64_t t = 0; t < nt; t++) {
+        int64_t rl = row_lens ? row_lens[t] : 0;
+        int64_t step = rl > 0 ? (CAMHD_CHUNK / rl > 0 ? CAMHD_CHUNK / rl : 1) * rl : CAMHD_CHUNK;
+        total += sizes[t] > 0 ? (sizes[t] + step - 1) / step : 0;
+    }
+    camhd_chunk *c = (camhd_chunk *)malloc((size_t)(total > 0 ? total : 1) * sizeof(camhd_chunk));
+    if (!c) return 0;
+    int64_t k = 0;
+    for (int64_t t = 0; t < nt; t++) {
+        int64_t rl = row_lens ? row_lens[t] : 0;
+        int64_t step = rl > 0 ? (CAMHD_CHUNK / rl > 0 ? CAMHD_CHUNK / rl : 1) * rl : CAMHD_CHUNK;
+        for (int64_t lo = 0; lo < sizes[t]; lo += step) {
+            c[k].t = t;
+            c[k].lo = lo;
+            c[k].hi = lo + step < sizes[t] ? lo + step : sizes[t];
+            k++;
+        }
+    }
+    *count = total;
+    return c;
 }
 
 /* the slice [lo, hi) of thread t among nt (multiples of 16 elements) */

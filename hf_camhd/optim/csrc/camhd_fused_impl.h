@@ -299,98 +299,114 @@ INLINE void SFX(sgd_a_range)(const T *p, const T *g, T *dir, T *buf, int64_t lo,
     switch (code) { SGD_A_CASES }
 }
 
-/* run a pass-A range function over a tensor: per-thread slices (totals added in thread order) or, with
- * row_len > 0 (the unit level), whole rows per thread (rows[ch * nrows + r]; totals added in row order) */
-#define CAMHD_RUN_A(CALL)                                                                                \
-    int nt = camhd_threads(n), used = 1;                                                                 \
-    (void)nt;                                                                                            \
-    if (row_len <= 0) {                                                                                  \
-        double part[4 * CAMHD_MAX_THREADS];                                                             \
-        _Pragma("omp parallel num_threads(nt)")                                                          \
-        {                                                                                                \
-            int t = omp_get_thread_num(), k = omp_get_num_threads();                                     \
-            int64_t lo, hi;                                                                              \
-            if (t == 0) used = k;                                                                        \
-            camhd_slice(n, t, k, &lo, &hi);                                                              \
-            double *s = &part[4 * t];                                                                    \
-            s[0] = s[1] = s[2] = s[3] = 0.0;                                                             \
+/* run a pass-A range function over a list of tensors, chunk by chunk (camhd_chunks: in parallel across tensors,
+ * whole unit rows where row_lens[t] > 0). Each chunk's sums go to its own slot (per-row sums straight into
+ * rows[t][ch * nrows + r]) and are added per tensor in chunk order afterwards: the results depend on the shapes
+ * alone, not on the number of threads or their timing. */
+#define CAMHD_RUN_A_MANY(CALL)                                                                           \
+    int64_t nc = 0;                                                                                      \
+    camhd_chunk *ch = camhd_chunks(nt, sizes, row_lens, &nc);                                            \
+    double *part = (double *)calloc((size_t)(4 * nc + 4), sizeof(double));                               \
+    if (!ch || !part) { free(ch); free(part); return -1; }                                               \
+    _Pragma("omp parallel for schedule(dynamic, 1)")                                                     \
+    for (int64_t c = 0; c < nc; c++) {                                                                   \
+        int t = ch[c].t;                                                                                 \
+        int64_t rl = row_lens ? row_lens[t] : 0;                                                         \
+        double *acc = &part[4 * c];                                                                      \
+        if (rl <= 0) {                                                                                   \
+            int64_t lo = ch[c].lo, hi = ch[c].hi;                                                        \
+            double *s = acc;                                                                             \
             CALL;                                                                                        \
-        }                                                                                                \
-        for (int ch = 0; ch < 4; ch++) out[ch] = 0.0;                                                    \
-        for (int t = 0; t < used; t++)                                                                   \
-            for (int ch = 0; ch < 4; ch++) out[ch] += part[4 * t + ch];                                  \
-    } else {                                                                                             \
-        int64_t nrows = n / row_len;                                                                     \
-        _Pragma("omp parallel for num_threads(nt) schedule(static)")                                     \
-        for (int64_t r = 0; r < nrows; r++) {                                                            \
-            double s[4] = {0.0, 0.0, 0.0, 0.0};                                                          \
-            int64_t lo = r * row_len, hi = (r + 1) * row_len;                                            \
-            CALL;                                                                                        \
-            for (int ch = 0; ch < 4; ch++) rows[ch * nrows + r] = s[ch];                                 \
-        }                                                                                                \
-        for (int ch = 0; ch < 4; ch++) {                                                                 \
-            out[ch] = 0.0;                                                                               \
-            for (int64_t r = 0; r < nrows; r++) out[ch] += rows[ch * nrows + r];                         \
+        } else {                                                                                         \
+            int64_t nrows = sizes[t] / rl;                                                               \
+            for (int64_t r = ch[c].lo / rl; r < ch[c].hi / rl; r++) {                                    \
+                double s[4] = {0.0, 0.0, 0.0, 0.0};                                                      \
+                int64_t lo = r * rl, hi = (r + 1) * rl;                                                  \
+                CALL;                                                                                    \
+                for (int k = 0; k < 4; k++) {                                                            \
+                    rows[t][k * nrows + r] = s[k];                                                       \
+                    acc[k] += s[k];                                                                      \
+                }                                                                                        \
+            }                                                                                            \
         }                                                                                                \
     }                                                                                                    \
-    if (u_scale) *u_scale = (T)u_value;
+    for (int64_t t = 0; t < nt; t++)                                                                     \
+        for (int k = 0; k < 4; k++) out[4 * t + k] = 0.0;                                                \
+    for (int64_t c = 0; c < nc; c++)                                                                     \
+        for (int k = 0; k < 4; k++) out[4 * ch[c].t + k] += part[4 * c + k];                             \
+    for (int64_t t = 0; t < nt; t++)                                                                     \
+        if (u_scale[t]) *u_scale[t] = (T)u_value[t];                                                     \
+    free(ch);                                                                                            \
+    free(part);                                                                                          \
+    return 0;
 
-/* Adam / AdamW pass A on one tensor: out[0], out[2], out[3] = sum g*dir_old, sum g*g, sum dir_old^2 (the latter
- * two when norms), then the moments and dir <- q + dd*theta (decoupled) or q, q = m / (sqrt(v) + shift); L2
- * decay wd enters g. p is read only for the decay. rows (row_len > 0): the same sums per unit along dim 0. */
-CAMHD_CLONES void SFX(camhd_adam_a)(const T *p, const T *g, T *dir, T *m, T *v, T *vmax, int64_t n,
-                                    int64_t row_len, double *rows, int norms, double *out, int decoupled, double dd,
-                                    double wd, double w1, double b2, double w2, double shift, T *u_scale,
-                                    double u_value) {
-    int code = (norms != 0) | (decoupled != 0) << 1 | (vmax != 0) << 2 | (wd != 0.0) << 3;
-    CAMHD_RUN_A(SFX(adam_a_range)(p, g, dir, m, v, vmax, lo, hi, code, dd, wd, w1, b2, w2, shift, s))
+/* Adam / AdamW pass A on nt tensors (one param group): out[4t + k] = sum g*dir_old (k = 0), sum g*g and
+ * sum dir_old^2 (k = 2, 3, when norms) of tensor t, then its moments and dir <- q = m / (sqrt(v) + shift[t]); L2
+ * decay wd enters g (p is read only for it); rows[t] (row_lens[t] > 0): the same sums per unit along dim 0;
+ * *u_scale[t] <- u_value[t]. vmax: NULL, or an array (amsgrad). Returns 0, or -1 when out of memory. */
+CAMHD_CLONES int SFX(camhd_adam_a_many)(int64_t nt, const int64_t *sizes, const int64_t *row_lens, T *const *p,
+                                        T *const *g, T *const *dir, T *const *m, T *const *v, T *const *vmax,
+                                        double *const *rows, int norms, double *out, double wd, double w1, double b2,
+                                        double w2, const double *shift, T *const *u_scale, const double *u_value) {
+    int code = (norms != 0) | (vmax != 0) << 2 | (wd != 0.0) << 3;
+    CAMHD_RUN_A_MANY(SFX(adam_a_range)(p[t], g[t], dir[t], m[t], v[t], vmax ? vmax[t] : 0, lo, hi, code, 0, wd, w1,
+                                       b2, w2, (T)shift[t], s))
 }
 
-/* SGD pass A on one tensor (momentum: 0 plain, 1 heavy ball, 2 Nesterov; first: buf <- g), sums as camhd_adam_a */
-CAMHD_CLONES void SFX(camhd_sgd_a)(const T *p, const T *g, T *dir, T *buf, int64_t n, int64_t row_len,
-                                   double *rows, int norms, double *out, double wd, int momentum, int first,
-                                   double mu, double damp, T *u_scale, double u_value) {
+/* SGD pass A on nt tensors (one param group; momentum: 0 plain, 1 heavy ball, 2 Nesterov; first[t]: buf <- g,
+ * torch's first step), sums as camhd_adam_a_many */
+CAMHD_CLONES int SFX(camhd_sgd_a_many)(int64_t nt, const int64_t *sizes, const int64_t *row_lens, T *const *p,
+                                       T *const *g, T *const *dir, T *const *buf, const int32_t *first,
+                                       double *const *rows, int norms, double *out, double wd, int momentum,
+                                       double mu, double damp, T *const *u_scale, const double *u_value) {
     int MOM = momentum < 0 ? 0 : (momentum > 2 ? 2 : momentum);
-    int code = (norms != 0) | (wd != 0.0) << 1 | (first != 0) << 2 | MOM << 3;
+    int code = (norms != 0) | (wd != 0.0) << 1 | MOM << 3;
     T dm = (T)(1.0 - damp);
-    CAMHD_RUN_A(SFX(sgd_a_range)(p, g, dir, buf, lo, hi, code, wd, mu, dm, s))
+    CAMHD_RUN_A_MANY(SFX(sgd_a_range)(p[t], g[t], dir[t], buf ? buf[t] : 0, lo, hi,
+                                      code | (first && first[t]) << 2, wd, mu, dm, s))
 }
+#undef CAMHD_RUN_A_MANY
 
-/* pass B on one tensor: theta <- theta * (1 + kd) + k * dir with k = ka, kd = da (times krow[r] on row r with the
- * unit level); with decoupled decay (dd != 0) the stored direction becomes dir + dd * theta_old (AdamW: the rate
- * scales q + (lambda / c) theta, applied multiplicatively, rounded as torch's AdamW) */
+/* pass B on nt tensors: theta <- theta * (1 + kd) + k * dir with k = ka[t], kd = da[t] (times krow[t][r] on row r
+ * with the unit level); with decoupled decay (dd[t] != 0) the stored direction becomes dir + dd[t] * theta_old
+ * (AdamW: the rate scales q + (lambda / c) theta, applied multiplicatively, rounded as torch's AdamW) */
 #define CAMHD_APPLY_LOOP(DEC)                                                                             \
-    for (int64_t j = i; j < e; j++) {                                                                    \
-        T th = pp[j], q = dd_[j];                                                                        \
+    for (int64_t j = lo; j < hi; j++) {                                                                  \
+        T th = pp[j], q = qq[j];                                                                         \
         if (DEC) {                                                                                       \
             pp[j] = th * (kd + (T)1) + k * q;                                                            \
-            dd_[j] = q + ddc * th;                                                                       \
+            qq[j] = q + ddc * th;                                                                        \
         } else {                                                                                         \
             pp[j] = th + k * q;                                                                          \
         }                                                                                                \
     }
-CAMHD_CLONES void SFX(camhd_apply)(T *p, T *dir, int64_t n, const double *krow, int64_t row_len, double ka,
-                                   double da, double dd) {
-    int nt = camhd_threads(n);
-    T ddc = (T)dd;
-    (void)nt;
-    #pragma omp parallel num_threads(nt)
-    {
-        int64_t lo, hi;
-        camhd_slice(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        for (int64_t i = lo; i < hi;) {
-            int64_t r = krow ? i / row_len : 0;
-            int64_t e = krow ? ((r + 1) * row_len < hi ? (r + 1) * row_len : hi) : hi;
-            T k = (T)(krow ? ka * krow[r] : ka), kd = (T)(krow ? da * krow[r] : da);
-            T *restrict pp = p;
-            T *restrict dd_ = dir;
-            if (dd != 0.0) {
+CAMHD_CLONES int SFX(camhd_apply_many)(int64_t nt, const int64_t *sizes, const int64_t *row_lens, T *const *p,
+                                       T *const *dir, const double *const *krow, const double *ka, const double *da,
+                                       const double *dd) {
+    int64_t nc = 0;
+    camhd_chunk *ch = camhd_chunks(nt, sizes, row_lens, &nc);
+    if (!ch) return -1;
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t c = 0; c < nc; c++) {
+        int t = ch[c].t;
+        int64_t rl = row_lens ? row_lens[t] : 0;
+        const double *kr = krow ? krow[t] : 0;
+        T ddc = (T)dd[t];
+        T *restrict pp = p[t];
+        T *restrict qq = dir[t];
+        for (int64_t lo = ch[c].lo; lo < ch[c].hi;) {
+            int64_t hi = (kr && rl > 0) ? lo + rl : ch[c].hi;
+            double f = (kr && rl > 0) ? kr[lo / rl] : 1.0;
+            T k = (T)(ka[t] * f), kd = (T)(da[t] * f);
+            if (dd[t] != 0.0) {
                 CAMHD_APPLY_LOOP(1)
             } else {
                 CAMHD_APPLY_LOOP(0)
             }
-            i = e;
+            lo = hi;
         }
     }
+    free(ch);
+    return 0;
 }
 #undef CAMHD_APPLY_LOOP
