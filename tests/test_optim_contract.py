@@ -299,8 +299,8 @@ def test_dtypes_and_mixed_dtype_groups(name, dtypes):
     assert opt.param_groups[0]["camhd_gamma"].dtype == home
     for p in m1.parameters():
         st = opt.state[p]
-        assert st["hypergrad_dir"].dtype == (torch.float64 if p.dtype == torch.float64 else torch.float32)
-        assert st["camhd_alpha_parameter_offset"].dtype == st["hypergrad_dir"].dtype
+        assert opt.hypergrad_direction(p).dtype == (torch.float64 if p.dtype == torch.float64 else torch.float32)
+        assert st["camhd_alpha_parameter_offset"].dtype == opt.hypergrad_direction(p).dtype
     # adapting too: finite, and α moves
     opt2 = cls(groups(m1), levels=("global", "layer", "parameter"), hypergrad_lr=1e-4, hypergrad_rule="additive", gamma_lr=0.05, **kw)
     for t in range(8):

@@ -184,7 +184,7 @@ def test_hypergradients_match_autograd(cls, decay_rate):
     theta_prev = [p.detach().clone() for p in model.parameters()]
     train(model, opt, 1, torch.float64, start=3)
     theta = [p.detach().clone() for p in model.parameters()]
-    u = [opt.state[p]["hypergrad_dir"] * opt.state[p]["hypergrad_dir_scale"] for p in model.parameters()]
+    u = [opt.hypergrad_direction(p) for p in model.parameters()]
     alphas = {lv: opt.alpha(lv, dtype=torch.float64) for lv in levels}
     gamma = opt.param_groups[0]["camhd_gamma"].clone()
     tau = math.exp(-decay_rate * opt.num_steps)  # τ(t) of the step just taken (t = 1 on the first step)
@@ -256,6 +256,7 @@ def test_theorem1_update_uses_combined_rate(foreach):
        update=st.sampled_from(["clamp", "softmax"]),
        seed=st.integers(0, 3))
 @pytest.mark.filterwarnings("ignore:.*hyper-gradient steps are too large:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:.*barely adapts:UserWarning")  # β = 1e-6 is one of the cases on purpose
 def test_gamma_stays_on_simplex_and_alpha_nonnegative(gamma, gamma_lr, beta, update, seed):
     if update == "softmax":
         gamma = [g + 0.05 for g in gamma]
@@ -287,9 +288,7 @@ def test_learned_gamma_moves_and_foreach_equals_reference_on_state():
         for p, q in zip(ms[0].parameters(), ms[1].parameters()):
             assert rel_err(p, q) <= 1e-12
             s0, s1 = opts[0].state[p], opts[1].state[q]
-            u0 = s0["hypergrad_dir"] * s0["hypergrad_dir_scale"]
-            u1 = s1["hypergrad_dir"] * s1["hypergrad_dir_scale"]
-            assert rel_err(u0, u1) <= 1e-12
+            assert rel_err(opts[0].hypergrad_direction(p), opts[1].hypergrad_direction(q)) <= 1e-12
             for k in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
                 if k in s0:
                     assert rel_err(s0[k], s1[k]) <= 1e-12

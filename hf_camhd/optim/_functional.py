@@ -313,12 +313,28 @@ def _store_dir_scales(scales: list[Tensor], s, tau, rule_scale: list | None) -> 
     _fill(scales, [u] * len(scales) if rule_scale is None else _scaled(rule_scale, u))
 
 
+def _rebuild_directions(step: StepTensors, rule) -> list[bool]:
+    """Put the previous directions the state does not keep (``step.dirs[i] is None``: the base rule rebuilds them
+    from its own state, :meth:`~hf_camhd.optim.base_rules.BaseRule.previous_directions`) into ``step.dirs``, as
+    fresh tensors in the hyper dtype; return which ones were rebuilt (their new directions are not stored)."""
+    rebuilt = [d is None for d in step.dirs]
+    if any(rebuilt):
+        for group, members, _ in step.groups:
+            need = [m for m in members if rebuilt[m]]
+            if need:
+                prev = rule.previous_directions([step.params[m] for m in need], [step.states[m] for m in need], group)
+                for m, d in zip(need, prev):
+                    step.dirs[m] = _to(d, step.dir_scales[m])
+    return rebuilt
+
+
 # ------------------------------------------------------------------------------------------ reference
 def _camhd_step_reference(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: HyperConfig, rule, t,
                           sharding) -> dict:
     """Steps 1–6 one tensor at a time, with dense per-element rates: the plain statement of the algorithm."""
     home = _home(hyper)
     diag: dict = {}
+    _rebuild_directions(step, rule)
     if adapts_now(cfg, t):
         u = [c * d for d, c in zip(step.dirs, step.dir_scales)]                               # 1. h = g ⊙ u
         h = [_to(g, x) * x for g, x in zip(step.grads, u)]
@@ -345,7 +361,7 @@ def _camhd_step_reference(step: StepTensors, hyper: HyperState, index: TreeIndex
     for group, members, s in step.groups:                                                          # 5–6
         rule.prepare_group(group)
         decay = rule.decoupled_decay(group)
-        dense = [-s * _to(torch.as_tensor(_dense_rate(step, rates, m, cfg.lr)), step.dirs[m]) for m in members]
+        dense = [-s * _to(torch.as_tensor(_dense_rate(step, rates, m, cfg.lr)), step.dir_scales[m]) for m in members]
         if rule.custom_apply:
             pick = lambda xs: [xs[m] for m in members]  # noqa: E731
             out = rule.directions(pick(step.params), pick(step.grads), pick(step.states), group, foreach=False)
@@ -354,6 +370,7 @@ def _camhd_step_reference(step: StepTensors, hyper: HyperState, index: TreeIndex
                 step.dirs[m].copy_(d)
             _store_dir_scales(pick(step.dir_scales), s, rates.tau, out.scale)
             continue
+        derive = rule.derives_direction(group)
         for m, k in zip(members, dense):
             p = step.params[m]
             d, _ = rule.direction_reference(p, step.grads[m], step.states[m], group)
@@ -361,8 +378,11 @@ def _camhd_step_reference(step: StepTensors, hyper: HyperState, index: TreeIndex
             if decay:
                 p.mul_(1.0 + decay * k)                   # θ (1 + λK) + K q, rounded as torch's AdamW
             p.add_((k * d).to(p.dtype))
-            step.dirs[m].copy_(full)
-        _store_dir_scales([step.dir_scales[m] for m in members], s, rates.tau, None)
+            if not derive:
+                step.dirs[m].copy_(full)
+        # a rebuilt direction comes in the rule's form: u = −s τ · scale · (what previous_directions returns)
+        _store_dir_scales([step.dir_scales[m] for m in members], s, rates.tau,
+                          rule.derived_scales([step.states[m] for m in members], group) if derive else None)
     return diag
 
 
@@ -371,7 +391,9 @@ def _camhd_step_multi_tensor(step: StepTensors, hyper: HyperState, index: TreeIn
                              sharding) -> dict:
     """Steps 1–6 with multi-tensor (foreach) ops; no host synchronisation, no graph break under compile."""
     diag: dict = {}
+    rebuilt = [d is None for d in step.dirs]
     if adapts_now(cfg, t):
+        _rebuild_directions(step, rule)  # fresh buffers: step 1 may overwrite them, step 5 writes d into them
         part = _partial_sums_multi_tensor(step, cfg, _home(hyper))                                  # 1
         upd = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t)  # 2–3
         if step.offsets is not None and upd.ok is not False:                                        # 2'
@@ -390,8 +412,8 @@ def _camhd_step_multi_tensor(step: StepTensors, hyper: HyperState, index: TreeIn
                        base if fine is None else [torch.addcmul(b, o, f) for b, o, f in zip(base, offsets, fine)], out)
         else:
             _apply_multi_tensor(params, out, base, fine, offsets)
-        for d, old in zip(out.d, dirs):
-            if d is not old:
+        for d, old, again in zip(out.d, dirs, pick(rebuilt)):
+            if d is not old and not again:
                 old.copy_(d)
         _store_dir_scales(pick(step.dir_scales), s, rates.tau, out.scale)
     return diag
@@ -455,8 +477,8 @@ def _multi_tensor_rates(step: StepTensors, rates: Rates, members: list[int], s, 
         base = [-s * _unit_rate(step, rates, m, rates.w[m], a0) for m in members]
     else:
         w = rates.w[torch.as_tensor(members, device=rates.w.device)] if len(members) != rates.w.shape[0] else rates.w
-        base = [_to(k, step.dirs[m]) for k, m in zip(list((-s * w).unbind()), members)]
-    fine = None if rates.fine_coef is None else [_to(-s * rates.fine_coef, step.dirs[m]) for m in members]
+        base = [_to(k, step.dir_scales[m]) for k, m in zip(list((-s * w).unbind()), members)]
+    fine = None if rates.fine_coef is None else [_to(-s * rates.fine_coef, step.dir_scales[m]) for m in members]
     return base, fine
 
 
@@ -575,7 +597,9 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
             ka.append(k * scales[m])
             da.append(decay * k)
             dd.append(shift)
-        _fused.apply_many([step.params[m] for m in members], [step.dirs[m] for m in members], k_rows, ka, da, dd)
+        dirs, quotients = rule.fused_directions([step.states[m] for m in members], group,
+                                                [step.dirs[m] for m in members])
+        _fused.apply_many([step.params[m] for m in members], dirs, k_rows, ka, da, dd, quotients)
     return diag
 
 
@@ -608,7 +632,12 @@ def _fused_cpu_with_parameter_level(step: StepTensors, hyper: HyperState, index:
     if adapts_now(cfg, t):
         want_off = cfg.gamma_lr > 0
         counts = [hi - lo for lo, hi in step.unit_ranges] if step.unit_groups is not None else None
-        raw = _fused.partial_sums(step.grads, step.dirs, step.offsets if want_off else None, counts,   # 1
+        sources = [None] * T
+        for group, members, _ in step.groups:
+            for m, src in zip(members, rule.fused_sources([step.states[m] for m in members], group,
+                                                           [step.dirs[m] for m in members])):
+                sources[m] = src
+        raw = _fused.partial_sums(step.grads, sources, step.offsets if want_off else None, counts,     # 1
                                   norms=cfg.normalized)
         scales = torch.stack(step.dir_scales).to(torch.float64)
         part = _fused_partial_sums(step, raw.totals, raw.unit_rows, scales, _home(hyper), cfg, want_off)

@@ -113,13 +113,13 @@ def _build(cc: list[str], flags: list[str], source: bytes) -> Path:
 def _declare(lib: ctypes.CDLL) -> None:
     P, N, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     for sfx in _SUFFIX.values():
-        getattr(lib, f"camhd_hsum_{sfx}").argtypes = [P, P, P, N, I, P]
-        getattr(lib, f"camhd_hsum_rows_{sfx}").argtypes = [P, P, P, N, N, I, P, P]
-        getattr(lib, f"camhd_adam_{sfx}").argtypes = [P] * 7 + [N, P, N, I, F, F, F, F, F, F, I] + [F] * 8 + [P, F]
+        getattr(lib, f"camhd_hsum_{sfx}").argtypes = [P, P, P, P, P, F, N, I, P]
+        getattr(lib, f"camhd_hsum_rows_{sfx}").argtypes = [P, P, P, P, P, F, N, N, I, P, P]
+        getattr(lib, f"camhd_adam_{sfx}").argtypes = [P] * 7 + [N, P, N, I, F, F, F, F, F, F, I] + [F] * 9 + [P, F]
         getattr(lib, f"camhd_sgd_{sfx}").argtypes = [P] * 5 + [N, P, N, I, F, F, F, F, F, F, F, I, I, F, F, P, F]
-        getattr(lib, f"camhd_adam_a_many_{sfx}").argtypes = [N] + [P] * 9 + [I, P] + [F] * 4 + [P, P, P]
+        getattr(lib, f"camhd_adam_a_many_{sfx}").argtypes = [N] + [P] * 9 + [I, P] + [F] * 4 + [P, P, P, P]
         getattr(lib, f"camhd_sgd_a_many_{sfx}").argtypes = [N] + [P] * 8 + [I, P, F, I, F, F, P, P]
-        getattr(lib, f"camhd_apply_many_{sfx}").argtypes = [N] + [P] * 8
+        getattr(lib, f"camhd_apply_many_{sfx}").argtypes = [N] + [P] * 11
         for kind in ("hsum", "hsum_rows", "adam", "sgd"):
             getattr(lib, f"camhd_{kind}_{sfx}").restype = None
         for kind in ("adam_a_many", "sgd_a_many", "apply_many"):
@@ -215,24 +215,31 @@ class RawSums:
     unit_rows: list[Tensor] | None = None   # (units, 4) per tensor (units along dim 0)
 
 
-def partial_sums(grads: list[Tensor], dirs: list[Tensor], offsets: list[Tensor] | None,
+DirSource = tuple  # (dir, m, v, shift): see partial_sums
+
+
+def partial_sums(grads: list[Tensor], sources: list[DirSource], offsets: list[Tensor] | None,
                  unit_counts: list[int] | None = None, norms: bool = False) -> RawSums:
     """Pass 1: per tensor ``Σ g ⊙ dir``, ``Σ off ⊙ g ⊙ dir`` (0 without ``offsets``) and, with ``norms``, ``Σ g²``
     and ``Σ dir²`` (else 0), as a ``(T, 4)`` float64 tensor and, with ``unit_counts`` (units along dim 0), the same
-    per unit. Sums accumulate in float64 in an order fixed by the shapes and the thread count."""
+    per unit. Sums accumulate in float64 in an order fixed by the shapes and the thread count.
+
+    ``sources[i] = (dir, m, v, shift)`` says where tensor i's previous direction is: ``dir`` (a kept direction,
+    or an SGD momentum buffer), else Adam's ``m / (sqrt(v) + shift)``, else (all ``None``) nowhere: 0."""
     lib = load()
     totals = torch.zeros(len(grads), 4, dtype=torch.float64)
     base, stride = totals.data_ptr(), 4 * totals.element_size()
     rows = [] if unit_counts is not None else None
-    for i, (g, d) in enumerate(zip(grads, dirs)):
+    for i, (g, (d, m, v, sp)) in enumerate(zip(grads, sources)):
         sfx, off = _SUFFIX[g.dtype], _ptr(offsets[i] if offsets is not None else None)
+        src = (_ptr(d), _ptr(m), _ptr(v), float(sp))
         if rows is None:
-            getattr(lib, f"camhd_hsum_{sfx}")(g.data_ptr(), d.data_ptr(), off, g.numel(), int(norms),
+            getattr(lib, f"camhd_hsum_{sfx}")(g.data_ptr(), src[0], off, *src[1:], g.numel(), int(norms),
                                               base + i * stride)
             continue
         count = unit_counts[i]
         r = torch.zeros(4, count, dtype=torch.float64)
-        getattr(lib, f"camhd_hsum_rows_{sfx}")(g.data_ptr(), d.data_ptr(), off, g.numel(), _row_len(g, count),
+        getattr(lib, f"camhd_hsum_rows_{sfx}")(g.data_ptr(), src[0], off, *src[1:], g.numel(), _row_len(g, count),
                                                int(norms), r.data_ptr(), base + i * stride)
         rows.append(r.T)
     return RawSums(totals, rows)
@@ -242,10 +249,10 @@ def _row_len(p: Tensor, count: int) -> int:
     return p.numel() // count if count else 1
 
 
-def adam(p: Tensor, g: Tensor, d: Tensor, off: Tensor | None, m: Tensor, v: Tensor, vmax: Tensor | None,
+def adam(p: Tensor, g: Tensor, d: Tensor | None, off: Tensor | None, m: Tensor, v: Tensor, vmax: Tensor | None,
          alpha: tuple, krow: Tensor | None, ka: float, kb: float, decoupled: bool, da: float, db: float, dd: float,
          wd: float, beta1: float, beta2: float, shift: float, u_scale: Tensor | None = None,
-         u_value: float = 0.0) -> None:
+         u_value: float = 0.0, prev_shift: float = 1.0) -> None:
     """Pass 2 for Adam / AdamW on one tensor, in place: see ``camhd_adam_*`` in the C source.
 
     ``θ ← θ (1 + da + db·off)`` (decoupled only) ``+ (ka + kb·off) · q`` with ``q = m / (sqrt(v) + shift)``;
@@ -254,21 +261,23 @@ def adam(p: Tensor, g: Tensor, d: Tensor, off: Tensor | None, m: Tensor, v: Tens
     ``[lo, hi]``: ``do=1`` additive, ``off + c · g ⊙ dir_old``; ``do=2`` normalized, ``α (1 − c · sign(g ⊙ dir_old))``.
     ``krow`` (float64, one per unit along dim 0): ``ka`` and ``da`` are multiplied by the unit's factor.
     ``u_scale`` (0-d, the parameter's dtype): set to ``u_value`` at the end (the stored direction's factor).
+    ``d=None``: the direction is not kept; ``dir_old`` is rebuilt as ``m / (sqrt(v) + prev_shift)`` (the moments
+    before this step's update) and nothing is written for the next step.
     """
     fn = getattr(load(), f"camhd_adam_{_SUFFIX[p.dtype]}")
-    fn(p.data_ptr(), g.data_ptr(), d.data_ptr(), _ptr(off), m.data_ptr(), v.data_ptr(), _ptr(vmax), p.numel(),
+    fn(p.data_ptr(), g.data_ptr(), _ptr(d), _ptr(off), m.data_ptr(), v.data_ptr(), _ptr(vmax), p.numel(),
        _ptr(krow), 0 if krow is None else _row_len(p, krow.numel()), *alpha, ka, kb, int(decoupled), da, db, dd,
-       wd, 1.0 - beta1, beta2, 1.0 - beta2, shift, _ptr(u_scale), u_value)
+       wd, 1.0 - beta1, beta2, 1.0 - beta2, shift, prev_shift, _ptr(u_scale), u_value)
 
 
-def sgd(p: Tensor, g: Tensor, d: Tensor, off: Tensor | None, buf: Tensor | None, alpha: tuple,
+def sgd(p: Tensor, g: Tensor, d: Tensor | None, off: Tensor | None, buf: Tensor | None, alpha: tuple,
         krow: Tensor | None, ka: float, kb: float, wd: float, momentum: int, first: bool, mu: float,
         dampening: float, u_scale: Tensor | None = None, u_value: float = 0.0) -> None:
     """Pass 2 for SGD on one tensor, in place (``momentum``: 0 plain, 1 heavy ball, 2 Nesterov; ``first``:
     the momentum buffer starts as the gradient, as torch's). ``θ ← θ + (ka + kb·off) · d``, ``dir ← d``;
-    ``alpha`` and ``krow`` as in :func:`adam`."""
+    ``alpha`` and ``krow`` as in :func:`adam`. ``d=None`` (heavy ball only): the direction is the buffer, not kept."""
     fn = getattr(load(), f"camhd_sgd_{_SUFFIX[p.dtype]}")
-    fn(p.data_ptr(), g.data_ptr(), d.data_ptr(), _ptr(off), _ptr(buf), p.numel(), _ptr(krow),
+    fn(p.data_ptr(), g.data_ptr(), _ptr(d), _ptr(off), _ptr(buf), p.numel(), _ptr(krow),
        0 if krow is None else _row_len(p, krow.numel()), *alpha, ka, kb, wd, momentum, int(first), mu, dampening,
        _ptr(u_scale), u_value)
 
@@ -297,9 +306,10 @@ def _by_dtype(tensors: list[Tensor]) -> list[list[int]]:
 
 def _pass_a(kind: str, params: list[Tensor], unit_counts: list[int | None], norms: bool, u_scales: list[Tensor],
             u_values: list[float], per_tensor: dict, scalars: tuple,
-            shifts: list[float] | None = None) -> tuple[list[Tensor], list[Tensor | None]]:
+            shifts: tuple[list, ...] | None = None) -> tuple[list[Tensor], list[Tensor | None]]:
     """Call ``camhd_<kind>_a_many`` per dtype: ``(nt, sizes, row_lens, params, *per_tensor, rows, norms, out,
-    *scalars[, shifts], u_scales, u_values)``; ``per_tensor``: name → list (tensors, or ints for ``first``)."""
+    *scalars[, *shifts], u_scales, u_values)``; ``per_tensor``: name → list (tensors or ``None``, or ints for
+    ``first``)."""
     totals: list = [None] * len(params)
     rows: list = [None] * len(params)
     for idx in _by_dtype(params):
@@ -315,8 +325,8 @@ def _pass_a(kind: str, params: list[Tensor], unit_counts: list[int | None], norm
             if name == "first":
                 args.append(_array(ctypes.c_int32, picked))
             else:
-                args.append(None if all(v is None for v in picked) else _pointers(picked))
-        tail = [] if shifts is None else [_array(ctypes.c_double, [shifts[i] for i in idx])]
+                args.append(None if all(x is None for x in picked) else _pointers(picked))
+        tail = [] if shifts is None else [_array(ctypes.c_double, [x[i] for i in idx]) for x in shifts]
         fn = getattr(load(), f"camhd_{kind}_a_many_{_SUFFIX[ps[0].dtype]}")
         code = fn(len(idx), _array(ctypes.c_int64, [p.numel() for p in ps]), row_lens, _pointers(ps), *args,
                   _pointers(bufs) if row_lens is not None else None, int(norms), out.data_ptr(), *scalars, *tail,
@@ -329,19 +339,20 @@ def _pass_a(kind: str, params: list[Tensor], unit_counts: list[int | None], norm
     return totals, rows
 
 
-def adam_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor], exp_avgs: list[Tensor],
+def adam_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | None], exp_avgs: list[Tensor],
                exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None, unit_counts: list[int | None],
-               norms: bool, wd: float, beta1: float, beta2: float, shifts: list[float], u_scales: list[Tensor],
-               u_values: list[float]) -> tuple[list[Tensor], list[Tensor | None]]:
+               norms: bool, wd: float, beta1: float, beta2: float, shifts: list[float], prev_shifts: list[float],
+               u_scales: list[Tensor], u_values: list[float]) -> tuple[list[Tensor], list[Tensor | None]]:
     """Pass A for Adam / AdamW on a list of tensors: returns per tensor the sums
     ``[Σ g·dir_old, 0, Σ g², Σ dir_old²]`` (the norms with ``norms``; per unit too, ``(units, 4)``, where
     ``unit_counts[i]`` is given), then updates the moments (L2 decay ``wd`` enters the gradient) and writes
-    ``dir ← q = m / (sqrt(v) + shift)``; ``u_scales[i] ← u_values[i]``."""
+    ``dir ← q = m / (sqrt(v) + shift)``; ``u_scales[i] ← u_values[i]``. ``dirs[i] = None``: the direction is not
+    kept; ``dir_old`` is rebuilt as ``m / (sqrt(v) + prev_shift)`` from the moments before the update."""
     n = len(params)
     return _pass_a("adam", params, unit_counts, norms, u_scales, u_values,
                    {"g": grads, "dir": dirs, "m": exp_avgs, "v": exp_avg_sqs,
                     "vmax": max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * n},
-                   (wd, 1.0 - beta1, beta2, 1.0 - beta2), shifts)
+                   (wd, 1.0 - beta1, beta2, 1.0 - beta2), (shifts, prev_shifts))
 
 
 def sgd_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor], bufs: list[Tensor | None],
@@ -349,25 +360,31 @@ def sgd_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor], buf
               dampening: float, u_scales: list[Tensor],
               u_values: list[float]) -> tuple[list[Tensor], list[Tensor | None]]:
     """Pass A for SGD on a list of tensors (``momentum``: 0 plain, 1 heavy ball, 2 Nesterov; ``first[i]``: the
-    buffer starts as the gradient, as torch's): the sums as :func:`adam_first`, then the buffers and ``dir ← d``."""
+    buffer starts as the gradient, as torch's): the sums as :func:`adam_first`, then the buffers and ``dir ← d``.
+    ``dirs[i] = None`` (heavy ball only): the direction is the buffer, not kept (``dir_old`` = the buffer before
+    the update, 0 on the first step)."""
     return _pass_a("sgd", params, unit_counts, norms, u_scales, u_values,
                    {"g": grads, "dir": dirs, "buf": bufs if momentum else [None] * len(params),
                     "first": [int(f) for f in first]}, (wd, momentum, mu, dampening))
 
 
-def apply_many(params: list[Tensor], dirs: list[Tensor], k_rows: list[Tensor | None], ka: list[float],
-               da: list[float], dd: list[float]) -> None:
+def apply_many(params: list[Tensor], dirs: list[Tensor | None], k_rows: list[Tensor | None], ka: list[float],
+               da: list[float], dd: list[float], quotients: tuple[list, list, list] | None = None) -> None:
     """Pass B on a list of tensors: ``θ ← θ (1 + da) + ka · dir`` (``k_rows[i]``: float64, one factor per unit
     along dim 0 multiplying ka and da, or ``None``); with ``dd`` (decoupled decay) the stored direction becomes
-    ``dir + dd · θ_old``."""
+    ``dir + dd · θ_old``. ``dirs[i] = None``: the direction is Adam's ``m / (sqrt(v) + shift)`` from
+    ``quotients = (ms, vs, shifts)`` (not kept; ``dd[i]`` must be 0)."""
     for idx in _by_dtype(params):
         ps = [params[i] for i in idx]
         rows = [k_rows[i] for i in idx]
         with_rows = any(r is not None for r in rows)
         row_lens = _array(ctypes.c_int64, [0 if r is None else _row_len(p, r.numel()) for p, r in zip(ps, rows)])
+        ms, vs, sh = (None, None, None) if quotients is None else (
+            _pointers([quotients[0][i] for i in idx]), _pointers([quotients[1][i] for i in idx]),
+            _array(ctypes.c_double, [quotients[2][i] for i in idx]))
         code = getattr(load(), f"camhd_apply_many_{_SUFFIX[ps[0].dtype]}")(
             len(idx), _array(ctypes.c_int64, [p.numel() for p in ps]), row_lens if with_rows else None,
-            _pointers(ps), _pointers([dirs[i] for i in idx]), _pointers(rows) if with_rows else None,
+            _pointers(ps), _pointers([dirs[i] for i in idx]), ms, vs, sh, _pointers(rows) if with_rows else None,
             *(_array(ctypes.c_double, [v[i] for i in idx]) for v in (ka, da, dd)))
         if code != 0:
             raise MemoryError(f"camhd_apply_many could not allocate its chunk list ({len(idx)} tensors)")

@@ -15,7 +15,7 @@ from torch import Tensor
 
 # ---------------------------------------------------------------------------------------- state keys
 # per parameter (fp32, or float64 for float64 parameters, whatever the parameter dtype)
-DIR = "hypergrad_dir"                        # d_{t-1}: the last update's direction ...
+DIR = "hypergrad_dir"                        # d_{t-1}: the last update's direction, where kept ...
 DIR_SCALE = "hypergrad_dir_scale"            # ... and its 0-d factor: u_{t-1} = DIR_SCALE · DIR
 ALPHA_UNIT = "camhd_alpha_unit"              # the unit level's α of a layer (on the tensor owning its units)
 ALPHA_OFFSET = "camhd_alpha_parameter_offset"  # the parameter level's α − α₀, element-wise
@@ -208,7 +208,8 @@ class StepTensors:
     params: list[Tensor]
     grads: list[Tensor]
     states: list[dict]
-    dirs: list[Tensor]                  # previous direction (hyper dtype); u_{t-1} = dir_scale · dir
+    dirs: list[Tensor | None]           # previous direction (hyper dtype); u_{t-1} = dir_scale · dir; None: not
+                                        # kept, the base rule rebuilds it from its state (BaseRule.previous_directions)
     dir_scales: list[Tensor]            # 0-d
     groups: list[tuple[dict, list[int], object]]
     stored: list[Tensor] | None = None         # the parameters as the optimizer holds them (DTensors under FSDP2)
@@ -218,6 +219,7 @@ class StepTensors:
     unit_ranges: list[tuple[int, int]] | None = None  # unit level: the units each tensor holds (local range)
     unit_vectors: dict[int, tuple[Tensor, int]] | None = None  # unit group -> (local α vector, first unit in it)
     unit_stats: dict[int, Tensor] | None = None  # normalized rule: unit group -> local (units, 3) smoothed sums
+    stale_dirs: list[dict] | None = None       # states holding a kept direction the rule now rebuilds: dropped after
 
     @property
     def lr_scales(self) -> list:

@@ -82,6 +82,24 @@ class BaseRule:
         """λ of a decay term ``λθ`` that is part of ``d`` but not of the reference direction (AdamW)."""
         return 0.0
 
+    def derives_direction(self, group: dict) -> bool:
+        """Whether the direction of a step with these settings can be rebuilt from the rule's own state at the
+        next step (:meth:`previous_directions`), so that CAM-HD need not keep it: one parameter-sized buffer
+        less, and one stream less over memory per step. ``False`` by default (the direction is stored)."""
+        return False
+
+    def previous_directions(self, params: list[Tensor], states: list[dict], group: dict) -> list[Tensor]:
+        """The last step's directions rebuilt from the state (before this step changes it), in the form CAM-HD
+        keeps them: ``u_{t-1} = dir_scale · dir`` with the ``scale`` of :class:`Directions` folded into
+        ``dir_scale``. Zeros where the rule has not stepped yet. Fresh tensors, in the parameters' dtype."""
+        raise NotImplementedError(f"the {self.name} rule keeps its direction")
+
+    def derived_scales(self, states: list[dict], group: dict) -> list[float] | None:
+        """The ``scale`` of :class:`Directions` for this step's directions, after the step (``None``: 1): what the
+        reference implementation, whose directions carry it, folds into ``dir_scale`` when the direction is
+        rebuilt by :meth:`previous_directions` rather than kept."""
+        return None
+
     def direction_reference(self, p: Tensor, g: Tensor, state: dict, group: dict) -> tuple[Tensor, bool]:
         """One tensor's direction (without any decoupled decay) and whether it is a fresh tensor."""
         raise NotImplementedError
@@ -102,6 +120,17 @@ class BaseRule:
         previous direction) and set ``dir_scales[i]`` to ``u_factor`` × the direction's ``scale`` (see
         :class:`Directions`), so that ``u = dir_scale · dir``."""
         raise NotImplementedError(f"the {self.name} rule has no fused kernel")
+
+    def fused_sources(self, states: list[dict], group: dict, dirs: list[Tensor | None]) -> list[tuple]:
+        """Where the fused pass 1 finds each tensor's previous direction, ``(dir, m, v, shift)`` (see
+        :func:`hf_camhd.optim._fused.partial_sums`): the kept one by default."""
+        return [(d, None, None, 0.0) for d in dirs]
+
+    def fused_directions(self, states: list[dict], group: dict,
+                         dirs: list[Tensor | None]) -> tuple[list[Tensor | None], tuple | None]:
+        """The directions the fused pass B applies, after pass A: ``(dirs, quotients)`` as
+        :func:`hf_camhd.optim._fused.apply_many` takes them (the kept ones by default)."""
+        return dirs, None
 
     def fused_apply_terms(self, group: dict, scale: float) -> tuple[float, float]:
         """Pass B's decoupled decay: ``(λ, λ / scale)`` — θ ← θ (1 + λK) + K · scale · dir and the stored direction
@@ -164,6 +193,13 @@ class SGDRule(BaseRule):
             return d
         return _into(out, bufs, False)
 
+    def derives_direction(self, group):
+        return group["momentum"] != 0 and not group["nesterov"]  # d = b, the momentum buffer
+
+    def previous_directions(self, params, states, group):
+        return [s["momentum_buffer"].clone() if "momentum_buffer" in s else torch.zeros_like(p)
+                for p, s in zip(params, states)]
+
     fused_state_keys = ("momentum_buffer",)
 
     def fused_update(self, params, grads, states, group, dirs, offsets, k_rows, k_base, k_fine, alpha, dir_scales,
@@ -182,6 +218,12 @@ class SGDRule(BaseRule):
         sums, rows = _fused.sgd_first(params, grads, dirs, list(bufs), list(first), unit_counts, norms, wd, kind, mu,
                                       damp, dir_scales, [u_factor] * len(params))
         return sums, rows, None
+
+    def fused_sources(self, states, group, dirs):
+        return [(s.get("momentum_buffer") if d is None else d, None, None, 0.0) for d, s in zip(dirs, states)]
+
+    def fused_directions(self, states, group, dirs):
+        return [s["momentum_buffer"] if d is None else d for d, s in zip(dirs, states)], None
 
     @staticmethod
     def _momentum_buffer(p: Tensor, state: dict, kind: int) -> tuple[Tensor | None, bool]:
@@ -253,22 +295,67 @@ class AdamRule(BaseRule):
         return group["weight_decay"] if self.decoupled else 0.0
 
     @staticmethod
-    def _bias_terms(states: list[dict], group: dict) -> tuple[list, list]:
-        """Count the step; return per tensor ``scale = sqrt(bc2) / bc1`` and ``shift = ε · sqrt(bc2)``.
+    def _bias_terms(states: list[dict], group: dict, count: bool = True, previous: bool = False) -> tuple[list, ...]:
+        """Count the step (``count``); return per tensor ``scale = sqrt(bc2) / bc1`` and ``shift = ε · sqrt(bc2)``
+        at the (new) step count, and with ``previous`` (eager only) the shifts of the step before too.
 
         note: d = (m / bc1) / (sqrt(v) / sqrt(bc2) + ε) = scale · m / (sqrt(v) + shift): the per-tensor
         constant is folded into the step size instead of costing a pass over the moments. The step counters
         are CPU tensors: read once on the host in eager mode (no device sync), kept as tensors while compiling
-        (so the compiled graph does not recompile as they count).
+        (so the compiled graph does not recompile as they count). Before the first step (count 0) the scale
+        is 0 and the shift 1: the rebuilt direction ``0 / (0 + 1)`` is 0.
         """
         beta1, beta2 = group["betas"]
         steps = [s["step"] for s in states]
-        # note: a tensor 1 on the steps' (CPU) device, as torch's Adam does: one fast multi-tensor add
-        torch._foreach_add_(steps, torch.ones((), dtype=steps[0].dtype, device=steps[0].device), alpha=1.0)
-        values = [s.double() for s in steps] if torch.compiler.is_compiling() else torch.stack(steps).tolist()
-        bc2_sqrt = [_sqrt(1 - beta2 ** s) for s in values]
-        scale = [b2 / (1 - beta1 ** s) for s, b2 in zip(values, bc2_sqrt)]
-        return scale, [group["eps"] * b2 for b2 in bc2_sqrt]
+        if count:
+            # note: a tensor 1 on the steps' (CPU) device, as torch's Adam does: one fast multi-tensor add
+            torch._foreach_add_(steps, torch.ones((), dtype=steps[0].dtype, device=steps[0].device), alpha=1.0)
+        if torch.compiler.is_compiling():
+            values = [s.double() for s in steps]
+            bc2_sqrt = [_sqrt(1 - beta2 ** s) for s in values]
+            scale = [torch.where(s > 0, b2 / (1 - beta1 ** s), 0.0) for s, b2 in zip(values, bc2_sqrt)]
+            return scale, [torch.where(s > 0, group["eps"] * b2, 1.0) for s, b2 in zip(values, bc2_sqrt)]
+        values = torch.stack(steps).tolist()
+        terms = {}  # per distinct count (usually one per group): (scale, shift)
+        for t in set(values) | ({t - 1 for t in values} if previous else set()):
+            bc2_sqrt = math.sqrt(1 - beta2 ** t)
+            terms[t] = (bc2_sqrt / (1 - beta1 ** t), group["eps"] * bc2_sqrt) if t > 0 else (0.0, 1.0)
+        out = ([terms[t][0] for t in values], [terms[t][1] for t in values])
+        return (*out, [terms[t - 1][1] for t in values]) if previous else out
+
+    @staticmethod
+    def _moments(states: list[dict], group: dict) -> tuple[list[Tensor], list[Tensor]]:
+        """``m`` and the ``v`` the quotient divides by (``max_exp_avg_sq`` with amsgrad) of every tensor."""
+        return [s["exp_avg"] for s in states], [s["max_exp_avg_sq" if group["amsgrad"] else "exp_avg_sq"]
+                                                for s in states]
+
+    @staticmethod
+    def _quotient(ms: list[Tensor], vs: list[Tensor], shift: list, out: list[Tensor | None] | None) -> list[Tensor]:
+        """``q = m / (sqrt(v) + shift)``, written into the offered buffers when they fit (nothing model-sized is
+        allocated then)."""
+        usable = out is not None and all(o is not None and o.dtype == m.dtype and o.shape == m.shape
+                                         for o, m in zip(out, ms))
+        if usable:
+            q = list(out)
+            for o, v in zip(q, vs):
+                torch.sqrt(v, out=o)
+            torch._foreach_add_(q, shift)
+            for o, m in zip(q, ms):
+                torch.div(m, o, out=o)
+            return q
+        den = torch._foreach_sqrt(vs)
+        torch._foreach_add_(den, shift)
+        return list(torch._foreach_div(ms, den))
+
+    def derives_direction(self, group):
+        return not self.decoupled  # d = m / (sqrt(v) + shift): AdamW's λθ_{t-1} would be lost
+
+    def previous_directions(self, params, states, group):
+        _, shift = self._bias_terms(states, group, count=False)
+        return self._quotient(*self._moments(states, group), shift, None)
+
+    def derived_scales(self, states, group):
+        return self._bias_terms(states, group, count=False)[0]
 
     def directions_foreach(self, params, grads, states, group, out=None):
         beta1, beta2 = group["betas"]
@@ -285,22 +372,7 @@ class AdamRule(BaseRule):
             vmax = [s["max_exp_avg_sq"] for s in states]
             torch._foreach_maximum_(vmax, vs)
             vs = vmax
-        # the quotient is written into the offered buffers when there are some, so the step allocates
-        # nothing model-sized
-        usable = out is not None and all(o is not None and o.dtype == m.dtype and o.shape == m.shape
-                                         for o, m in zip(out, ms))
-        if usable:
-            q = list(out)
-            for o, v in zip(q, vs):
-                torch.sqrt(v, out=o)
-            torch._foreach_add_(q, shift)
-            for o, m in zip(q, ms):
-                torch.div(m, o, out=o)
-        else:
-            den = torch._foreach_sqrt(vs)
-            torch._foreach_add_(den, shift)
-            q = list(torch._foreach_div(ms, den))
-            del den
+        q = self._quotient(ms, vs, shift, out)
         if wd != 0 and self.decoupled:
             d = [_axpy(x, p, wd / c) for x, p, c in zip(q, params, scale)]
             return Directions(d, [True] * len(q), q, wd, scale)
@@ -312,7 +384,7 @@ class AdamRule(BaseRule):
                      u_factor):
         beta1, beta2 = group["betas"]
         wd = group["weight_decay"]
-        scale, shift = self._bias_terms(states, group)
+        scale, shift, prev_shift = self._bias_terms(states, group, previous=True)
         decoupled = self.decoupled and wd != 0
         l2 = 0.0 if self.decoupled else wd
         for i, (p, g, s) in enumerate(zip(params, grads, states)):
@@ -321,18 +393,31 @@ class AdamRule(BaseRule):
             _fused.adam(p, g, dirs[i], offsets[i], s["exp_avg"], s["exp_avg_sq"],
                         s["max_exp_avg_sq"] if group["amsgrad"] else None, alpha[i], k_rows[i], ka * c, kb * c, decoupled,
                         wd * ka if decoupled else 0.0, wd * kb if decoupled else 0.0, wd / c if decoupled else 0.0,
-                        l2, beta1, beta2, shift[i], dir_scales[i], u_factor * c)
+                        l2, beta1, beta2, shift[i], dir_scales[i], u_factor * c, prev_shift[i])
 
     def fused_first(self, params, grads, states, group, dirs, unit_counts, norms, dir_scales, u_factor):
         beta1, beta2 = group["betas"]
-        scale, shift = self._bias_terms(states, group)
+        scale, shift, prev_shift = self._bias_terms(states, group, previous=True)
         # dir = q here; with decoupled decay pass B adds (λ / c) θ_old to it (see fused_apply_terms)
         sums, rows = _fused.adam_first(
             params, grads, dirs, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None, unit_counts, norms,
-            0.0 if self.decoupled else group["weight_decay"], beta1, beta2, shift, dir_scales,
+            0.0 if self.decoupled else group["weight_decay"], beta1, beta2, shift, prev_shift, dir_scales,
             [u_factor * c for c in scale])
         return sums, rows, scale
+
+    def fused_sources(self, states, group, dirs):
+        if all(d is not None for d in dirs):
+            return super().fused_sources(states, group, dirs)
+        _, shift = self._bias_terms(states, group, count=False)
+        ms, vs = self._moments(states, group)
+        return [(d, None, None, 0.0) if d is not None else (None, m, v, sh) for d, m, v, sh in zip(dirs, ms, vs, shift)]
+
+    def fused_directions(self, states, group, dirs):
+        if all(d is not None for d in dirs):
+            return dirs, None
+        ms, vs = self._moments(states, group)
+        return dirs, (ms, vs, self._bias_terms(states, group, count=False)[1])
 
     def fused_apply_terms(self, group: dict, scale: float) -> tuple[float, float]:
         return (group["weight_decay"], group["weight_decay"] / scale) if self.decoupled else (0.0, 0.0)

@@ -213,9 +213,16 @@ class CAMHDOptimizer(Optimizer):
         state = self.state[p]
         self.rule.init_state(p, state, group)
         hd = hyper_dtype(p.dtype)
-        if DIR not in state:
-            state[DIR] = torch.zeros_like(p, dtype=hd, memory_format=torch.preserve_format)
+        fresh = DIR_SCALE not in state  # the tensor's first step: no previous direction
+        if fresh:
             state[DIR_SCALE] = torch.zeros((), dtype=hd, device=p.device)
+        if DIR not in state and not self.rule.derives_direction(group):
+            # note: the previous direction is kept only where the base rule cannot rebuild it from its own state
+            # (Adam's moments, SGD's heavy-ball buffer). After a change of settings that ends that (momentum →
+            # Nesterov) it is rebuilt once more, from the state as it stands, and kept from then on.
+            state[DIR] = torch.zeros_like(p, dtype=hd, memory_format=torch.preserve_format)
+            if not fresh:
+                state[DIR].copy_(self.rule.previous_directions([p], [state], group)[0])
         if "parameter" in self.tree.levels and ALPHA_OFFSET not in state:
             state[ALPHA_OFFSET] = torch.zeros_like(p, dtype=hd, memory_format=torch.preserve_format)
         return state
@@ -257,6 +264,8 @@ class CAMHDOptimizer(Optimizer):
         self._last_hyper = camhd_step(step, self._hyper_state(), self._tree_index(flat), self.config, self.rule, t,
                                       sharding, impl=impl)
         self._last_path = impl
+        for state in step.stale_dirs or ():  # this step's direction is rebuilt from the base state from now on
+            del state[DIR]
         self._watch_rates()
         return loss
 
@@ -350,7 +359,9 @@ class CAMHDOptimizer(Optimizer):
         st.params.append(sharding.local(p))
         st.grads.append(-grad if group["maximize"] else grad)
         st.states.append(view)
-        st.dirs.append(view[DIR])
+        st.dirs.append(view.get(DIR))
+        if DIR in state and self.rule.derives_direction(group):  # e.g. from a checkpoint of an older version
+            st.stale_dirs = (st.stale_dirs or []) + [state]
         st.dir_scales.append(view[DIR_SCALE])
         if st.offsets is not None:
             st.offsets.append(view[ALPHA_OFFSET])
@@ -409,15 +420,15 @@ class CAMHDOptimizer(Optimizer):
             if self.fused is None:
                 _fused.warn_unavailable_once()
             return f"the fused kernels are unavailable ({_fused.unavailable_reason()})"
-        for k, p in enumerate(step.params):
-            g = step.grads[k]
-            state = [(DIR, step.dirs[k]), (ALPHA_OFFSET, step.offsets[k] if step.offsets is not None else None),
-                     *((key, step.states[k].get(key)) for key in self.rule.fused_state_keys)]
+        keys = self.rule.fused_state_keys
+        offsets = step.offsets if step.offsets is not None else [None] * len(step.params)
+        for k, (p, g, st, d, off) in enumerate(zip(step.params, step.grads, step.states, step.dirs, offsets)):
             # note: a parameter whose state passed once is only checked against its new gradient (a fast check)
-            seen = (id(p), *(id(t) for _, t in state))
+            seen = (id(p), id(d), id(off), *[id(st.get(key)) for key in keys])
             fmt = self._fused_checked.get(seen)
             if fmt is not None and g.dtype == p.dtype and g.device == p.device and g.is_contiguous(memory_format=fmt):
                 continue
+            state = [(DIR, d), (ALPHA_OFFSET, off), *((key, st.get(key)) for key in keys)]
             why = _fused.ineligible_reason([("the parameter", p), ("its gradient", g), *state])
             if not why and step.dir_scales[k].dtype != p.dtype:  # the kernels write u's factor in the param's dtype
                 why = f"{DIR_SCALE} has dtype {step.dir_scales[k].dtype}, the parameter {p.dtype}"
@@ -509,6 +520,29 @@ class CAMHDOptimizer(Optimizer):
     def skipped_steps(self) -> int:
         """Number of steps whose hyper-update was skipped because the hyper-gradient was not finite."""
         return int(self.param_groups[0][SKIPPED])
+
+    def hypergrad_direction(self, p: Tensor) -> Tensor | None:
+        """``u`` of parameter ``p`` after the last step: how that step moved ``p`` per unit of learned rate
+        (``∂θ/∂α``, ``docs/algorithm.md`` §3), which the next hyper-gradient ``h = g ⊙ u`` is taken against.
+        ``None`` before ``p``'s first step.
+
+        The state keeps ``u`` as a 0-d factor (``hypergrad_dir_scale``) times a direction. Where the base rule can
+        rebuild that direction from its own state — Adam's ``m / (sqrt(v) + ε')``, SGD's heavy-ball buffer — it is
+        not stored (one parameter-sized buffer less); this method rebuilds it.
+
+        Example::
+
+            opt.step()
+            u = opt.hypergrad_direction(model.weight)   # same shape as the weight, in the hyper dtype
+        """
+        state = self.state.get(p)
+        if not state or DIR_SCALE not in state:
+            return None
+        d = state.get(DIR)
+        if d is None:
+            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+            d = self.rule.previous_directions([p], [state], group)[0]
+        return state[DIR_SCALE] * d.to(state[DIR_SCALE].dtype)
 
     def alpha(self, level: str, *, dtype: torch.dtype | None = torch.float32) -> Tensor:
         """Every node's learned rate α at ``level`` as a 1-D tensor (fp32 by default).

@@ -16,7 +16,7 @@
  * timing): each thread sums a fixed slice with CAMHD_LANES independent accumulators and the partial sums
  * are added in thread order; per-unit sums are computed whole by one thread each. So results are bitwise
  * reproducible for a given thread count. The element loops are always-inline bodies instantiated per flag
- * combination (branch-free, so they vectorise); `target_clones` adds an AVX2 build picked at load time.
+ * combination (branch-free, so they vectorise); `target_clones` adds AVX-512 and AVX2 builds picked at load time.
  */
 #include <math.h>
 #include <stdint.h>
@@ -37,7 +37,7 @@ static int omp_get_num_threads(void) { return 1; }
 #define INLINE static inline __attribute__((always_inline))
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CAMHD_CLONES __attribute__((target_clones("avx2", "default")))
+#define CAMHD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define CAMHD_CLONES
 #endif
@@ -90,46 +90,63 @@ INLINE void camhd_slice(int64_t n, int t, int nt, int64_t *lo, int64_t *hi) {
     *hi = per * (t + 1) < n ? per * (t + 1) : n;
 }
 
-/* every flag combination of the pass-2 loops as a switch case with constant flags (OFF=0 implies UPD=0) */
-#define ADAM_CASE(OFF, UPD, DEC, AMS, L2)                                                            \
-    case (OFF | UPD << 1 | DEC << 3 | AMS << 4 | L2 << 5):                                          \
-        SFX(adam_loop)(p, g, dir, off, m, v, vmax, lo, hi, OFF, UPD, DEC, AMS, L2, c, olo, ohi, oa0, ka, \
-                       kb, da, db, dd, wd, w1, b2, w2, shift);                                      \
+/* Every flag combination of a loop as a switch case with constant flags (branch-free loops that vectorise).
+ * DRV: where the previous direction comes from (see CAMHD_OLD_DIR in camhd_fused_impl.h); in the SGD codes it
+ * is stored as 0 (stored), 1 (none: 0) or 2 (the heavy-ball buffer) and mapped back to 0 / 2 / 3. */
+#define HSUM_CASE(OFF, NORMS, DRV)                                                                   \
+    case (OFF | NORMS << 1 | DRV << 2):                                                            \
+        SFX(hsum_loop)(g, dir, off, mq, vq, sp, lo, hi, OFF, NORMS, DRV, s);                        \
         break;
-#define ADAM_CASES_OFF(DEC, AMS, L2) ADAM_CASE(0, 0, DEC, AMS, L2) ADAM_CASE(1, 0, DEC, AMS, L2)     \
-    ADAM_CASE(1, 1, DEC, AMS, L2) ADAM_CASE(1, 2, DEC, AMS, L2)
-#define ADAM_CASES ADAM_CASES_OFF(0, 0, 0) ADAM_CASES_OFF(1, 0, 0) ADAM_CASES_OFF(0, 1, 0)           \
-    ADAM_CASES_OFF(1, 1, 0) ADAM_CASES_OFF(0, 0, 1) ADAM_CASES_OFF(1, 0, 1) ADAM_CASES_OFF(0, 1, 1)  \
-    ADAM_CASES_OFF(1, 1, 1)
+#define HSUM_CASES_D(DRV) HSUM_CASE(0, 0, DRV) HSUM_CASE(1, 0, DRV) HSUM_CASE(0, 1, DRV) HSUM_CASE(1, 1, DRV)
+#define HSUM_CASES HSUM_CASES_D(0) HSUM_CASES_D(1) HSUM_CASES_D(2)
 
-#define SGD_CASE(OFF, UPD, L2, FIRST, MOM)                                                           \
-    case (OFF | UPD << 1 | L2 << 3 | FIRST << 4 | MOM << 5):                                        \
-        SFX(sgd_loop)(p, g, dir, off, buf, lo, hi, OFF, UPD, MOM, FIRST, L2, c, olo, ohi, oa0, ka, kb, \
-                      wd, mu, dm);                                                                  \
+/* pass 2 (OFF=0 implies UPD=0) */
+#define ADAM_CASE(OFF, UPD, DEC, AMS, L2, DRV)                                                       \
+    case (OFF | UPD << 1 | DEC << 3 | AMS << 4 | L2 << 5 | DRV << 6):                              \
+        SFX(adam_loop)(p, g, dir, off, m, v, vmax, lo, hi, OFF, UPD, DEC, AMS, L2, DRV, c, olo, ohi, oa0, \
+                       ka, kb, da, db, dd, wd, w1, b2, w2, shift, sp);                              \
         break;
-#define SGD_CASES_OFF(L2, FIRST, MOM) SGD_CASE(0, 0, L2, FIRST, MOM) SGD_CASE(1, 0, L2, FIRST, MOM)   \
-    SGD_CASE(1, 1, L2, FIRST, MOM) SGD_CASE(1, 2, L2, FIRST, MOM)
-#define SGD_CASES_MOM(L2, MOM) SGD_CASES_OFF(L2, 0, MOM) SGD_CASES_OFF(L2, 1, MOM)
-#define SGD_CASES SGD_CASES_MOM(0, 0) SGD_CASES_MOM(1, 0) SGD_CASES_MOM(0, 1) SGD_CASES_MOM(1, 1)   \
-    SGD_CASES_MOM(0, 2) SGD_CASES_MOM(1, 2)
+#define ADAM_CASES_OFF(DEC, AMS, L2, DRV) ADAM_CASE(0, 0, DEC, AMS, L2, DRV)                          \
+    ADAM_CASE(1, 0, DEC, AMS, L2, DRV) ADAM_CASE(1, 1, DEC, AMS, L2, DRV) ADAM_CASE(1, 2, DEC, AMS, L2, DRV)
+#define ADAM_CASES_D(DRV) ADAM_CASES_OFF(0, 0, 0, DRV) ADAM_CASES_OFF(1, 0, 0, DRV)                   \
+    ADAM_CASES_OFF(0, 1, 0, DRV) ADAM_CASES_OFF(1, 1, 0, DRV) ADAM_CASES_OFF(0, 0, 1, DRV)              \
+    ADAM_CASES_OFF(1, 0, 1, DRV) ADAM_CASES_OFF(0, 1, 1, DRV) ADAM_CASES_OFF(1, 1, 1, DRV)
+#define ADAM_CASES ADAM_CASES_D(0) ADAM_CASES_D(1)
 
-/* pass A: every flag combination (norms, decoupled, amsgrad, L2 / norms, L2, first, momentum) */
-#define ADAM_A_CASE(NORMS, DEC, AMS, L2)                                                             \
-    case (NORMS | DEC << 1 | AMS << 2 | L2 << 3):                                                  \
-        SFX(adam_a_loop)(p, g, dir, m, v, vmax, lo, hi, NORMS, DEC, AMS, L2, dd, wd, w1, b2, w2, shift, s); \
+#define SGD_CASE(OFF, UPD, L2, FIRST, MOM, DRV)                                                      \
+    case (OFF | UPD << 1 | L2 << 3 | FIRST << 4 | MOM << 5 | DRV << 7):                            \
+        SFX(sgd_loop)(p, g, dir, off, buf, lo, hi, OFF, UPD, MOM, FIRST, L2, DRV ? DRV + 1 : 0, c, olo, \
+                      ohi, oa0, ka, kb, wd, mu, dm);                                                \
         break;
-#define ADAM_A_CASES_N(DEC, AMS, L2) ADAM_A_CASE(0, DEC, AMS, L2) ADAM_A_CASE(1, DEC, AMS, L2)
-#define ADAM_A_CASES ADAM_A_CASES_N(0, 0, 0) ADAM_A_CASES_N(1, 0, 0) ADAM_A_CASES_N(0, 1, 0)               \
-    ADAM_A_CASES_N(1, 1, 0) ADAM_A_CASES_N(0, 0, 1) ADAM_A_CASES_N(1, 0, 1) ADAM_A_CASES_N(0, 1, 1)     \
-    ADAM_A_CASES_N(1, 1, 1)
-#define SGD_A_CASE(NORMS, L2, FIRST, MOM)                                                            \
-    case (NORMS | L2 << 1 | FIRST << 2 | MOM << 3):                                                \
-        SFX(sgd_a_loop)(p, g, dir, buf, lo, hi, NORMS, MOM, FIRST, L2, wd, mu, dm, s);             \
+#define SGD_CASES_OFF(L2, FIRST, MOM, DRV) SGD_CASE(0, 0, L2, FIRST, MOM, DRV)                        \
+    SGD_CASE(1, 0, L2, FIRST, MOM, DRV) SGD_CASE(1, 1, L2, FIRST, MOM, DRV) SGD_CASE(1, 2, L2, FIRST, MOM, DRV)
+#define SGD_CASES_MOM(L2, MOM, DRV) SGD_CASES_OFF(L2, 0, MOM, DRV) SGD_CASES_OFF(L2, 1, MOM, DRV)
+#define SGD_CASES_D(DRV) SGD_CASES_MOM(0, 0, DRV) SGD_CASES_MOM(1, 0, DRV) SGD_CASES_MOM(0, 1, DRV)    \
+    SGD_CASES_MOM(1, 1, DRV) SGD_CASES_MOM(0, 2, DRV) SGD_CASES_MOM(1, 2, DRV)
+/* the derived codes only with heavy ball (MOM 1): a zero direction (1) on its first step, the buffer (2) after */
+#define SGD_CASES SGD_CASES_D(0) SGD_CASES_OFF(0, 1, 1, 1) SGD_CASES_OFF(1, 1, 1, 1)                  \
+    SGD_CASES_OFF(0, 0, 1, 2) SGD_CASES_OFF(1, 0, 1, 2)
+
+/* pass A: every flag combination (norms, decoupled, amsgrad, L2, derived / norms, L2, first, momentum, derived) */
+#define ADAM_A_CASE(NORMS, DEC, AMS, L2, DRV)                                                        \
+    case (NORMS | DEC << 1 | AMS << 2 | L2 << 3 | DRV << 4):                                       \
+        SFX(adam_a_loop)(p, g, dir, m, v, vmax, lo, hi, NORMS, DEC, AMS, L2, DRV, dd, wd, w1, b2, w2, shift, \
+                         sp, s);                                                                    \
         break;
-#define SGD_A_CASES_N(L2, FIRST, MOM) SGD_A_CASE(0, L2, FIRST, MOM) SGD_A_CASE(1, L2, FIRST, MOM)
-#define SGD_A_CASES_F(L2, MOM) SGD_A_CASES_N(L2, 0, MOM) SGD_A_CASES_N(L2, 1, MOM)
+#define ADAM_A_CASES_N(DEC, AMS, L2, DRV) ADAM_A_CASE(0, DEC, AMS, L2, DRV) ADAM_A_CASE(1, DEC, AMS, L2, DRV)
+#define ADAM_A_CASES_D(DRV) ADAM_A_CASES_N(0, 0, 0, DRV) ADAM_A_CASES_N(1, 0, 0, DRV)                 \
+    ADAM_A_CASES_N(0, 1, 0, DRV) ADAM_A_CASES_N(1, 1, 0, DRV) ADAM_A_CASES_N(0, 0, 1, DRV)              \
+    ADAM_A_CASES_N(1, 0, 1, DRV) ADAM_A_CASES_N(0, 1, 1, DRV) ADAM_A_CASES_N(1, 1, 1, DRV)
+#define ADAM_A_CASES ADAM_A_CASES_D(0) ADAM_A_CASES_D(1)
+#define SGD_A_CASE(NORMS, L2, FIRST, MOM, DRV)                                                       \
+    case (NORMS | L2 << 1 | FIRST << 2 | MOM << 3 | DRV << 5):                                     \
+        SFX(sgd_a_loop)(p, g, dir, buf, lo, hi, NORMS, MOM, FIRST, L2, DRV ? DRV + 1 : 0, wd, mu, dm, s); \
+        break;
+#define SGD_A_CASES_N(L2, FIRST, MOM, DRV) SGD_A_CASE(0, L2, FIRST, MOM, DRV) SGD_A_CASE(1, L2, FIRST, MOM, DRV)
+#define SGD_A_CASES_F(L2, MOM) SGD_A_CASES_N(L2, 0, MOM, 0) SGD_A_CASES_N(L2, 1, MOM, 0)
 #define SGD_A_CASES SGD_A_CASES_F(0, 0) SGD_A_CASES_F(1, 0) SGD_A_CASES_F(0, 1) SGD_A_CASES_F(1, 1)       \
-    SGD_A_CASES_F(0, 2) SGD_A_CASES_F(1, 2)
+    SGD_A_CASES_F(0, 2) SGD_A_CASES_F(1, 2) SGD_A_CASES_N(0, 1, 1, 1) SGD_A_CASES_N(1, 1, 1, 1)       \
+    SGD_A_CASES_N(0, 0, 1, 2) SGD_A_CASES_N(1, 0, 1, 2)
 
 #define T float
 #define SFX(name) name##_f32

@@ -1,20 +1,32 @@
 /* The kernels for one element type: included by camhd_fused.c with T, SFX(name) and SQRT defined. */
 
+/* The previous direction of element k, by where it comes from (DRV, a constant in every loop):
+ *   0  stored in dir[k];
+ *   1  rebuilt as Adam's quotient m[k] / (sqrt(v[k]) + sp) from the moments before this step's update (sp: the
+ *      shift of the previous step; v is max_exp_avg_sq with amsgrad): nothing is stored;
+ *   2  none (no previous step): 0;
+ *   3  SGD with heavy-ball momentum: the buffer buf[k] before this step's update. */
+#define CAMHD_OLD_DIR(k) (DRV == 0 ? dir[k] : DRV == 1 ? mq[k] / (SQRT(vq[k]) + sp) : DRV == 3 ? buf[k] : (T)0)
+
 /* pass-1 sums over [lo, hi) in a fixed order that still vectorises (constant flags: one loop per combination):
- * s[0] = sum g*dir, s[1] = sum off*g*dir (OFF), s[2] = sum g*g and s[3] = sum dir*dir (NORMS) */
-INLINE void SFX(hsum_loop)(const T *restrict g, const T *restrict dir, const T *restrict off, int64_t lo,
-                           int64_t hi, const int OFF, const int NORMS, double *s) {
+ * s[0] = sum g*dir, s[1] = sum off*g*dir (OFF), s[2] = sum g*g and s[3] = sum dir*dir (NORMS); dir by DRV
+ * (0, 1 or 2; an SGD buffer comes in as dir) */
+INLINE void SFX(hsum_loop)(const T *restrict g, const T *restrict dir, const T *restrict off, const T *restrict mq,
+                           const T *restrict vq, T sp, int64_t lo, int64_t hi, const int OFF, const int NORMS,
+                           const int DRV, double *s) {
+    const T *buf = 0;
     double a[CAMHD_LANES] = {0}, b[CAMHD_LANES] = {0}, c[CAMHD_LANES] = {0}, d[CAMHD_LANES] = {0};
     int64_t i = lo, end = lo + (hi - lo) / CAMHD_LANES * CAMHD_LANES;
+    (void)buf;
     for (; i < end; i += CAMHD_LANES)
         for (int j = 0; j < CAMHD_LANES; j++) {
-            double gv = (double)g[i + j], dv = (double)dir[i + j], h = gv * dv;
+            double gv = (double)g[i + j], dv = (double)CAMHD_OLD_DIR(i + j), h = gv * dv;
             a[j] += h;
             if (OFF) b[j] += (double)off[i + j] * h;
             if (NORMS) { c[j] += gv * gv; d[j] += dv * dv; }
         }
     for (; i < hi; i++) {
-        double gv = (double)g[i], dv = (double)dir[i], h = gv * dv;
+        double gv = (double)g[i], dv = (double)CAMHD_OLD_DIR(i), h = gv * dv;
         a[0] += h;
         if (OFF) b[0] += (double)off[i] * h;
         if (NORMS) { c[0] += gv * gv; d[0] += dv * dv; }
@@ -23,18 +35,18 @@ INLINE void SFX(hsum_loop)(const T *restrict g, const T *restrict dir, const T *
     for (int j = 0; j < CAMHD_LANES; j++) { s[0] += a[j]; s[1] += b[j]; s[2] += c[j]; s[3] += d[j]; }
 }
 
-INLINE void SFX(hsum_range)(const T *g, const T *dir, const T *off, int64_t lo, int64_t hi, int norms, double *s) {
-    switch ((off != 0) | (norms != 0) << 1) {
-    case 0: SFX(hsum_loop)(g, dir, off, lo, hi, 0, 0, s); break;
-    case 1: SFX(hsum_loop)(g, dir, off, lo, hi, 1, 0, s); break;
-    case 2: SFX(hsum_loop)(g, dir, off, lo, hi, 0, 1, s); break;
-    default: SFX(hsum_loop)(g, dir, off, lo, hi, 1, 1, s); break;
+INLINE void SFX(hsum_range)(const T *g, const T *dir, const T *off, const T *mq, const T *vq, T sp, int64_t lo,
+                            int64_t hi, int norms, double *s) {
+    int drv = dir ? 0 : (mq ? 1 : 2);
+    switch ((off != 0) | (norms != 0) << 1 | drv << 2) {
+    HSUM_CASES
     }
 }
 
 /* pass 1 of one tensor: out[0..3] = sum g*dir, sum off*g*dir (0 when off is NULL), and when norms
- * sum g*g, sum dir*dir (else 0) */
-CAMHD_CLONES void SFX(camhd_hsum)(const T *g, const T *dir, const T *off, int64_t n, int norms, double *out) {
+ * sum g*g, sum dir*dir (else 0). dir NULL: the direction is m / (sqrt(v) + sp) (m, v not NULL), else 0. */
+CAMHD_CLONES void SFX(camhd_hsum)(const T *g, const T *dir, const T *off, const T *m, const T *v, double sp,
+                                  int64_t n, int norms, double *out) {
     double part[4 * CAMHD_MAX_THREADS];
     int nt = camhd_threads(n), used = 1;
     (void)nt;
@@ -44,7 +56,7 @@ CAMHD_CLONES void SFX(camhd_hsum)(const T *g, const T *dir, const T *off, int64_
         int64_t lo, hi;
         if (t == 0) used = k;
         camhd_slice(n, t, k, &lo, &hi);
-        SFX(hsum_range)(g, dir, off, lo, hi, norms, &part[4 * t]);
+        SFX(hsum_range)(g, dir, off, m, v, (T)sp, lo, hi, norms, &part[4 * t]);
     }
     for (int ch = 0; ch < 4; ch++) out[ch] = 0.0;
     for (int t = 0; t < used; t++)
@@ -53,15 +65,15 @@ CAMHD_CLONES void SFX(camhd_hsum)(const T *g, const T *dir, const T *off, int64_
 
 /* pass 1 with the unit level (units along dim 0, n / row_len rows): rows[ch * nrows + r] = the sum of channel
  * ch (as camhd_hsum) over row r; out[ch] = their totals, added in row order */
-CAMHD_CLONES void SFX(camhd_hsum_rows)(const T *g, const T *dir, const T *off, int64_t n, int64_t row_len,
-                                       int norms, double *rows, double *out) {
+CAMHD_CLONES void SFX(camhd_hsum_rows)(const T *g, const T *dir, const T *off, const T *m, const T *v, double sp,
+                                       int64_t n, int64_t row_len, int norms, double *rows, double *out) {
     int64_t nrows = row_len > 0 ? n / row_len : 0;
     int nt = camhd_threads(n);
     (void)nt;
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t r = 0; r < nrows; r++) {
         double s[4];
-        SFX(hsum_range)(g, dir, off, r * row_len, (r + 1) * row_len, norms, s);
+        SFX(hsum_range)(g, dir, off, m, v, (T)sp, r * row_len, (r + 1) * row_len, norms, s);
         for (int ch = 0; ch < 4; ch++) rows[ch * nrows + r] = s[ch];
     }
     for (int ch = 0; ch < 4; ch++) {
@@ -93,11 +105,14 @@ INLINE T SFX(alpha_off)(T *restrict off, T gi, T di, int64_t i, const int OFF, c
 
 INLINE void SFX(adam_loop)(T *restrict p, const T *restrict g, T *restrict dir, T *restrict off,
                            T *restrict m, T *restrict v, T *restrict vmax, int64_t lo, int64_t hi,
-                           const int OFF, const int UPD, const int DEC, const int AMS, const int L2,
-                           T c, T olo, T ohi, T oa0, T ka, T kb, T da, T db, T dd, T wd, T w1, T b2, T w2, T shift) {
+                           const int OFF, const int UPD, const int DEC, const int AMS, const int L2, const int DRV,
+                           T c, T olo, T ohi, T oa0, T ka, T kb, T da, T db, T dd, T wd, T w1, T b2, T w2, T shift,
+                           T sp) {
+    const T *mq = m, *vq = AMS ? vmax : v, *buf = 0;
+    (void)buf;
     for (int64_t i = lo; i < hi; i++) {
         T gi = g[i], th = p[i];
-        T o = SFX(alpha_off)(off, gi, dir[i], i, OFF, UPD, c, olo, ohi, oa0);
+        T o = SFX(alpha_off)(off, gi, CAMHD_OLD_DIR(i), i, OFF, UPD, c, olo, ohi, oa0);
         T gg = L2 ? gi + wd * th : gi;
         T mi = m[i] + w1 * (gg - m[i]);
         T vi = b2 * v[i] + w2 * gg * gg;
@@ -112,10 +127,10 @@ INLINE void SFX(adam_loop)(T *restrict p, const T *restrict g, T *restrict dir, 
         T k = OFF ? ka + kb * o : ka;
         if (DEC) {
             T kd = OFF ? da + db * o : da;
-            dir[i] = q + dd * th;
+            if (DRV == 0) dir[i] = q + dd * th;
             p[i] = th * (kd + (T)1) + k * q;
         } else {
-            dir[i] = q;
+            if (DRV == 0) dir[i] = q;
             p[i] = th + k * q;
         }
     }
@@ -123,7 +138,7 @@ INLINE void SFX(adam_loop)(T *restrict p, const T *restrict g, T *restrict dir, 
 
 INLINE void SFX(adam_range)(T *p, const T *g, T *dir, T *off, T *m, T *v, T *vmax, int64_t lo, int64_t hi,
                             int code, T c, T olo, T ohi, T oa0, T ka, T kb, T da, T db, T dd,
-                            T wd, T w1, T b2, T w2, T shift) {
+                            T wd, T w1, T b2, T w2, T shift, T sp) {
     switch (code) { ADAM_CASES }
 }
 
@@ -131,16 +146,18 @@ INLINE void SFX(adam_range)(T *p, const T *g, T *dir, T *off, T *m, T *v, T *vma
  * do_alpha (1: additive, 2: normalized; see alpha_off, a0 = alpha_0). q = m / (sqrt(v) + shift) after the moment updates (L2 decay wd enters g);
  * theta <- theta*(1 + da + db*off) [decoupled] + (ka + kb*off)*q; dir <- q + dd*theta_old [decoupled] or q.
  * krow (nullable, the unit level): per-row factors, row r of row_len elements uses ka*krow[r], da*krow[r].
- * u_scale (nullable): the 0-d factor of the stored direction, set to u_value (u = u_value * dir). */
+ * u_scale (nullable): the 0-d factor of the stored direction, set to u_value (u = u_value * dir).
+ * dir NULL: nothing is stored; the previous direction is rebuilt as m / (sqrt(v) + prev_shift) (see CAMHD_OLD_DIR). */
 CAMHD_CLONES void SFX(camhd_adam)(T *p, const T *g, T *dir, T *off, T *m, T *v, T *vmax, int64_t n,
                                   const double *krow, int64_t row_len, int do_alpha, double c, double olo,
                                   double ohi, double a0, double ka, double kb, int decoupled, double da, double db,
                                   double dd, double wd, double w1, double b2, double w2, double shift,
-                                  T *u_scale, double u_value) {
+                                  double prev_shift, T *u_scale, double u_value) {
     int nt = camhd_threads(n);
     int OFF = off != 0, UPD = off != 0 ? (do_alpha < 0 ? 0 : (do_alpha > 2 ? 2 : do_alpha)) : 0;
-    int DEC = decoupled != 0, AMS = vmax != 0, L2 = wd != 0.0;
-    int code = OFF | UPD << 1 | DEC << 3 | AMS << 4 | L2 << 5;
+    int DEC = decoupled != 0, AMS = vmax != 0, L2 = wd != 0.0, DRV = dir ? 0 : 1;
+    int code = OFF | UPD << 1 | DEC << 3 | AMS << 4 | L2 << 5 | DRV << 6;
+    T sp = (T)prev_shift;
     T oa0 = (T)a0;
     (void)nt;
     #pragma omp parallel num_threads(nt)
@@ -149,12 +166,12 @@ CAMHD_CLONES void SFX(camhd_adam)(T *p, const T *g, T *dir, T *off, T *m, T *v, 
         camhd_slice(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
         if (!krow) {
             SFX(adam_range)(p, g, dir, off, m, v, vmax, lo, hi, code, c, olo, ohi, oa0, ka, kb, da, db, dd,
-                            wd, w1, b2, w2, shift);
+                            wd, w1, b2, w2, shift, sp);
         } else {
             for (int64_t i = lo; i < hi;) {
                 int64_t r = i / row_len, e = (r + 1) * row_len < hi ? (r + 1) * row_len : hi;
                 SFX(adam_range)(p, g, dir, off, m, v, vmax, i, e, code, c, olo, ohi, oa0, ka * krow[r], kb,
-                                da * krow[r], db, dd, wd, w1, b2, w2, shift);
+                                da * krow[r], db, dd, wd, w1, b2, w2, shift, sp);
                 i = e;
             }
         }
@@ -164,11 +181,14 @@ CAMHD_CLONES void SFX(camhd_adam)(T *p, const T *g, T *dir, T *off, T *m, T *v, 
 
 INLINE void SFX(sgd_loop)(T *restrict p, const T *restrict g, T *restrict dir, T *restrict off,
                           T *restrict buf, int64_t lo, int64_t hi,
-                          const int OFF, const int UPD, const int MOM, const int FIRST, const int L2,
+                          const int OFF, const int UPD, const int MOM, const int FIRST, const int L2, const int DRV,
                           T c, T olo, T ohi, T oa0, T ka, T kb, T wd, T mu, T dm) {
+    const T *mq = 0, *vq = 0;
+    T sp = 0;
+    (void)mq; (void)vq; (void)sp;
     for (int64_t i = lo; i < hi; i++) {
         T gi = g[i], th = p[i];
-        T o = SFX(alpha_off)(off, gi, dir[i], i, OFF, UPD, c, olo, ohi, oa0);
+        T o = SFX(alpha_off)(off, gi, CAMHD_OLD_DIR(i), i, OFF, UPD, c, olo, ohi, oa0);
         T gg = L2 ? gi + wd * th : gi;
         T d = gg;
         if (MOM) {
@@ -177,7 +197,7 @@ INLINE void SFX(sgd_loop)(T *restrict p, const T *restrict g, T *restrict dir, T
             d = MOM == 2 ? gg + mu * b : b;
         }
         T k = OFF ? ka + kb * o : ka;
-        dir[i] = d;
+        if (DRV == 0) dir[i] = d;
         p[i] = th + k * d;
     }
 }
@@ -188,7 +208,8 @@ INLINE void SFX(sgd_range)(T *p, const T *g, T *dir, T *off, T *buf, int64_t lo,
 }
 
 /* SGD on one tensor. momentum: 0 plain (buf unused), 1 heavy ball, 2 Nesterov; first: buf <- g (torch's
- * first step). theta <- theta + (ka + kb*off)*d; dir <- d. krow, row_len, off, do_alpha: as camhd_adam. */
+ * first step). theta <- theta + (ka + kb*off)*d; dir <- d. krow, row_len, off, do_alpha: as camhd_adam.
+ * dir NULL (heavy ball only): nothing is stored; the previous direction is the buffer (0 on the first step). */
 CAMHD_CLONES void SFX(camhd_sgd)(T *p, const T *g, T *dir, T *off, T *buf, int64_t n, const double *krow,
                                  int64_t row_len, int do_alpha, double c, double olo, double ohi, double a0,
                                  double ka, double kb, double wd, int momentum, int first, double mu, double damp,
@@ -196,7 +217,8 @@ CAMHD_CLONES void SFX(camhd_sgd)(T *p, const T *g, T *dir, T *off, T *buf, int64
     int nt = camhd_threads(n);
     int OFF = off != 0, UPD = off != 0 ? (do_alpha < 0 ? 0 : (do_alpha > 2 ? 2 : do_alpha)) : 0, L2 = wd != 0.0;
     int MOM = momentum < 0 ? 0 : (momentum > 2 ? 2 : momentum), FIRST = first != 0;
-    int code = OFF | UPD << 1 | L2 << 3 | FIRST << 4 | MOM << 5;
+    int DRV = dir ? 0 : (FIRST || MOM != 1 ? 2 : 3);
+    int code = OFF | UPD << 1 | L2 << 3 | FIRST << 4 | MOM << 5 | (DRV == 0 ? 0 : DRV - 1) << 7;
     T oa0 = (T)a0;
     double dm = 1.0 - damp;
     (void)nt;
@@ -226,7 +248,7 @@ CAMHD_CLONES void SFX(camhd_sgd)(T *p, const T *g, T *dir, T *off, T *buf, int64
 
 /* the pass-1 sums of element k (lane j): g*dir_old, and g*g, dir_old*dir_old when NORMS */
 #define CAMHD_A_SUMS(k, j)                                                                                \
-    double gv_ = (double)g[k], dv_ = (double)dir[k];                                                     \
+    double gv_ = (double)g[k], dv_ = (double)CAMHD_OLD_DIR(k);                                           \
     a[j] += gv_ * dv_;                                                                                   \
     if (NORMS) { c[j] += gv_ * gv_; d[j] += dv_ * dv_; }
 
@@ -245,14 +267,16 @@ CAMHD_CLONES void SFX(camhd_sgd)(T *p, const T *g, T *dir, T *off, T *buf, int64
             vmax[k] = vi;                                                                                \
         }                                                                                                \
         T q = mi / (SQRT(vi) + shift);                                                                   \
-        dir[k] = DEC ? q + dd * th : q;                                                                  \
+        if (DRV == 0) dir[k] = DEC ? q + dd * th : q;                                                    \
     }
 
 /* pass A for Adam / AdamW over [lo, hi): s[0] = sum g*dir_old, s[2] = sum g*g, s[3] = sum dir_old^2 (NORMS) */
 INLINE void SFX(adam_a_loop)(const T *restrict p, const T *restrict g, T *restrict dir, T *restrict m,
                              T *restrict v, T *restrict vmax, int64_t lo, int64_t hi, const int NORMS,
-                             const int DEC, const int AMS, const int L2, T dd, T wd, T w1, T b2, T w2, T shift,
-                             double *s) {
+                             const int DEC, const int AMS, const int L2, const int DRV, T dd, T wd, T w1, T b2,
+                             T w2, T shift, T sp, double *s) {
+    const T *mq = m, *vq = AMS ? vmax : v, *buf = 0;
+    (void)buf;
     double a[CAMHD_LANES] = {0}, c[CAMHD_LANES] = {0}, d[CAMHD_LANES] = {0};
     int64_t i = lo, end = lo + (hi - lo) / CAMHD_LANES * CAMHD_LANES;
     for (; i < end; i += CAMHD_LANES)
@@ -263,7 +287,7 @@ INLINE void SFX(adam_a_loop)(const T *restrict p, const T *restrict g, T *restri
 }
 
 INLINE void SFX(adam_a_range)(const T *p, const T *g, T *dir, T *m, T *v, T *vmax, int64_t lo, int64_t hi,
-                              int code, T dd, T wd, T w1, T b2, T w2, T shift, double *s) {
+                              int code, T dd, T wd, T w1, T b2, T w2, T shift, T sp, double *s) {
     switch (code) { ADAM_A_CASES }
 }
 
@@ -278,13 +302,16 @@ INLINE void SFX(adam_a_range)(const T *p, const T *g, T *dir, T *m, T *v, T *vma
             buf[k] = b;                                                                                  \
             dk = MOM == 2 ? gg + mu * b : b;                                                             \
         }                                                                                                \
-        dir[k] = dk;                                                                                     \
+        if (DRV == 0) dir[k] = dk;                                                                       \
     }
 
 /* pass A for SGD (plain, heavy ball, Nesterov) over [lo, hi), sums as adam_a_loop */
 INLINE void SFX(sgd_a_loop)(const T *restrict p, const T *restrict g, T *restrict dir, T *restrict buf,
                             int64_t lo, int64_t hi, const int NORMS, const int MOM, const int FIRST, const int L2,
-                            T wd, T mu, T dm, double *s) {
+                            const int DRV, T wd, T mu, T dm, double *s) {
+    const T *mq = 0, *vq = 0;
+    T sp = 0;
+    (void)mq; (void)vq; (void)sp;
     double a[CAMHD_LANES] = {0}, c[CAMHD_LANES] = {0}, d[CAMHD_LANES] = {0};
     int64_t i = lo, end = lo + (hi - lo) / CAMHD_LANES * CAMHD_LANES;
     for (; i < end; i += CAMHD_LANES)
@@ -343,18 +370,23 @@ INLINE void SFX(sgd_a_range)(const T *p, const T *g, T *dir, T *buf, int64_t lo,
 /* Adam / AdamW pass A on nt tensors (one param group): out[4t + k] = sum g*dir_old (k = 0), sum g*g and
  * sum dir_old^2 (k = 2, 3, when norms) of tensor t, then its moments and dir <- q = m / (sqrt(v) + shift[t]); L2
  * decay wd enters g (p is read only for it); rows[t] (row_lens[t] > 0): the same sums per unit along dim 0;
- * *u_scale[t] <- u_value[t]. vmax: NULL, or an array (amsgrad). Returns 0, or -1 when out of memory. */
+ * *u_scale[t] <- u_value[t]. vmax: NULL, or an array (amsgrad). dir (the array, or dir[t]) NULL: nothing is
+ * stored, dir_old is rebuilt as m / (sqrt(v) + prev_shift[t]) before the update. Returns 0, or -1 when out of
+ * memory. */
 CAMHD_CLONES int SFX(camhd_adam_a_many)(int64_t nt, const int64_t *sizes, const int64_t *row_lens, T *const *p,
                                         T *const *g, T *const *dir, T *const *m, T *const *v, T *const *vmax,
                                         double *const *rows, int norms, double *out, double wd, double w1, double b2,
-                                        double w2, const double *shift, T *const *u_scale, const double *u_value) {
+                                        double w2, const double *shift, const double *prev_shift,
+                                        T *const *u_scale, const double *u_value) {
     int code = (norms != 0) | (vmax != 0) << 2 | (wd != 0.0) << 3;
-    CAMHD_RUN_A_MANY(SFX(adam_a_range)(p[t], g[t], dir[t], m[t], v[t], vmax ? vmax[t] : 0, lo, hi, code, 0, wd, w1,
-                                       b2, w2, (T)shift[t], s))
+    CAMHD_RUN_A_MANY(SFX(adam_a_range)(p[t], g[t], dir ? dir[t] : 0, m[t], v[t], vmax ? vmax[t] : 0, lo, hi,
+                                       code | (dir && dir[t] ? 0 : 1) << 4, 0, wd, w1, b2, w2, (T)shift[t],
+                                       (T)(prev_shift ? prev_shift[t] : 1.0), s))
 }
 
 /* SGD pass A on nt tensors (one param group; momentum: 0 plain, 1 heavy ball, 2 Nesterov; first[t]: buf <- g,
- * torch's first step), sums as camhd_adam_a_many */
+ * torch's first step), sums as camhd_adam_a_many. dir (the array, or dir[t]) NULL, heavy ball only: nothing is
+ * stored, dir_old is the buffer before the update (0 on the first step). */
 CAMHD_CLONES int SFX(camhd_sgd_a_many)(int64_t nt, const int64_t *sizes, const int64_t *row_lens, T *const *p,
                                        T *const *g, T *const *dir, T *const *buf, const int32_t *first,
                                        double *const *rows, int norms, double *out, double wd, int momentum,
@@ -362,14 +394,17 @@ CAMHD_CLONES int SFX(camhd_sgd_a_many)(int64_t nt, const int64_t *sizes, const i
     int MOM = momentum < 0 ? 0 : (momentum > 2 ? 2 : momentum);
     int code = (norms != 0) | (wd != 0.0) << 1 | MOM << 3;
     T dm = (T)(1.0 - damp);
-    CAMHD_RUN_A_MANY(SFX(sgd_a_range)(p[t], g[t], dir[t], buf ? buf[t] : 0, lo, hi,
-                                      code | (first && first[t]) << 2, wd, mu, dm, s))
+    CAMHD_RUN_A_MANY(SFX(sgd_a_range)(p[t], g[t], dir ? dir[t] : 0, buf ? buf[t] : 0, lo, hi,
+                                      code | (first && first[t]) << 2 |
+                                          (dir && dir[t] ? 0 : (first && first[t]) || MOM != 1 ? 1 : 2) << 5,
+                                      wd, mu, dm, s))
 }
 #undef CAMHD_RUN_A_MANY
 
 /* pass B on nt tensors: theta <- theta * (1 + kd) + k * dir with k = ka[t], kd = da[t] (times krow[t][r] on row r
  * with the unit level); with decoupled decay (dd[t] != 0) the stored direction becomes dir + dd[t] * theta_old
- * (AdamW: the rate scales q + (lambda / c) theta, applied multiplicatively, rounded as torch's AdamW) */
+ * (AdamW: the rate scales q + (lambda / c) theta, applied multiplicatively, rounded as torch's AdamW).
+ * dir[t] NULL: the direction is Adam's q = m[t] / (sqrt(v[t]) + shift[t]), not stored (dd[t] must be 0). */
 #define CAMHD_APPLY_LOOP(DEC)                                                                             \
     for (int64_t j = lo; j < hi; j++) {                                                                  \
         T th = pp[j], q = qq[j];                                                                         \
@@ -380,8 +415,11 @@ CAMHD_CLONES int SFX(camhd_sgd_a_many)(int64_t nt, const int64_t *sizes, const i
             pp[j] = th + k * q;                                                                          \
         }                                                                                                \
     }
+#define CAMHD_APPLY_Q_LOOP                                                                                \
+    for (int64_t j = lo; j < hi; j++) pp[j] = pp[j] + k * (mm[j] / (SQRT(vv[j]) + sh));
 CAMHD_CLONES int SFX(camhd_apply_many)(int64_t nt, const int64_t *sizes, const int64_t *row_lens, T *const *p,
-                                       T *const *dir, const double *const *krow, const double *ka, const double *da,
+                                       T *const *dir, T *const *m, T *const *v, const double *shift,
+                                       const double *const *krow, const double *ka, const double *da,
                                        const double *dd) {
     int64_t nc = 0;
     camhd_chunk *ch = camhd_chunks(nt, sizes, row_lens, &nc);
@@ -393,12 +431,16 @@ CAMHD_CLONES int SFX(camhd_apply_many)(int64_t nt, const int64_t *sizes, const i
         const double *kr = krow ? krow[t] : 0;
         T ddc = (T)dd[t];
         T *restrict pp = p[t];
-        T *restrict qq = dir[t];
+        T *restrict qq = dir ? dir[t] : 0;
+        const T *restrict mm = m ? m[t] : 0, *restrict vv = v ? v[t] : 0;
+        T sh = (T)(shift ? shift[t] : 0.0);
         for (int64_t lo = ch[c].lo; lo < ch[c].hi;) {
             int64_t hi = (kr && rl > 0) ? lo + rl : ch[c].hi;
             double f = (kr && rl > 0) ? kr[lo / rl] : 1.0;
             T k = (T)(ka[t] * f), kd = (T)(da[t] * f);
-            if (dd[t] != 0.0) {
+            if (!qq) {
+                CAMHD_APPLY_Q_LOOP
+            } else if (dd[t] != 0.0) {
                 CAMHD_APPLY_LOOP(1)
             } else {
                 CAMHD_APPLY_LOOP(0)
@@ -410,3 +452,4 @@ CAMHD_CLONES int SFX(camhd_apply_many)(int64_t nt, const int64_t *sizes, const i
     return 0;
 }
 #undef CAMHD_APPLY_LOOP
+#undef CAMHD_APPLY_Q_LOOP
