@@ -9,7 +9,7 @@ package ``dataset-fashion-mnist``; ``mnist`` / ``cifar10`` / ``svhn`` from the H
 One process (CPU or one GPU)::
 
     python scripts/train_image_classifier.py --model lenet5 --dataset digits \\
-        --optimizer adam-camhd --levels global,block,layer --lr 1e-3 --hypergrad_lr 1e-8 --gamma_lr 0.03 \\
+        --optimizer adam-camhd --levels global,block,layer --lr 1e-3 --gamma_lr 0.03 \\
         --epochs 5 --output_dir runs/lenet5-digits
     accelerate launch --num_processes 1 scripts/train_image_classifier.py ...    # same, via accelerate
 

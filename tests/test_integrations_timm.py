@@ -241,8 +241,7 @@ def test_timms_train_py_runs_with_camhdadamw_through_the_launcher(tmp_path, imag
     args = ["--data-dir", str(image_folder), "--num-classes", "2", "--device", "cpu", "--workers", "0",
             "--batch-size", "4", "--img-size", "16", "--model", "resnet18", "--opt", "camhdadamw", "--lr", "1e-3",
             "--weight-decay", "0.05", "--warmup-epochs", "0", "--no-aug", "--epochs", "2",
-            "--output", str(tmp_path / "out"), "--opt-kwargs", "levels=global,block,layer", "hypergrad_lr=1e-8", "hypergrad_rule=additive",
-            "gamma_lr=0.01"]
+            "--output", str(tmp_path / "out"), "--opt-kwargs", "levels=global,block,layer"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # the README's command: python -m hf_camhd.integrations.timm_train TRAIN_PY ARGS
     done = subprocess.run([sys.executable, "-m", "hf_camhd.integrations.timm_train", str(script), *args],
@@ -257,7 +256,7 @@ def test_timms_train_py_runs_with_camhdadamw_through_the_launcher(tmp_path, imag
     assert int(group["camhd_step"]) == 6  # 2 epochs x 3 batches of 4 images
     assert {g["weight_decay"] for g in state["param_groups"]} == {0.0, 0.05}  # timm's split, kept
     # without the launcher the name is unknown to train.py
-    plain = subprocess.run([sys.executable, str(script), *args[:-4]], capture_output=True, text=True, timeout=600,
+    plain = subprocess.run([sys.executable, str(script), *args[:-2]], capture_output=True, text=True, timeout=600,
                            env=env, cwd=tmp_path)
     assert plain.returncode != 0 and "camhdadamw not found in registry" in plain.stderr
 

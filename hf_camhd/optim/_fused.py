@@ -1,15 +1,23 @@
 """The fused CPU step: CAM-HD's per-element work and the base rule in two passes over memory.
 
 The multi-tensor path (:mod:`hf_camhd.optim._functional`) is a sequence of foreach ops, each one pass over
-the model; with a parameter-level tree that is about twice the memory traffic of torch's Adam. Here the
-same maths runs as two C loops per tensor (``csrc/camhd_fused.c``):
+the model. Here the same maths runs as two C loops (``csrc/camhd_fused.c``). Without a parameter level:
 
-* **pass 1** (:func:`partial_sums`) — ``Σ g ⊙ dir`` (per tensor, and per unit with a unit level) and
-  ``Σ α_offset ⊙ g ⊙ dir`` (reads g, dir, α); the node sums, α of the block / layer / unit levels and γ are
-  then updated on these few numbers;
-* **pass 2** (:func:`adam` / :func:`sgd`) — per element: the parameter-level ``α`` update of step 2 (with
-  the γ of step t−1), the base rule's state (moments / momentum), ``θ ← θ + K ⊙ d`` with the rate of step 4,
-  and the next ``dir`` — written over the previous one after it has been read.
+* **pass A** (:func:`adam_first` / :func:`sgd_first`, one call per param group) — per element the sums
+  ``Σ g ⊙ dir_old`` (per tensor, and per unit with a unit level; and ``Σ g²``, ``Σ dir_old²`` for the
+  normalized rule), then the base rule's state (moments / momentum) and the new direction;
+* the node sums, α of every level and γ are then updated on those few numbers (the hyper-update);
+* **pass B** (:func:`apply_many`) — ``θ ← θ + K ⊙ d`` with the combined rate.
+
+With a parameter level, whose element-wise α update needs ``dir_old`` after the hyper-update has decided
+whether the step is finite: **pass 1** (:func:`partial_sums`: the sums, and ``Σ α_offset ⊙ g ⊙ dir_old``)
+and **pass 2** (:func:`adam` / :func:`sgd`: parameter-level α, base rule, θ and the new direction).
+
+Where the base rule can rebuild the previous direction from its own state (Adam: ``m / (sqrt(v) + shift)``;
+SGD with heavy-ball momentum: the buffer) nothing else is stored: the kernels take ``dir=None`` and read the
+direction from the state before updating it, so CAM-HD keeps no parameter-sized buffer beyond the base
+optimizer's (and the parameter level's α). AdamW (whose direction holds ``λθ_{t−1}``), Nesterov, plain SGD and
+Schedule-Free keep it.
 
 The C source is compiled on first use with the system C compiler (``$CC``, else ``cc`` / ``gcc``), with
 OpenMP when the compiler has it, into ``$HF_CAMHD_CACHE`` (default ``~/.cache/hf_camhd``), keyed by a hash
@@ -18,9 +26,9 @@ of the source, the compiler and the flags — a fraction of a second, once per m
 foreach path, ``fused=True`` raises. It needs no Python or torch headers: tensors are passed as data
 pointers through :mod:`ctypes` (which releases the GIL during the call).
 
-Eligible steps: CPU tensors, float32 or float64, contiguous, with gradients and state of the same dtype
-(:func:`ineligible_reason`), not sharded, and with a unit level only where units run along dim 0 (per-unit
-rates are applied per row). Other steps use the foreach path.
+Eligible steps: CPU tensors, float32 or float64, stored densely (contiguous or channels-last), with gradients
+and state of the same dtype (:func:`ineligible_reason`), not sharded, and with a unit level only where units
+run along dim 0 (per-unit rates are applied per row). Other steps use the foreach path.
 """
 
 from __future__ import annotations
@@ -44,7 +52,9 @@ from torch import Tensor
 
 
 SOURCE = Path(__file__).with_name("csrc") / "camhd_fused.c"
-_FLAGS = ["-O3", "-std=gnu99", "-fPIC", "-shared", "-fno-math-errno"]
+# note: -ffp-contract=off keeps a·b + c two roundings, as torch's kernels round them (no FMA contraction in the
+# AVX-512 clones), so a CAM-HD step that adapts nothing stays within a few ulps of torch.optim's
+_FLAGS = ["-O3", "-std=gnu99", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 _lock = threading.Lock()
