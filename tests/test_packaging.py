@@ -158,3 +158,19 @@ def test_extras_cover_the_packages_and_the_test_extra_installs_everything():
     pip_name = {"sklearn": "scikit-learn", "PIL": "pillow", "dog": "dog-optimizer"}
     for module, extra in EXTRA_OF.items():  # the extra an ImportError names really installs the package
         assert pip_name.get(module, module) in names[extra], module
+
+
+def test_optim_stays_readable_no_short_module_aliases_and_a_thin_step():
+    """The core's layout promises: no module alias shorter than three letters in ``hf_camhd/optim`` (they read as
+    the maths' symbols), and ``step()`` a thin driver that fits on one screen."""
+    import ast
+    import inspect
+
+    from hf_camhd.optim.camhd import CAMHDOptimizer
+
+    for path in sorted((ROOT / "hf_camhd" / "optim").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                short = [a.asname for a in node.names if a.asname and len(a.asname) < 3]
+                assert not short, f"{path.name}:{node.lineno}: module alias {short}"
+    assert len(inspect.getsource(CAMHDOptimizer.step).splitlines()) <= 40

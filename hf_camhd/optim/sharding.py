@@ -180,11 +180,11 @@ class ShardedTensors:
         """A per-unit state tensor (units along dim 0) as a DTensor placed by :func:`unit_alpha_placements`."""
         if not is_dtensor(owner):
             return torch.full(shape, value, dtype=dtype, device=owner.device)
-        import torch.distributed.tensor as dt
+        from torch.distributed.tensor import full as dtensor_full
 
         layouts = [(self.layout(i, p), dim) for i, p, dim in members]
         mesh, placements = unit_alpha_placements(owner, layouts)
-        return dt.full(shape, value, dtype=dtype, device_mesh=mesh, placements=placements)
+        return dtensor_full(shape, value, dtype=dtype, device_mesh=mesh, placements=placements)
 
     def alpha_start(self, alpha: Tensor) -> int:
         return local_range(alpha)[0]
