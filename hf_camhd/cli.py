@@ -71,8 +71,8 @@ def _add_compare_parser(subparsers) -> None:
         description=(
             "Train a model with each optimizer arm and seed, and report test accuracy (mean ± s.e.), losses\n"
             "and the learned γ / α per level. With no arguments: the small offline default (MLP on\n"
-            "scikit-learn's digits, Adam vs Adam-HD vs Adam-CAM-HD, 3 seeds, well under two minutes on 2 CPU\n"
-            "cores). Interrupted comparisons resume: finished runs are skipped, an unfinished one continues\n"
+            "scikit-learn's digits, Adam vs Adam-HD vs Adam-CAM-HD with the paper's rule and the default one,\n"
+            "3 seeds, well under two minutes on 2 CPU cores). Interrupted comparisons resume: finished runs are skipped, an unfinished one continues\n"
             "from its last finished epoch (OUTPUT_DIR/checkpoints).\n\n"
             f"tasks (--task, default {DEFAULT_TASK}):\n{tasks}\n\n"
             "arms (--optimizers): " + ", ".join(arm_names()) + "\n"

@@ -67,7 +67,8 @@ def test_no_arguments_is_the_small_default():
     preset = resolve_task(cfg)
     assert (preset.model, preset.dataset) == ("mlp", "digits")
     runs = plan_runs(cfg, preset)
-    assert [r.key for r in runs] == [f"{a}|seed={s}" for a in ("adam", "adam-hd", "adam-camhd") for s in (0, 1, 2)]
+    assert [r.key for r in runs] == [f"{a}|seed={s}" for a in ("adam", "adam-hd", "adam-camhd", "adam-camhd-normalized")
+                                              for s in (0, 1, 2)]
 
 
 def test_shortened_default_prints_the_table(tmp_path, capsys):
@@ -77,10 +78,11 @@ def test_shortened_default_prints_the_table(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "| Optimizer | Test acc (%) | Test S.E |" in out
-    for name in ("Adam", "Adam-HD", "Adam-CAM-HD", "γ (final)", "mean α per level", "global", "layer"):
+    for name in ("Adam", "Adam-HD", "Adam-CAM-HD", "Adam-CAM-HD (normalized)", "γ (final)", "mean α per level", "global",
+                 "layer"):
         assert name in out
     data = json.loads((out_dir / "results.json").read_text())
-    assert len(data["runs"]) == 9 and data["command"].startswith("hf-camhd compare --epochs 1")
+    assert len(data["runs"]) == 12 and data["command"].startswith("hf-camhd compare --epochs 1")
     for run in data["runs"]:  # evaluate's metric names and values, beside the percentage
         assert run["final"]["test_metrics"] == {"accuracy": pytest.approx(run["final"]["test_accuracy"] / 100)}
         assert set(run["epochs"][-1]["test_metrics"]) == {"accuracy"}

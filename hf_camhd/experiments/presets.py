@@ -159,7 +159,7 @@ _RESNET = dict(dataset="cifar10", epochs=200, batch_size=256, adam_lr=1e-3, sgd_
 TASKS: Mapping[str, TaskPreset] = MappingProxyType({t.name: t for t in (
     TaskPreset(name="mlp-digits", dataset="digits", epochs=20,
                **{**_MLP, "model_kwargs": {"hidden_sizes": (100, 100)}, "batch_size": 64,
-                  "optimizers": ("adam", "adam-hd", "adam-camhd")},
+                  "optimizers": ("adam", "adam-hd", "adam-camhd", "adam-camhd-normalized")},
                description="the small offline default: MLP [100, 100] on scikit-learn's 8x8 digits (1,438 train "
                            "/ 359 test), MLP settings of Table 1"),
     TaskPreset(name="mlp-mnist", dataset="mnist", epochs=30, **_MLP,
