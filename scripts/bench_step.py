@@ -43,10 +43,10 @@ TREES = {
     "global+layer+parameter": ("global", "layer", "parameter"),
 }
 BASES = {  # CAM-HD class and settings, the torch class and settings
-    "adam": (CAMHDAdam, dict(lr=1e-3, hypergrad_lr=1e-8), torch.optim.Adam, dict(lr=1e-3)),
-    "adamw": (CAMHDAdamW, dict(lr=1e-3, weight_decay=1e-2, hypergrad_lr=1e-8), torch.optim.AdamW,
+    "adam": (CAMHDAdam, dict(lr=1e-3), torch.optim.Adam, dict(lr=1e-3)),
+    "adamw": (CAMHDAdamW, dict(lr=1e-3, weight_decay=1e-2), torch.optim.AdamW,
               dict(lr=1e-3, weight_decay=1e-2)),
-    "sgd": (CAMHDSGD, dict(lr=0.1, momentum=0.9, hypergrad_lr=1e-6), torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+    "sgd": (CAMHDSGD, dict(lr=0.1, momentum=0.9), torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
 }
 
 

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 IMAGE_ARGS = ["--model", "lenet5", "--dataset", "digits", "--no_hub", "--max_samples", "256", "--batch_size", "32",
               "--epochs", "2", "--optimizer", "adam-camhd", "--levels", "global,block,layer,unit", "--lr", "2e-3",
-              "--hypergrad_lr", "1e-6", "--gamma_lr", "0.05", "--lr_schedule", "cosine", "--cpu", "--no_progress",
+              "--hypergrad_lr", "0.01", "--gamma_lr", "0.05", "--lr_schedule", "cosine", "--cpu", "--no_progress",
               "--log_every", "4"]
 
 
@@ -89,7 +89,7 @@ def test_finetune_script_tiny_run_logs_camhd_and_cards_the_optimizer(tmp_path):
     result = _script("finetune_transformer").main([
         "--tiny", "--max_steps", "4", "--logging_steps", "2", "--eval_strategy", "no", "--save_steps", "2",
         "--per_device_train_batch_size", "8", "--optimizer", "adamw-camhd", "--levels", "global,block,layer",
-        "--lr", "3e-3", "--hypergrad_lr", "1e-6", "--gamma_lr", "0.05", "--use_cpu", "--disable_tqdm",
+        "--lr", "3e-3", "--hypergrad_lr", "0.01", "--gamma_lr", "0.05", "--use_cpu", "--disable_tqdm",
         "--output_dir", str(tmp_path)])
     assert result["global_step"] == 4 and result["levels"] == ["global", "block", "layer"]
     logs = [e for e in result["log_history"] if "loss" in e]
@@ -101,7 +101,7 @@ def test_finetune_script_tiny_run_logs_camhd_and_cards_the_optimizer(tmp_path):
     resumed = _script("finetune_transformer").main([
         "--tiny", "--max_steps", "4", "--logging_steps", "2", "--eval_strategy", "no", "--save_steps", "2",
         "--per_device_train_batch_size", "8", "--optimizer", "adamw-camhd", "--levels", "global,block,layer",
-        "--lr", "3e-3", "--hypergrad_lr", "1e-6", "--gamma_lr", "0.05", "--use_cpu", "--disable_tqdm",
+        "--lr", "3e-3", "--hypergrad_lr", "0.01", "--gamma_lr", "0.05", "--use_cpu", "--disable_tqdm",
         "--output_dir", str(tmp_path / "again"), "--resume_from_checkpoint", str(tmp_path / "checkpoint-2")])
     assert resumed["global_step"] == 4
     assert resumed["camhd"] == result["camhd"]

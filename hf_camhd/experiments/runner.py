@@ -17,7 +17,7 @@ Example:
     >>> summary = run_comparison(CompareConfig(epochs=1, seeds=1, max_train_samples=200, progress=False,
     ...                                        output_dir="/tmp/hf-camhd-doctest", plots=False), log=None)
     >>> sorted(r["arm"] for r in summary.results["runs"])
-    ['adam', 'adam-camhd', 'adam-hd']
+    ['adam', 'adam-camhd', 'adam-camhd-normalized', 'adam-hd']
 """
 
 from __future__ import annotations
