@@ -121,3 +121,10 @@ def main(mode: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    # Everything is written and the process group is destroyed: leave without interpreter finalization.
+    # After a clean run, torch 2.14's gloo backend sometimes aborts while the interpreter tears down
+    # ("terminate called without an active exception", SIGABRT with no Python frame; about 1 resume
+    # run in 5 on a 2-core machine), which would fail the test for nothing the optimizer did.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
