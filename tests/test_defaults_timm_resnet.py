@@ -8,12 +8,11 @@ from __future__ import annotations
 import math
 
 import pytest
+import timm  # the test extra installs the hf extra, timm included: no skip
 import torch
 from torch import nn
 
-timm = pytest.importorskip("timm", reason="the hf extra (timm) is part of the test extra")
-
-from hf_camhd.integrations.timm import create_optimizer_v2 as camhd_create  # noqa: E402
+from hf_camhd.integrations.timm import create_optimizer_v2 as camhd_create
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -252,6 +252,17 @@ CAMHD_CLONES void SFX(camhd_sgd)(T *p, const T *g, T *dir, T *off, T *buf, int64
     a[j] += gv_ * dv_;                                                                                   \
     if (NORMS) { c[j] += gv_ * gv_; d[j] += dv_ * dv_; }
 
+/* pass A's loop over [lo, hi): BODY(k, j) on CAMHD_LANES interleaved partial sums a, c, d (lane j), then the
+   tail on lane 0, then the lanes added in lane order into s (the order is fixed by lo and hi alone) */
+#define CAMHD_A_LANES(BODY)                                                                              \
+    double a[CAMHD_LANES] = {0}, c[CAMHD_LANES] = {0}, d[CAMHD_LANES] = {0};                             \
+    int64_t i = lo, end = lo + (hi - lo) / CAMHD_LANES * CAMHD_LANES;                                    \
+    for (; i < end; i += CAMHD_LANES)                                                                    \
+        for (int j = 0; j < CAMHD_LANES; j++) BODY(i + j, j)                                             \
+    for (; i < hi; i++) BODY(i, 0)                                                                       \
+    s[0] = s[1] = s[2] = s[3] = 0.0;                                                                     \
+    for (int j = 0; j < CAMHD_LANES; j++) { s[0] += a[j]; s[2] += c[j]; s[3] += d[j]; }
+
 #define CAMHD_ADAM_A_BODY(k, j)                                                                           \
     {                                                                                                    \
         CAMHD_A_SUMS(k, j)                                                                               \
@@ -277,13 +288,7 @@ INLINE void SFX(adam_a_loop)(const T *restrict p, const T *restrict g, T *restri
                              T w2, T shift, T sp, double *s) {
     const T *mq = m, *vq = AMS ? vmax : v, *buf = 0;
     (void)buf;
-    double a[CAMHD_LANES] = {0}, c[CAMHD_LANES] = {0}, d[CAMHD_LANES] = {0};
-    int64_t i = lo, end = lo + (hi - lo) / CAMHD_LANES * CAMHD_LANES;
-    for (; i < end; i += CAMHD_LANES)
-        for (int j = 0; j < CAMHD_LANES; j++) CAMHD_ADAM_A_BODY(i + j, j)
-    for (; i < hi; i++) CAMHD_ADAM_A_BODY(i, 0)
-    s[0] = s[1] = s[2] = s[3] = 0.0;
-    for (int j = 0; j < CAMHD_LANES; j++) { s[0] += a[j]; s[2] += c[j]; s[3] += d[j]; }
+    CAMHD_A_LANES(CAMHD_ADAM_A_BODY)
 }
 
 INLINE void SFX(adam_a_range)(const T *p, const T *g, T *dir, T *m, T *v, T *vmax, int64_t lo, int64_t hi,
@@ -312,13 +317,7 @@ INLINE void SFX(sgd_a_loop)(const T *restrict p, const T *restrict g, T *restric
     const T *mq = 0, *vq = 0;
     T sp = 0;
     (void)mq; (void)vq; (void)sp;
-    double a[CAMHD_LANES] = {0}, c[CAMHD_LANES] = {0}, d[CAMHD_LANES] = {0};
-    int64_t i = lo, end = lo + (hi - lo) / CAMHD_LANES * CAMHD_LANES;
-    for (; i < end; i += CAMHD_LANES)
-        for (int j = 0; j < CAMHD_LANES; j++) CAMHD_SGD_A_BODY(i + j, j)
-    for (; i < hi; i++) CAMHD_SGD_A_BODY(i, 0)
-    s[0] = s[1] = s[2] = s[3] = 0.0;
-    for (int j = 0; j < CAMHD_LANES; j++) { s[0] += a[j]; s[2] += c[j]; s[3] += d[j]; }
+    CAMHD_A_LANES(CAMHD_SGD_A_BODY)
 }
 
 INLINE void SFX(sgd_a_range)(const T *p, const T *g, T *dir, T *buf, int64_t lo, int64_t hi, int code, T wd, T mu,
