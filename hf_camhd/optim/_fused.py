@@ -3,7 +3,7 @@
 The multi-tensor path (:mod:`hf_camhd.optim._functional`) is a sequence of foreach ops, each one pass over
 the model. Here the same maths runs as two C loops (``csrc/camhd_fused.c``). Without a parameter level:
 
-* **pass A** (:func:`adam_first` / :func:`sgd_first`, one call per param group) — per element the sums
+* **pass A** (:func:`adam_first` / :func:`sgd_first`) — per element the sums
   ``Σ g ⊙ dir_old`` (per tensor, and per unit with a unit level; and ``Σ g²``, ``Σ dir_old²`` for the
   normalized rule), then the base rule's state (moments / momentum) and the new direction;
 * the node sums, α of every level and γ are then updated on those few numbers (the hyper-update);
@@ -12,6 +12,10 @@ the model. Here the same maths runs as two C loops (``csrc/camhd_fused.c``). Wit
 With a parameter level, whose element-wise α update needs ``dir_old`` after the hyper-update has decided
 whether the step is finite: **pass 1** (:func:`partial_sums`: the sums, and ``Σ α_offset ⊙ g ⊙ dir_old``)
 and **pass 2** (:func:`adam` / :func:`sgd`: parameter-level α, base rule, θ and the new direction).
+
+Every pass is one C call per param group and dtype, whatever the number of tensors: the tensors are cut into
+chunks of 64 Ki elements that the threads share, and each chunk's sums are added in chunk order, so the sums
+depend on the shapes alone, not on the thread count.
 
 Where the base rule can rebuild the previous direction from its own state (Adam: ``m / (sqrt(v) + shift)``;
 SGD with heavy-ball momentum: the buffer) nothing else is stored: the kernels take ``dir=None`` and read the
@@ -129,17 +133,14 @@ def _build(cc: list[str], flags: list[str], source: bytes) -> Path:
 def _declare(lib: ctypes.CDLL) -> None:
     P, N, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     for sfx in _SUFFIX.values():
-        getattr(lib, f"camhd_hsum_{sfx}").argtypes = [P, P, P, P, P, F, N, I, P]
-        getattr(lib, f"camhd_hsum_rows_{sfx}").argtypes = [P, P, P, P, P, F, N, N, I, P, P]
-        getattr(lib, f"camhd_adam_{sfx}").argtypes = [P] * 7 + [N, P, N, I, F, F, F, F, F, F, I] + [F] * 9 + [P, F]
-        getattr(lib, f"camhd_sgd_{sfx}").argtypes = [P] * 5 + [N, P, N, I, F, F, F, F, F, F, F, I, I, F, F, P, F]
+        getattr(lib, f"camhd_hsum_many_{sfx}").argtypes = [N] + [P] * 9 + [I, P]
+        getattr(lib, f"camhd_adam_many_{sfx}").argtypes = [N] + [P] * 14 + [F, P, P, I, P, P, P] + [F] * 4 + [P] * 4
+        getattr(lib, f"camhd_sgd_many_{sfx}").argtypes = [N] + [P] * 13 + [F, P, P, F, I, F, F, P, P]
         getattr(lib, f"camhd_adam_a_many_{sfx}").argtypes = [N] + [P] * 9 + [I, P] + [F] * 4 + [P, P, P, P]
         getattr(lib, f"camhd_sgd_a_many_{sfx}").argtypes = [N] + [P] * 8 + [I, P, F, I, F, F, P, P]
         getattr(lib, f"camhd_apply_many_{sfx}").argtypes = [N] + [P] * 11
-        for kind in ("hsum", "hsum_rows", "adam", "sgd"):
-            getattr(lib, f"camhd_{kind}_{sfx}").restype = None
-        for kind in ("adam_a_many", "sgd_a_many", "apply_many"):
-            getattr(lib, f"camhd_{kind}_{sfx}").restype = ctypes.c_int
+        for kind in ("hsum", "adam", "sgd", "adam_a", "sgd_a", "apply"):
+            getattr(lib, f"camhd_{kind}_many_{sfx}").restype = ctypes.c_int
 
 
 def load() -> ctypes.CDLL | None:
@@ -219,10 +220,6 @@ def ineligible_reason(tensors: list[tuple[str, Tensor | None]]) -> str | None:
     return None
 
 
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 @dataclass
 class RawSums:
     """Pass 1's output, before the per-tensor factor of ``u = scale · dir`` is applied."""
@@ -234,75 +231,10 @@ class RawSums:
 DirSource = tuple  # (dir, m, v, shift): see partial_sums
 
 
-def partial_sums(grads: list[Tensor], sources: list[DirSource], offsets: list[Tensor] | None,
-                 unit_counts: list[int] | None = None, norms: bool = False) -> RawSums:
-    """Pass 1: per tensor ``Σ g ⊙ dir``, ``Σ off ⊙ g ⊙ dir`` (0 without ``offsets``) and, with ``norms``, ``Σ g²``
-    and ``Σ dir²`` (else 0), as a ``(T, 4)`` float64 tensor and, with ``unit_counts`` (units along dim 0), the same
-    per unit. Sums accumulate in float64 in an order fixed by the shapes and the thread count.
-
-    ``sources[i] = (dir, m, v, shift)`` says where tensor i's previous direction is: ``dir`` (a kept direction,
-    or an SGD momentum buffer), else Adam's ``m / (sqrt(v) + shift)``, else (all ``None``) nowhere: 0."""
-    lib = load()
-    totals = torch.zeros(len(grads), 4, dtype=torch.float64)
-    base, stride = totals.data_ptr(), 4 * totals.element_size()
-    rows = [] if unit_counts is not None else None
-    for i, (g, (d, m, v, sp)) in enumerate(zip(grads, sources)):
-        sfx, off = _SUFFIX[g.dtype], _ptr(offsets[i] if offsets is not None else None)
-        src = (_ptr(d), _ptr(m), _ptr(v), float(sp))
-        if rows is None:
-            getattr(lib, f"camhd_hsum_{sfx}")(g.data_ptr(), src[0], off, *src[1:], g.numel(), int(norms),
-                                              base + i * stride)
-            continue
-        count = unit_counts[i]
-        r = torch.zeros(4, count, dtype=torch.float64)
-        getattr(lib, f"camhd_hsum_rows_{sfx}")(g.data_ptr(), src[0], off, *src[1:], g.numel(), _row_len(g, count),
-                                               int(norms), r.data_ptr(), base + i * stride)
-        rows.append(r.T)
-    return RawSums(totals, rows)
-
-
-def _row_len(p: Tensor, count: int) -> int:
-    return p.numel() // count if count else 1
-
-
-def adam(p: Tensor, g: Tensor, d: Tensor | None, off: Tensor | None, m: Tensor, v: Tensor, vmax: Tensor | None,
-         alpha: tuple, krow: Tensor | None, ka: float, kb: float, decoupled: bool, da: float, db: float, dd: float,
-         wd: float, beta1: float, beta2: float, shift: float, u_scale: Tensor | None = None,
-         u_value: float = 0.0, prev_shift: float = 1.0) -> None:
-    """Pass 2 for Adam / AdamW on one tensor, in place: see ``camhd_adam_*`` in the C source.
-
-    ``θ ← θ (1 + da + db·off)`` (decoupled only) ``+ (ka + kb·off) · q`` with ``q = m / (sqrt(v) + shift)``;
-    ``dir ← q + dd·θ_old`` (decoupled) or ``q``; L2 decay ``wd`` enters the moments' gradient. ``alpha``:
-    ``(do, c, lo, hi, α₀)``, the parameter-level update of ``off = α − α₀`` from ``g ⊙ dir_old``, clamped to
-    ``[lo, hi]``: ``do=1`` additive, ``off + c · g ⊙ dir_old``; ``do=2`` normalized, ``α (1 − c · sign(g ⊙ dir_old))``.
-    ``krow`` (float64, one per unit along dim 0): ``ka`` and ``da`` are multiplied by the unit's factor.
-    ``u_scale`` (0-d, the parameter's dtype): set to ``u_value`` at the end (the stored direction's factor).
-    ``d=None``: the direction is not kept; ``dir_old`` is rebuilt as ``m / (sqrt(v) + prev_shift)`` (the moments
-    before this step's update) and nothing is written for the next step.
-    """
-    fn = getattr(load(), f"camhd_adam_{_SUFFIX[p.dtype]}")
-    fn(p.data_ptr(), g.data_ptr(), _ptr(d), _ptr(off), m.data_ptr(), v.data_ptr(), _ptr(vmax), p.numel(),
-       _ptr(krow), 0 if krow is None else _row_len(p, krow.numel()), *alpha, ka, kb, int(decoupled), da, db, dd,
-       wd, 1.0 - beta1, beta2, 1.0 - beta2, shift, prev_shift, _ptr(u_scale), u_value)
-
-
-def sgd(p: Tensor, g: Tensor, d: Tensor | None, off: Tensor | None, buf: Tensor | None, alpha: tuple,
-        krow: Tensor | None, ka: float, kb: float, wd: float, momentum: int, first: bool, mu: float,
-        dampening: float, u_scale: Tensor | None = None, u_value: float = 0.0) -> None:
-    """Pass 2 for SGD on one tensor, in place (``momentum``: 0 plain, 1 heavy ball, 2 Nesterov; ``first``:
-    the momentum buffer starts as the gradient, as torch's). ``θ ← θ + (ka + kb·off) · d``, ``dir ← d``;
-    ``alpha`` and ``krow`` as in :func:`adam`. ``d=None`` (heavy ball only): the direction is the buffer, not kept."""
-    fn = getattr(load(), f"camhd_sgd_{_SUFFIX[p.dtype]}")
-    fn(p.data_ptr(), g.data_ptr(), _ptr(d), _ptr(off), _ptr(buf), p.numel(), _ptr(krow),
-       0 if krow is None else _row_len(p, krow.numel()), *alpha, ka, kb, wd, momentum, int(first), mu, dampening,
-       _ptr(u_scale), u_value)
-
-
-# ------------------------------------------------------------------------------------------ passes A and B
-# Trees without a parameter level: pass A reads g and the previous direction once, for the sums and for the
-# base rule's update that overwrites it; pass B moves θ once the rates are known. Less memory than 1 + 2.
-# Each is one C call per param group (and dtype): the tensors are cut into chunks that the threads share, so a
-# model of many small tensors costs one call, not one per tensor, and its sums do not depend on the thread count.
+# ------------------------------------------------------------------------------------------ calling the kernels
+# Every kernel takes all tensors of a list (of one dtype) in one call: ``camhd_<kind>_many_<dtype>(nt, sizes,
+# row_lens, ...)``. The tensors are cut into chunks that the threads share, so a model of many small tensors costs
+# one call, not one per tensor, and the sums do not depend on the thread count.
 
 def _array(ctype, values) -> ctypes.Array:
     return (ctype * max(len(values), 1))(*values)
@@ -310,6 +242,23 @@ def _array(ctype, values) -> ctypes.Array:
 
 def _pointers(tensors) -> ctypes.Array:
     return _array(ctypes.c_void_p, [0 if t is None else t.data_ptr() for t in tensors])
+
+
+class _PerTensor:
+    """One argument given per tensor, as a C array: tensors (or ``None``) → pointers (the whole argument ``NULL``
+    when every one is ``None``), or numbers of ``ctype``."""
+
+    def __init__(self, values: list, ctype=ctypes.c_void_p):
+        self.values, self.ctype = values, ctype
+
+    def pick(self, idx: list[int]):
+        picked = [self.values[i] for i in idx]
+        if self.ctype is not ctypes.c_void_p:
+            return _array(self.ctype, picked)
+        return None if all(x is None for x in picked) else _pointers(picked)
+
+
+_ROWS, _OUT = "rows", "out"  # markers: where the per-unit sum buffers and the (nt, 4) sums go in the arguments
 
 
 def _by_dtype(tensors: list[Tensor]) -> list[list[int]]:
@@ -320,40 +269,122 @@ def _by_dtype(tensors: list[Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _pass_a(kind: str, params: list[Tensor], unit_counts: list[int | None], norms: bool, u_scales: list[Tensor],
-            u_values: list[float], per_tensor: dict, scalars: tuple,
-            shifts: tuple[list, ...] | None = None) -> tuple[list[Tensor], list[Tensor | None]]:
-    """Call ``camhd_<kind>_a_many`` per dtype: ``(nt, sizes, row_lens, params, *per_tensor, rows, norms, out,
-    *scalars[, *shifts], u_scales, u_values)``; ``per_tensor``: name → list (tensors or ``None``, or ints for
-    ``first``)."""
-    totals: list = [None] * len(params)
-    rows: list = [None] * len(params)
-    for idx in _by_dtype(params):
-        ps = [params[i] for i in idx]
-        out = torch.zeros(len(idx), 4, dtype=torch.float64)
-        units = [unit_counts[i] for i in idx]
-        bufs = [None if c is None else torch.zeros(4, c, dtype=torch.float64) for c in units]
-        row_lens = None if all(c is None for c in units) else _array(
-            ctypes.c_int64, [0 if c is None else _row_len(p, c) for p, c in zip(ps, units)])
-        args = []
-        for name, values in per_tensor.items():
-            picked = [values[i] for i in idx]
-            if name == "first":
-                args.append(_array(ctypes.c_int32, picked))
+def _row_len(p: Tensor, count: int) -> int:
+    return p.numel() // count if count else 1
+
+
+def _run_many(kind: str, tensors: list[Tensor], args: list,
+              row_counts: list[int | None] | None = None) -> tuple[list[Tensor], list[Tensor | None]]:
+    """Call ``camhd_<kind>_many`` once per dtype of ``tensors`` with ``(nt, sizes, row_lens, *args)``.
+    ``args``: :class:`_PerTensor` lists, plain values, and the markers ``_ROWS`` / ``_OUT`` (per-unit and
+    per-tensor sum buffers, returned: ``(4,)`` per tensor and ``(units, 4)`` where ``row_counts[i]`` is given).
+    ``row_counts[i]``: tensor i's rows along dim 0 (units, or the rows of a per-unit rate), or ``None``."""
+    totals: list = [None] * len(tensors)
+    rows: list = [None] * len(tensors)
+    for idx in _by_dtype(tensors):
+        ts = [tensors[i] for i in idx]
+        counts = [None] * len(idx) if row_counts is None else [row_counts[i] for i in idx]
+        row_lens = None if all(c is None for c in counts) else _array(
+            ctypes.c_int64, [0 if c is None else _row_len(t, c) for t, c in zip(ts, counts)])
+        out = bufs = None
+        call = []
+        for a in args:
+            if isinstance(a, _PerTensor):
+                call.append(a.pick(idx))
+            elif a is _OUT:
+                out = torch.zeros(len(idx), 4, dtype=torch.float64)
+                call.append(out.data_ptr())
+            elif a is _ROWS:
+                bufs = [None if c is None else torch.zeros(4, c, dtype=torch.float64) for c in counts]
+                call.append(None if row_lens is None else _pointers(bufs))
             else:
-                args.append(None if all(x is None for x in picked) else _pointers(picked))
-        tail = [] if shifts is None else [_array(ctypes.c_double, [x[i] for i in idx]) for x in shifts]
-        fn = getattr(load(), f"camhd_{kind}_a_many_{_SUFFIX[ps[0].dtype]}")
-        code = fn(len(idx), _array(ctypes.c_int64, [p.numel() for p in ps]), row_lens, _pointers(ps), *args,
-                  _pointers(bufs) if row_lens is not None else None, int(norms), out.data_ptr(), *scalars, *tail,
-                  _pointers([u_scales[i] for i in idx]), _array(ctypes.c_double, [u_values[i] for i in idx]))
-        if code != 0:
-            raise MemoryError(f"camhd_{kind}_a_many could not allocate its chunk list ({len(idx)} tensors)")
-        for k, i in enumerate(idx):
-            totals[i] = out[k]
-            rows[i] = None if bufs[k] is None else bufs[k].T
+                call.append(a)
+        fn = getattr(load(), f"camhd_{kind}_many_{_SUFFIX[ts[0].dtype]}")
+        if fn(len(idx), _array(ctypes.c_int64, [t.numel() for t in ts]), row_lens, *call) != 0:
+            raise MemoryError(f"camhd_{kind}_many could not allocate its chunk list ({len(idx)} tensors)")
+        if out is not None:
+            for k, i in enumerate(idx):
+                totals[i] = out[k]
+                rows[i] = None if bufs is None or bufs[k] is None else bufs[k].T
     return totals, rows
 
+
+def _alpha_args(alpha: list[tuple]) -> list:
+    """The parameter-level α update per tensor, ``(do, c, lo, hi, α₀)`` (see :func:`adam`), as kernel arguments."""
+    do, c, lo, hi, a0 = zip(*alpha)
+    return [_PerTensor(list(do), ctypes.c_int32), *(_PerTensor(list(x), ctypes.c_double) for x in (c, lo, hi)),
+            float(a0[0])]
+
+
+def _rows_of(k_rows: list[Tensor | None]) -> list[int | None]:
+    return [None if r is None else r.numel() for r in k_rows]
+
+
+# ------------------------------------------------------------------------------------------ passes 1 and 2
+# Trees with a parameter level: pass 1 (the sums), the hyper-update, then pass 2 (the parameter level's
+# element-wise α update, which reads the previous direction, the base rule, θ and the next direction).
+
+def partial_sums(grads: list[Tensor], sources: list[DirSource], offsets: list[Tensor] | None,
+                 unit_counts: list[int] | None = None, norms: bool = False) -> RawSums:
+    """Pass 1: per tensor ``Σ g ⊙ dir``, ``Σ off ⊙ g ⊙ dir`` (0 without ``offsets``) and, with ``norms``, ``Σ g²``
+    and ``Σ dir²`` (else 0), as a ``(T, 4)`` float64 tensor and, with ``unit_counts`` (units along dim 0), the same
+    per unit. Sums accumulate in float64 in an order fixed by the shapes alone.
+
+    ``sources[i] = (dir, m, v, shift)`` says where tensor i's previous direction is: ``dir`` (a kept direction,
+    or an SGD momentum buffer), else Adam's ``m / (sqrt(v) + shift)``, else (all ``None``) nowhere: 0."""
+    dirs, ms, vs, shifts = (list(x) for x in zip(*sources))
+    totals, rows = _run_many("hsum", grads, [
+        _PerTensor(grads), _PerTensor(dirs), _PerTensor(offsets if offsets is not None else [None] * len(grads)),
+        _PerTensor(ms), _PerTensor(vs), _PerTensor([float(x) for x in shifts], ctypes.c_double), _ROWS, int(norms),
+        _OUT], unit_counts)
+    return RawSums(torch.stack(totals), rows if unit_counts is not None else None)
+
+
+def adam(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | None], offsets: list[Tensor | None],
+         exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
+         alpha: list[tuple], k_rows: list[Tensor | None], ka: list[float], kb: list[float], decoupled: bool,
+         da: list[float], db: list[float], dd: list[float], wd: float, beta1: float, beta2: float,
+         shifts: list[float], prev_shifts: list[float], u_scales: list[Tensor | None],
+         u_values: list[float]) -> None:
+    """Pass 2 for Adam / AdamW on a list of tensors, in place: see ``camhd_adam_many_*`` in the C source.
+
+    ``θ ← θ (1 + da + db·off)`` (decoupled only) ``+ (ka + kb·off) · q`` with ``q = m / (sqrt(v) + shift)``;
+    ``dir ← q + dd·θ_old`` (decoupled) or ``q``; L2 decay ``wd`` enters the moments' gradient. ``alpha[i]``:
+    ``(do, c, lo, hi, α₀)``, the parameter-level update of ``off = α − α₀`` from ``g ⊙ dir_old``, clamped to
+    ``[lo, hi]``: ``do=1`` additive, ``off + c · g ⊙ dir_old``; ``do=2`` normalized, ``α (1 − c · sign(g ⊙ dir_old))``.
+    ``k_rows[i]`` (float64, one per unit along dim 0): ``ka`` and ``da`` are multiplied by the unit's factor.
+    ``u_scales[i]`` (0-d, the parameter's dtype): set to ``u_values[i]`` (the stored direction's factor).
+    ``dirs[i] = None``: the direction is not kept; ``dir_old`` is rebuilt as ``m / (sqrt(v) + prev_shift)`` (the
+    moments before this step's update) and nothing is written for the next step.
+
+    """
+    n = len(params)
+    _run_many("adam", params, [
+        _PerTensor(params), _PerTensor(grads), _PerTensor(dirs), _PerTensor(offsets), _PerTensor(exp_avgs),
+        _PerTensor(exp_avg_sqs), _PerTensor(max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * n),
+        _PerTensor(k_rows), *_alpha_args(alpha),
+        _PerTensor(ka, ctypes.c_double), _PerTensor(kb, ctypes.c_double), int(decoupled),
+        *(_PerTensor(x, ctypes.c_double) for x in (da, db, dd)), wd, 1.0 - beta1, beta2, 1.0 - beta2,
+        _PerTensor(shifts, ctypes.c_double), _PerTensor(prev_shifts, ctypes.c_double), _PerTensor(u_scales),
+        _PerTensor(u_values, ctypes.c_double)], _rows_of(k_rows))
+def sgd(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | None], offsets: list[Tensor | None],
+        bufs: list[Tensor | None], first: list[bool], alpha: list[tuple], k_rows: list[Tensor | None],
+        ka: list[float], kb: list[float], wd: float, momentum: int, mu: float, dampening: float,
+        u_scales: list[Tensor | None], u_values: list[float]) -> None:
+    """Pass 2 for SGD on a list of tensors, in place (``momentum``: 0 plain, 1 heavy ball, 2 Nesterov; ``first[i]``:
+    the momentum buffer starts as the gradient, as torch's). ``θ ← θ + (ka + kb·off) · d``, ``dir ← d``;
+    ``alpha``, ``k_rows`` and ``u_scales`` as in :func:`adam`. ``dirs[i] = None`` (heavy ball only): the direction is
+    the buffer, not kept."""
+    _run_many("sgd", params, [
+        _PerTensor(params), _PerTensor(grads), _PerTensor(dirs), _PerTensor(offsets),
+        _PerTensor(bufs if momentum else [None] * len(params)), _PerTensor([int(f) for f in first], ctypes.c_int32),
+        _PerTensor(k_rows), *_alpha_args(alpha), _PerTensor(ka, ctypes.c_double), _PerTensor(kb, ctypes.c_double),
+        wd, momentum, mu, dampening, _PerTensor(u_scales), _PerTensor(u_values, ctypes.c_double)], _rows_of(k_rows))
+
+
+# ------------------------------------------------------------------------------------------ passes A and B
+# Trees without a parameter level: pass A reads g and the previous direction once, for the sums and for the
+# base rule's update that overwrites it; pass B moves θ once the rates are known. Less memory than 1 + 2.
 
 def adam_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | None], exp_avgs: list[Tensor],
                exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None, unit_counts: list[int | None],
@@ -365,10 +396,12 @@ def adam_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | No
     ``dir ← q = m / (sqrt(v) + shift)``; ``u_scales[i] ← u_values[i]``. ``dirs[i] = None``: the direction is not
     kept; ``dir_old`` is rebuilt as ``m / (sqrt(v) + prev_shift)`` from the moments before the update."""
     n = len(params)
-    return _pass_a("adam", params, unit_counts, norms, u_scales, u_values,
-                   {"g": grads, "dir": dirs, "m": exp_avgs, "v": exp_avg_sqs,
-                    "vmax": max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * n},
-                   (wd, 1.0 - beta1, beta2, 1.0 - beta2), (shifts, prev_shifts))
+    return _run_many("adam_a", params, [
+        _PerTensor(params), _PerTensor(grads), _PerTensor(dirs), _PerTensor(exp_avgs), _PerTensor(exp_avg_sqs),
+        _PerTensor(max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * n), _ROWS, int(norms), _OUT,
+        wd, 1.0 - beta1, beta2, 1.0 - beta2, _PerTensor(shifts, ctypes.c_double),
+        _PerTensor(prev_shifts, ctypes.c_double), _PerTensor(u_scales), _PerTensor(u_values, ctypes.c_double)],
+        unit_counts)
 
 
 def sgd_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor], bufs: list[Tensor | None],
@@ -379,9 +412,10 @@ def sgd_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor], buf
     buffer starts as the gradient, as torch's): the sums as :func:`adam_first`, then the buffers and ``dir ← d``.
     ``dirs[i] = None`` (heavy ball only): the direction is the buffer, not kept (``dir_old`` = the buffer before
     the update, 0 on the first step)."""
-    return _pass_a("sgd", params, unit_counts, norms, u_scales, u_values,
-                   {"g": grads, "dir": dirs, "buf": bufs if momentum else [None] * len(params),
-                    "first": [int(f) for f in first]}, (wd, momentum, mu, dampening))
+    return _run_many("sgd_a", params, [
+        _PerTensor(params), _PerTensor(grads), _PerTensor(dirs), _PerTensor(bufs if momentum else [None] * len(params)),
+        _PerTensor([int(f) for f in first], ctypes.c_int32), _ROWS, int(norms), _OUT, wd, momentum, mu, dampening,
+        _PerTensor(u_scales), _PerTensor(u_values, ctypes.c_double)], unit_counts)
 
 
 def apply_many(params: list[Tensor], dirs: list[Tensor | None], k_rows: list[Tensor | None], ka: list[float],
@@ -390,17 +424,9 @@ def apply_many(params: list[Tensor], dirs: list[Tensor | None], k_rows: list[Ten
     along dim 0 multiplying ka and da, or ``None``); with ``dd`` (decoupled decay) the stored direction becomes
     ``dir + dd · θ_old``. ``dirs[i] = None``: the direction is Adam's ``m / (sqrt(v) + shift)`` from
     ``quotients = (ms, vs, shifts)`` (not kept; ``dd[i]`` must be 0)."""
-    for idx in _by_dtype(params):
-        ps = [params[i] for i in idx]
-        rows = [k_rows[i] for i in idx]
-        with_rows = any(r is not None for r in rows)
-        row_lens = _array(ctypes.c_int64, [0 if r is None else _row_len(p, r.numel()) for p, r in zip(ps, rows)])
-        ms, vs, sh = (None, None, None) if quotients is None else (
-            _pointers([quotients[0][i] for i in idx]), _pointers([quotients[1][i] for i in idx]),
-            _array(ctypes.c_double, [quotients[2][i] for i in idx]))
-        code = getattr(load(), f"camhd_apply_many_{_SUFFIX[ps[0].dtype]}")(
-            len(idx), _array(ctypes.c_int64, [p.numel() for p in ps]), row_lens if with_rows else None,
-            _pointers(ps), _pointers([dirs[i] for i in idx]), ms, vs, sh, _pointers(rows) if with_rows else None,
-            *(_array(ctypes.c_double, [v[i] for i in idx]) for v in (ka, da, dd)))
-        if code != 0:
-            raise MemoryError(f"camhd_apply_many could not allocate its chunk list ({len(idx)} tensors)")
+    n = len(params)
+    ms, vs, shifts = quotients if quotients is not None else ([None] * n, [None] * n, None)
+    _run_many("apply", params, [
+        _PerTensor(params), _PerTensor(dirs), _PerTensor(ms), _PerTensor(vs),
+        None if shifts is None else _PerTensor(shifts, ctypes.c_double), _PerTensor(k_rows),
+        *(_PerTensor(x, ctypes.c_double) for x in (ka, da, dd))], _rows_of(k_rows))

@@ -206,10 +206,9 @@ class SGDRule(BaseRule):
                      u_factor):
         wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
         kind = 0 if mu == 0 else (2 if group["nesterov"] else 1)
-        for i, (p, g, s) in enumerate(zip(params, grads, states)):
-            buf, first = self._momentum_buffer(p, s, kind)
-            _fused.sgd(p, g, dirs[i], offsets[i], buf if kind else None, alpha[i], k_rows[i], k_base[i], k_fine[i],
-                       wd, kind, first, mu, damp, dir_scales[i], u_factor)
+        bufs, first = zip(*(self._momentum_buffer(p, s, kind) for p, s in zip(params, states)))
+        _fused.sgd(params, grads, dirs, offsets, list(bufs), list(first), alpha, k_rows, k_base, k_fine, wd, kind,
+                   mu, damp, dir_scales, [u_factor] * len(params))
 
     def fused_first(self, params, grads, states, group, dirs, unit_counts, norms, dir_scales, u_factor):
         wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
@@ -387,13 +386,15 @@ class AdamRule(BaseRule):
         scale, shift, prev_shift = self._bias_terms(states, group, previous=True)
         decoupled = self.decoupled and wd != 0
         l2 = 0.0 if self.decoupled else wd
-        for i, (p, g, s) in enumerate(zip(params, grads, states)):
-            c, ka, kb = scale[i], k_base[i], k_fine[i]
-            # θ ← θ (1 + λK) + K · c ⊙ q and d = q + (λ / c) θ_old (see apply_update_foreach), K = ka + kb · α_offset
-            _fused.adam(p, g, dirs[i], offsets[i], s["exp_avg"], s["exp_avg_sq"],
-                        s["max_exp_avg_sq"] if group["amsgrad"] else None, alpha[i], k_rows[i], ka * c, kb * c, decoupled,
-                        wd * ka if decoupled else 0.0, wd * kb if decoupled else 0.0, wd / c if decoupled else 0.0,
-                        l2, beta1, beta2, shift[i], dir_scales[i], u_factor * c, prev_shift[i])
+        # θ ← θ (1 + λK) + K · c ⊙ q and d = q + (λ / c) θ_old (see apply_update_foreach), K = ka + kb · α_offset
+        ka = [k * c for k, c in zip(k_base, scale)]
+        kb = [k * c for k, c in zip(k_fine, scale)]
+        zeros = [0.0] * len(params)
+        _fused.adam(params, grads, dirs, offsets, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                    [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None, alpha, k_rows, ka, kb,
+                    decoupled, [wd * k for k in k_base] if decoupled else zeros,
+                    [wd * k for k in k_fine] if decoupled else zeros, [wd / c for c in scale] if decoupled else zeros,
+                    l2, beta1, beta2, shift, prev_shift, dir_scales, [u_factor * c for c in scale])
 
     def fused_first(self, params, grads, states, group, dirs, unit_counts, norms, dir_scales, u_factor):
         beta1, beta2 = group["betas"]

@@ -2,37 +2,28 @@
  * Fused CPU kernels of the CAM-HD step (hf_camhd.optim._fused). Plain C99 + OpenMP, no Python or
  * torch headers: the Python side passes data pointers of contiguous CPU tensors through ctypes.
  *
- *   camhd_hsum_<t>       pass 1: sum g*dir, sum off*g*dir and (normalized rule) sum g*g, sum dir*dir
- *   camhd_hsum_rows_<t>  pass 1 with per-unit sums (units along dim 0, rows of row_len elements)
- *   camhd_adam_<t>       pass 2: parameter-level alpha update, Adam/AdamW moments, theta update, next dir
- *   camhd_sgd_<t>        pass 2: the same with SGD / momentum / Nesterov
- *   camhd_adam_a_many_<t>  pass A (no parameter level), all tensors of a param group in one call: pass 1's sums,
- *                          the Adam state and the next dir in one loop
+ * Trees with a parameter level take pass 1 and pass 2, trees without one pass A and pass B; every entry point
+ * runs over all tensors of a param group (and dtype) in one call:
+ *   camhd_hsum_many_<t>    pass 1: sum g*dir, sum off*g*dir and (normalized rule) sum g*g, sum dir*dir, per tensor
+ *                          and (units along dim 0, rows of row_len elements) per unit
+ *   camhd_adam_many_<t>    pass 2: parameter-level alpha update, Adam/AdamW moments, theta update, next dir
+ *   camhd_sgd_many_<t>     pass 2: the same with SGD / momentum / Nesterov
+ *   camhd_adam_a_many_<t>  pass A: pass 1's sums, the Adam state and the next dir in one loop
  *   camhd_sgd_a_many_<t>   pass A for SGD
- *   camhd_apply_many_<t>   pass B: theta <- theta + K * dir, all tensors of a param group
+ *   camhd_apply_many_<t>   pass B: theta <- theta + K * dir
  *
  * The kernels are written once in camhd_fused_impl.h and included for float (f32) and double (f64).
- * Sums accumulate in double, in an order fixed by the data layout and the thread count (never by thread
- * timing): each thread sums a fixed slice with CAMHD_LANES independent accumulators and the partial sums
- * are added in thread order; per-unit sums are computed whole by one thread each. So results are bitwise
- * reproducible for a given thread count. The element loops are always-inline bodies instantiated per flag
+ * Sums accumulate in double, in an order fixed by the shapes alone (never by the thread count or timing): each
+ * chunk is summed with CAMHD_LANES independent accumulators and the chunks' sums are added in chunk order;
+ * per-unit sums are computed whole, row by row. So results are bitwise reproducible on any number of threads
+ * (built without OpenMP the chunks simply run in order). The element loops are always-inline bodies instantiated per flag
  * combination (branch-free, so they vectorise); `target_clones` adds AVX-512 and AVX2 builds picked at load time.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#else  /* built without OpenMP: one thread, same results as a one-thread OpenMP build */
-static int omp_get_max_threads(void) { return 1; }
-static int omp_get_thread_num(void) { return 0; }
-static int omp_get_num_threads(void) { return 1; }
-#endif
-
-#define CAMHD_GRAIN 32768
-#define CAMHD_CHUNK 65536  /* elements per chunk of the many-tensor kernels */
-#define CAMHD_MAX_THREADS 256
+#define CAMHD_CHUNK 65536  /* elements per chunk: the unit of work the threads share */
 #define CAMHD_LANES 16
 #define INLINE static inline __attribute__((always_inline))
 
@@ -41,16 +32,6 @@ static int omp_get_num_threads(void) { return 1; }
 #else
 #define CAMHD_CLONES
 #endif
-
-/* threads for n elements: one per CAMHD_GRAIN elements, at most omp_get_max_threads() */
-static int camhd_threads(int64_t n) {
-    int64_t t = n / CAMHD_GRAIN;
-    int mx = omp_get_max_threads();
-    if (t < 1) return 1;
-    if (t > mx) t = mx;
-    if (t > CAMHD_MAX_THREADS) t = CAMHD_MAX_THREADS;
-    return (int)t;
-}
 
 /* a piece of one tensor's work for the many-tensor kernels: elements [lo, hi) of tensor t */
 typedef struct {
@@ -83,11 +64,10 @@ static camhd_chunk *camhd_chunks(int64_t nt, const int64_t *sizes, const int64_t
     return c;
 }
 
-/* the slice [lo, hi) of thread t among nt (multiples of 16 elements) */
-INLINE void camhd_slice(int64_t n, int t, int nt, int64_t *lo, int64_t *hi) {
-    int64_t per = ((n + nt - 1) / nt + 15) & ~(int64_t)15;
-    *lo = per * t < n ? per * t : n;
-    *hi = per * (t + 1) < n ? per * (t + 1) : n;
+/* the flag bits of a parameter-level alpha update (off: the offsets, or NULL; do_alpha: 0 none, 1 additive,
+ * 2 normalized): OFF | UPD << 1 of the pass-2 codes */
+static inline int camhd_off_code(const void *off, int do_alpha) {
+    return off ? 1 | (do_alpha < 0 ? 0 : (do_alpha > 2 ? 2 : do_alpha)) << 1 : 0;
 }
 
 /* Every flag combination of a loop as a switch case with constant flags (branch-free loops that vectorise).

@@ -43,45 +43,6 @@ INLINE void SFX(hsum_range)(const T *g, const T *dir, const T *off, const T *mq,
     }
 }
 
-/* pass 1 of one tensor: out[0..3] = sum g*dir, sum off*g*dir (0 when off is NULL), and when norms
- * sum g*g, sum dir*dir (else 0). dir NULL: the direction is m / (sqrt(v) + sp) (m, v not NULL), else 0. */
-CAMHD_CLONES void SFX(camhd_hsum)(const T *g, const T *dir, const T *off, const T *m, const T *v, double sp,
-                                  int64_t n, int norms, double *out) {
-    double part[4 * CAMHD_MAX_THREADS];
-    int nt = camhd_threads(n), used = 1;
-    (void)nt;
-    #pragma omp parallel num_threads(nt)
-    {
-        int t = omp_get_thread_num(), k = omp_get_num_threads();
-        int64_t lo, hi;
-        if (t == 0) used = k;
-        camhd_slice(n, t, k, &lo, &hi);
-        SFX(hsum_range)(g, dir, off, m, v, (T)sp, lo, hi, norms, &part[4 * t]);
-    }
-    for (int ch = 0; ch < 4; ch++) out[ch] = 0.0;
-    for (int t = 0; t < used; t++)
-        for (int ch = 0; ch < 4; ch++) out[ch] += part[4 * t + ch];
-}
-
-/* pass 1 with the unit level (units along dim 0, n / row_len rows): rows[ch * nrows + r] = the sum of channel
- * ch (as camhd_hsum) over row r; out[ch] = their totals, added in row order */
-CAMHD_CLONES void SFX(camhd_hsum_rows)(const T *g, const T *dir, const T *off, const T *m, const T *v, double sp,
-                                       int64_t n, int64_t row_len, int norms, double *rows, double *out) {
-    int64_t nrows = row_len > 0 ? n / row_len : 0;
-    int nt = camhd_threads(n);
-    (void)nt;
-    #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t r = 0; r < nrows; r++) {
-        double s[4];
-        SFX(hsum_range)(g, dir, off, m, v, (T)sp, r * row_len, (r + 1) * row_len, norms, s);
-        for (int ch = 0; ch < 4; ch++) rows[ch * nrows + r] = s[ch];
-    }
-    for (int ch = 0; ch < 4; ch++) {
-        out[ch] = 0.0;
-        for (int64_t r = 0; r < nrows; r++) out[ch] += rows[ch * nrows + r];
-    }
-}
-
 /* the parameter-level alpha offset o = alpha - a0 of element i: as stored (UPD 0), or updated and clamped —
  * additive (UPD 1): o + c*g*dir; normalized (UPD 2): alpha (1 - c*sign(g*dir)), i.e. o - c*sign(g*dir)*(a0 + o) */
 INLINE T SFX(alpha_off)(T *restrict off, T gi, T di, int64_t i, const int OFF, const int UPD, T c, T lo, T hi,
@@ -142,43 +103,6 @@ INLINE void SFX(adam_range)(T *p, const T *g, T *dir, T *off, T *m, T *v, T *vma
     switch (code) { ADAM_CASES }
 }
 
-/* Adam / AdamW on one tensor. off (nullable): parameter-level alpha offsets, updated from g and dir_old when
- * do_alpha (1: additive, 2: normalized; see alpha_off, a0 = alpha_0). q = m / (sqrt(v) + shift) after the moment updates (L2 decay wd enters g);
- * theta <- theta*(1 + da + db*off) [decoupled] + (ka + kb*off)*q; dir <- q + dd*theta_old [decoupled] or q.
- * krow (nullable, the unit level): per-row factors, row r of row_len elements uses ka*krow[r], da*krow[r].
- * u_scale (nullable): the 0-d factor of the stored direction, set to u_value (u = u_value * dir).
- * dir NULL: nothing is stored; the previous direction is rebuilt as m / (sqrt(v) + prev_shift) (see CAMHD_OLD_DIR). */
-CAMHD_CLONES void SFX(camhd_adam)(T *p, const T *g, T *dir, T *off, T *m, T *v, T *vmax, int64_t n,
-                                  const double *krow, int64_t row_len, int do_alpha, double c, double olo,
-                                  double ohi, double a0, double ka, double kb, int decoupled, double da, double db,
-                                  double dd, double wd, double w1, double b2, double w2, double shift,
-                                  double prev_shift, T *u_scale, double u_value) {
-    int nt = camhd_threads(n);
-    int OFF = off != 0, UPD = off != 0 ? (do_alpha < 0 ? 0 : (do_alpha > 2 ? 2 : do_alpha)) : 0;
-    int DEC = decoupled != 0, AMS = vmax != 0, L2 = wd != 0.0, DRV = dir ? 0 : 1;
-    int code = OFF | UPD << 1 | DEC << 3 | AMS << 4 | L2 << 5 | DRV << 6;
-    T sp = (T)prev_shift;
-    T oa0 = (T)a0;
-    (void)nt;
-    #pragma omp parallel num_threads(nt)
-    {
-        int64_t lo, hi;
-        camhd_slice(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        if (!krow) {
-            SFX(adam_range)(p, g, dir, off, m, v, vmax, lo, hi, code, c, olo, ohi, oa0, ka, kb, da, db, dd,
-                            wd, w1, b2, w2, shift, sp);
-        } else {
-            for (int64_t i = lo; i < hi;) {
-                int64_t r = i / row_len, e = (r + 1) * row_len < hi ? (r + 1) * row_len : hi;
-                SFX(adam_range)(p, g, dir, off, m, v, vmax, i, e, code, c, olo, ohi, oa0, ka * krow[r], kb,
-                                da * krow[r], db, dd, wd, w1, b2, w2, shift, sp);
-                i = e;
-            }
-        }
-    }
-    if (u_scale) *u_scale = (T)u_value;  /* u = u_value * dir: the stored direction's factor */
-}
-
 INLINE void SFX(sgd_loop)(T *restrict p, const T *restrict g, T *restrict dir, T *restrict off,
                           T *restrict buf, int64_t lo, int64_t hi,
                           const int OFF, const int UPD, const int MOM, const int FIRST, const int L2, const int DRV,
@@ -205,38 +129,6 @@ INLINE void SFX(sgd_loop)(T *restrict p, const T *restrict g, T *restrict dir, T
 INLINE void SFX(sgd_range)(T *p, const T *g, T *dir, T *off, T *buf, int64_t lo, int64_t hi, int code,
                            T c, T olo, T ohi, T oa0, T ka, T kb, T wd, T mu, T dm) {
     switch (code) { SGD_CASES }
-}
-
-/* SGD on one tensor. momentum: 0 plain (buf unused), 1 heavy ball, 2 Nesterov; first: buf <- g (torch's
- * first step). theta <- theta + (ka + kb*off)*d; dir <- d. krow, row_len, off, do_alpha: as camhd_adam.
- * dir NULL (heavy ball only): nothing is stored; the previous direction is the buffer (0 on the first step). */
-CAMHD_CLONES void SFX(camhd_sgd)(T *p, const T *g, T *dir, T *off, T *buf, int64_t n, const double *krow,
-                                 int64_t row_len, int do_alpha, double c, double olo, double ohi, double a0,
-                                 double ka, double kb, double wd, int momentum, int first, double mu, double damp,
-                                 T *u_scale, double u_value) {
-    int nt = camhd_threads(n);
-    int OFF = off != 0, UPD = off != 0 ? (do_alpha < 0 ? 0 : (do_alpha > 2 ? 2 : do_alpha)) : 0, L2 = wd != 0.0;
-    int MOM = momentum < 0 ? 0 : (momentum > 2 ? 2 : momentum), FIRST = first != 0;
-    int DRV = dir ? 0 : (FIRST || MOM != 1 ? 2 : 3);
-    int code = OFF | UPD << 1 | L2 << 3 | FIRST << 4 | MOM << 5 | (DRV == 0 ? 0 : DRV - 1) << 7;
-    T oa0 = (T)a0;
-    double dm = 1.0 - damp;
-    (void)nt;
-    #pragma omp parallel num_threads(nt)
-    {
-        int64_t lo, hi;
-        camhd_slice(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        if (!krow) {
-            SFX(sgd_range)(p, g, dir, off, buf, lo, hi, code, c, olo, ohi, oa0, ka, kb, wd, mu, dm);
-        } else {
-            for (int64_t i = lo; i < hi;) {
-                int64_t r = i / row_len, e = (r + 1) * row_len < hi ? (r + 1) * row_len : hi;
-                SFX(sgd_range)(p, g, dir, off, buf, i, e, code, c, olo, ohi, oa0, ka * krow[r], kb, wd, mu, dm);
-                i = e;
-            }
-        }
-    }
-    if (u_scale) *u_scale = (T)u_value;
 }
 
 /* ---------------------------------------------------------------------------------------------------------
@@ -325,27 +217,34 @@ INLINE void SFX(sgd_a_range)(const T *p, const T *g, T *dir, T *buf, int64_t lo,
     switch (code) { SGD_A_CASES }
 }
 
-/* run a pass-A range function over a list of tensors, chunk by chunk (camhd_chunks: in parallel across tensors,
- * whole unit rows where row_lens[t] > 0). Each chunk's sums go to its own slot (per-row sums straight into
- * rows[t][ch * nrows + r]) and are added per tensor in chunk order afterwards: the results depend on the shapes
- * alone, not on the number of threads or their timing. */
-#define CAMHD_RUN_A_MANY(CALL)                                                                           \
+/* ---------------------------------------------------------------------------------------------------------
+ * Every entry point takes a list of nt tensors (those of one param group and dtype, sizes[t] elements each)
+ * and cuts them into chunks of about CAMHD_CHUNK elements (whole unit rows of row_lens[t] elements where
+ * row_lens and row_lens[t] > 0) that the threads share: a model of many small tensors costs one call and one
+ * parallel region, not one per tensor. Per-tensor numbers come as arrays indexed by t.
+ * ------------------------------------------------------------------------------------------------------ */
+
+/* the sums of the passes that take them (pass 1, pass A), chunk by chunk: each chunk's sums go to its own slot
+ * (per-row sums straight into rows[t][ch * nrows + r]) and are added per tensor in chunk order afterwards: the
+ * results depend on the shapes alone, not on the number of threads or their timing. Then *u_scale[t] <-
+ * u_value[t] (u_scale NULL: nothing). CALL sees t, lo, hi and s (double[4]). */
+#define CAMHD_RUN_SUMS_MANY(CALL)                                                                        \
     int64_t nc = 0;                                                                                      \
     camhd_chunk *ch = camhd_chunks(nt, sizes, row_lens, &nc);                                            \
     double *part = (double *)calloc((size_t)(4 * nc + 4), sizeof(double));                               \
     if (!ch || !part) { free(ch); free(part); return -1; }                                               \
     _Pragma("omp parallel for schedule(dynamic, 1)")                                                     \
-    for (int64_t c = 0; c < nc; c++) {                                                                   \
-        int t = ch[c].t;                                                                                 \
+    for (int64_t ci = 0; ci < nc; ci++) {                                                                \
+        int t = ch[ci].t;                                                                                \
         int64_t rl = row_lens ? row_lens[t] : 0;                                                         \
-        double *acc = &part[4 * c];                                                                      \
+        double *acc = &part[4 * ci];                                                                     \
         if (rl <= 0) {                                                                                   \
-            int64_t lo = ch[c].lo, hi = ch[c].hi;                                                        \
+            int64_t lo = ch[ci].lo, hi = ch[ci].hi;                                                      \
             double *s = acc;                                                                             \
             CALL;                                                                                        \
         } else {                                                                                         \
             int64_t nrows = sizes[t] / rl;                                                               \
-            for (int64_t r = ch[c].lo / rl; r < ch[c].hi / rl; r++) {                                    \
+            for (int64_t r = ch[ci].lo / rl; r < ch[ci].hi / rl; r++) {                                  \
                 double s[4] = {0.0, 0.0, 0.0, 0.0};                                                      \
                 int64_t lo = r * rl, hi = (r + 1) * rl;                                                  \
                 CALL;                                                                                    \
@@ -358,15 +257,100 @@ INLINE void SFX(sgd_a_range)(const T *p, const T *g, T *dir, T *buf, int64_t lo,
     }                                                                                                    \
     for (int64_t t = 0; t < nt; t++)                                                                     \
         for (int k = 0; k < 4; k++) out[4 * t + k] = 0.0;                                                \
-    for (int64_t c = 0; c < nc; c++)                                                                     \
-        for (int k = 0; k < 4; k++) out[4 * ch[c].t + k] += part[4 * c + k];                             \
+    for (int64_t ci = 0; ci < nc; ci++)                                                                  \
+        for (int k = 0; k < 4; k++) out[4 * ch[ci].t + k] += part[4 * ci + k];                           \
     for (int64_t t = 0; t < nt; t++)                                                                     \
-        if (u_scale[t]) *u_scale[t] = (T)u_value[t];                                                     \
+        if (u_scale && u_scale[t]) *u_scale[t] = (T)u_value[t];                                          \
     free(ch);                                                                                            \
     free(part);                                                                                          \
     return 0;
 
-/* Adam / AdamW pass A on nt tensors (one param group): out[4t + k] = sum g*dir_old (k = 0), sum g*g and
+/* the element-wise passes that move theta (pass 2, pass B), chunk by chunk; on row r of a tensor with krow[t]
+ * (the unit level, row_lens[t] > 0) CALL's factor f is krow[t][r], else 1. Then *u_scale[t] <- u_value[t]. CALL
+ * sees t, lo, hi and f. */
+#define CAMHD_RUN_MOVE_MANY(CALL)                                                                        \
+    int64_t nc = 0;                                                                                      \
+    camhd_chunk *ch = camhd_chunks(nt, sizes, row_lens, &nc);                                            \
+    if (!ch) return -1;                                                                                  \
+    _Pragma("omp parallel for schedule(dynamic, 1)")                                                     \
+    for (int64_t ci = 0; ci < nc; ci++) {                                                                \
+        int t = ch[ci].t;                                                                                \
+        int64_t rl = row_lens ? row_lens[t] : 0;                                                         \
+        const double *kr = krow && rl > 0 ? krow[t] : 0;                                                 \
+        for (int64_t lo = ch[ci].lo; lo < ch[ci].hi;) {                                                  \
+            int64_t hi = kr ? lo + rl : ch[ci].hi;                                                       \
+            double f = kr ? kr[lo / rl] : 1.0;                                                           \
+            CALL;                                                                                        \
+            lo = hi;                                                                                     \
+        }                                                                                                \
+    }                                                                                                    \
+    for (int64_t t = 0; t < nt; t++)                                                                     \
+        if (u_scale && u_scale[t]) *u_scale[t] = (T)u_value[t];                                          \
+    free(ch);                                                                                            \
+    return 0;
+
+/* pass 1 (trees with a parameter level): out[4t + k] = sum g*dir_old, sum off*g*dir_old (off NULL or off[t] NULL:
+ * 0), and when norms sum g*g, sum dir_old^2 (else 0), of tensor t; rows[t] (row_lens[t] > 0): the same per unit
+ * along dim 0. dir_old: dir[t], else (dir or dir[t] NULL) Adam's m[t] / (sqrt(v[t]) + sp[t]) where m is given,
+ * else 0. Returns 0, or -1 when out of memory. */
+CAMHD_CLONES int SFX(camhd_hsum_many)(int64_t nt, const int64_t *sizes, const int64_t *row_lens, T *const *g,
+                                      T *const *dir, T *const *off, T *const *m, T *const *v, const double *sp,
+                                      double *const *rows, int norms, double *out) {
+    T *const *u_scale = 0;
+    const double *u_value = 0;
+    (void)u_value;
+    CAMHD_RUN_SUMS_MANY(SFX(hsum_range)(g[t], dir ? dir[t] : 0, off ? off[t] : 0, m ? m[t] : 0, v ? v[t] : 0,
+                                        (T)(sp ? sp[t] : 0.0), lo, hi, norms, s))
+}
+
+/* pass 2 for Adam / AdamW: per tensor t, the parameter-level offsets off[t] (nullable) updated from g and dir_old
+ * when do_alpha[t] (1: additive, 2: normalized; see alpha_off, with c[t], the bounds olo[t], ohi[t] and a0 =
+ * alpha_0), the moments (L2 decay wd enters g), q = m / (sqrt(v) + shift[t]), then
+ * theta <- theta*(1 + kd + db[t]*off) [decoupled] + (k + kb[t]*off)*q with k = ka[t]*f, kd = da[t]*f (f: the
+ * unit's factor, see CAMHD_RUN_MOVE_MANY), and dir <- q + dd[t]*theta_old [decoupled] or q. vmax: NULL, or an
+ * array (amsgrad). dir (the array, or dir[t]) NULL: nothing is stored, dir_old is rebuilt as
+ * m / (sqrt(v) + prev_shift[t]) before the update (see CAMHD_OLD_DIR). *u_scale[t] <- u_value[t] (the stored
+ * direction's factor: u = u_value * dir). Returns 0, or -1 when out of memory. */
+CAMHD_CLONES int SFX(camhd_adam_many)(int64_t nt, const int64_t *sizes, const int64_t *row_lens, T *const *p,
+                                      T *const *g, T *const *dir, T *const *off, T *const *m, T *const *v,
+                                      T *const *vmax, const double *const *krow, const int32_t *do_alpha,
+                                      const double *c, const double *olo, const double *ohi, double a0,
+                                      const double *ka, const double *kb, int decoupled, const double *da,
+                                      const double *db, const double *dd, double wd, double w1, double b2,
+                                      double w2, const double *shift, const double *prev_shift, T *const *u_scale,
+                                      const double *u_value) {
+    int code = (decoupled != 0) << 3 | (vmax != 0) << 4 | (wd != 0.0) << 5;
+    CAMHD_RUN_MOVE_MANY(SFX(adam_range)(p[t], g[t], dir ? dir[t] : 0, off ? off[t] : 0, m[t], v[t],
+                                        vmax ? vmax[t] : 0, lo, hi,
+                                        code | camhd_off_code(off ? off[t] : 0, do_alpha[t]) |
+                                            (dir && dir[t] ? 0 : 1) << 6,
+                                        (T)c[t], (T)olo[t], (T)ohi[t], (T)a0, (T)(ka[t] * f), (T)kb[t],
+                                        (T)(da[t] * f), (T)db[t], (T)dd[t], (T)wd, (T)w1, (T)b2, (T)w2,
+                                        (T)shift[t], (T)prev_shift[t]))
+}
+
+/* pass 2 for SGD (momentum: 0 plain, buf unused; 1 heavy ball; 2 Nesterov; first[t]: buf <- g, torch's first
+ * step): off, do_alpha, c, bounds, krow, ka, kb as camhd_adam_many; theta <- theta + (k + kb[t]*off)*d and
+ * dir <- d. dir (the array, or dir[t]) NULL, heavy ball only: nothing is stored, dir_old is the buffer before the
+ * update (0 on the first step). */
+CAMHD_CLONES int SFX(camhd_sgd_many)(int64_t nt, const int64_t *sizes, const int64_t *row_lens, T *const *p,
+                                     T *const *g, T *const *dir, T *const *off, T *const *buf,
+                                     const int32_t *first, const double *const *krow, const int32_t *do_alpha,
+                                     const double *c, const double *olo, const double *ohi, double a0,
+                                     const double *ka, const double *kb, double wd, int momentum, double mu,
+                                     double damp, T *const *u_scale, const double *u_value) {
+    int MOM = momentum < 0 ? 0 : (momentum > 2 ? 2 : momentum);
+    int code = (wd != 0.0) << 3 | MOM << 5;
+    T dm = (T)(1.0 - damp);
+    CAMHD_RUN_MOVE_MANY(SFX(sgd_range)(p[t], g[t], dir ? dir[t] : 0, off ? off[t] : 0, buf ? buf[t] : 0, lo, hi,
+                                       code | camhd_off_code(off ? off[t] : 0, do_alpha[t]) |
+                                           (first && first[t]) << 4 |
+                                           (dir && dir[t] ? 0 : (first && first[t]) || MOM != 1 ? 1 : 2) << 7,
+                                       (T)c[t], (T)olo[t], (T)ohi[t], (T)a0, (T)(ka[t] * f), (T)kb[t], (T)wd,
+                                       (T)mu, dm))
+}
+
+/* Adam / AdamW pass A (trees without a parameter level): out[4t + k] = sum g*dir_old (k = 0), sum g*g and
  * sum dir_old^2 (k = 2, 3, when norms) of tensor t, then its moments and dir <- q = m / (sqrt(v) + shift[t]); L2
  * decay wd enters g (p is read only for it); rows[t] (row_lens[t] > 0): the same sums per unit along dim 0;
  * *u_scale[t] <- u_value[t]. vmax: NULL, or an array (amsgrad). dir (the array, or dir[t]) NULL: nothing is
@@ -378,14 +362,14 @@ CAMHD_CLONES int SFX(camhd_adam_a_many)(int64_t nt, const int64_t *sizes, const 
                                         double w2, const double *shift, const double *prev_shift,
                                         T *const *u_scale, const double *u_value) {
     int code = (norms != 0) | (vmax != 0) << 2 | (wd != 0.0) << 3;
-    CAMHD_RUN_A_MANY(SFX(adam_a_range)(p[t], g[t], dir ? dir[t] : 0, m[t], v[t], vmax ? vmax[t] : 0, lo, hi,
-                                       code | (dir && dir[t] ? 0 : 1) << 4, 0, wd, w1, b2, w2, (T)shift[t],
-                                       (T)(prev_shift ? prev_shift[t] : 1.0), s))
+    CAMHD_RUN_SUMS_MANY(SFX(adam_a_range)(p[t], g[t], dir ? dir[t] : 0, m[t], v[t], vmax ? vmax[t] : 0, lo, hi,
+                                          code | (dir && dir[t] ? 0 : 1) << 4, 0, wd, w1, b2, w2, (T)shift[t],
+                                          (T)(prev_shift ? prev_shift[t] : 1.0), s))
 }
 
-/* SGD pass A on nt tensors (one param group; momentum: 0 plain, 1 heavy ball, 2 Nesterov; first[t]: buf <- g,
- * torch's first step), sums as camhd_adam_a_many. dir (the array, or dir[t]) NULL, heavy ball only: nothing is
- * stored, dir_old is the buffer before the update (0 on the first step). */
+/* SGD pass A (momentum: 0 plain, 1 heavy ball, 2 Nesterov; first[t]: buf <- g, torch's first step), sums as
+ * camhd_adam_a_many. dir (the array, or dir[t]) NULL, heavy ball only: nothing is stored, dir_old is the buffer
+ * before the update (0 on the first step). */
 CAMHD_CLONES int SFX(camhd_sgd_a_many)(int64_t nt, const int64_t *sizes, const int64_t *row_lens, T *const *p,
                                        T *const *g, T *const *dir, T *const *buf, const int32_t *first,
                                        double *const *rows, int norms, double *out, double wd, int momentum,
@@ -393,62 +377,43 @@ CAMHD_CLONES int SFX(camhd_sgd_a_many)(int64_t nt, const int64_t *sizes, const i
     int MOM = momentum < 0 ? 0 : (momentum > 2 ? 2 : momentum);
     int code = (norms != 0) | (wd != 0.0) << 1 | MOM << 3;
     T dm = (T)(1.0 - damp);
-    CAMHD_RUN_A_MANY(SFX(sgd_a_range)(p[t], g[t], dir ? dir[t] : 0, buf ? buf[t] : 0, lo, hi,
-                                      code | (first && first[t]) << 2 |
-                                          (dir && dir[t] ? 0 : (first && first[t]) || MOM != 1 ? 1 : 2) << 5,
-                                      wd, mu, dm, s))
+    CAMHD_RUN_SUMS_MANY(SFX(sgd_a_range)(p[t], g[t], dir ? dir[t] : 0, buf ? buf[t] : 0, lo, hi,
+                                         code | (first && first[t]) << 2 |
+                                             (dir && dir[t] ? 0 : (first && first[t]) || MOM != 1 ? 1 : 2) << 5,
+                                         wd, mu, dm, s))
 }
-#undef CAMHD_RUN_A_MANY
 
-/* pass B on nt tensors: theta <- theta * (1 + kd) + k * dir with k = ka[t], kd = da[t] (times krow[t][r] on row r
- * with the unit level); with decoupled decay (dd[t] != 0) the stored direction becomes dir + dd[t] * theta_old
- * (AdamW: the rate scales q + (lambda / c) theta, applied multiplicatively, rounded as torch's AdamW).
- * dir[t] NULL: the direction is Adam's q = m[t] / (sqrt(v[t]) + shift[t]), not stored (dd[t] must be 0). */
-#define CAMHD_APPLY_LOOP(DEC)                                                                             \
-    for (int64_t j = lo; j < hi; j++) {                                                                  \
-        T th = pp[j], q = qq[j];                                                                         \
-        if (DEC) {                                                                                       \
-            pp[j] = th * (kd + (T)1) + k * q;                                                            \
-            qq[j] = q + ddc * th;                                                                        \
-        } else {                                                                                         \
-            pp[j] = th + k * q;                                                                          \
-        }                                                                                                \
+/* pass B (trees without a parameter level): theta <- theta * (1 + kd) + k * dir with k = ka[t]*f, kd = da[t]*f
+ * (f: the unit's factor, see CAMHD_RUN_MOVE_MANY); with decoupled decay (dd[t] != 0) the stored direction becomes
+ * dir + dd[t] * theta_old (AdamW: the rate scales q + (lambda / c) theta, applied multiplicatively, rounded as
+ * torch's AdamW). dir (the array, or dir[t]) NULL: the direction is Adam's q = m[t] / (sqrt(v[t]) + shift[t]), not
+ * stored (dd[t] must be 0). */
+INLINE void SFX(apply_range)(T *restrict pp, T *restrict qq, const T *restrict mm, const T *restrict vv, T sh,
+                             int64_t lo, int64_t hi, T k, T kd, int dec, T ddc) {
+    if (!qq) {
+        for (int64_t j = lo; j < hi; j++) pp[j] = pp[j] + k * (mm[j] / (SQRT(vv[j]) + sh));
+    } else if (dec) {
+        for (int64_t j = lo; j < hi; j++) {
+            T th = pp[j], q = qq[j];
+            pp[j] = th * (kd + (T)1) + k * q;
+            qq[j] = q + ddc * th;
+        }
+    } else {
+        for (int64_t j = lo; j < hi; j++) pp[j] = pp[j] + k * qq[j];
     }
-#define CAMHD_APPLY_Q_LOOP                                                                                \
-    for (int64_t j = lo; j < hi; j++) pp[j] = pp[j] + k * (mm[j] / (SQRT(vv[j]) + sh));
+}
+
 CAMHD_CLONES int SFX(camhd_apply_many)(int64_t nt, const int64_t *sizes, const int64_t *row_lens, T *const *p,
                                        T *const *dir, T *const *m, T *const *v, const double *shift,
                                        const double *const *krow, const double *ka, const double *da,
                                        const double *dd) {
-    int64_t nc = 0;
-    camhd_chunk *ch = camhd_chunks(nt, sizes, row_lens, &nc);
-    if (!ch) return -1;
-    #pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t c = 0; c < nc; c++) {
-        int t = ch[c].t;
-        int64_t rl = row_lens ? row_lens[t] : 0;
-        const double *kr = krow ? krow[t] : 0;
-        T ddc = (T)dd[t];
-        T *restrict pp = p[t];
-        T *restrict qq = dir ? dir[t] : 0;
-        const T *restrict mm = m ? m[t] : 0, *restrict vv = v ? v[t] : 0;
-        T sh = (T)(shift ? shift[t] : 0.0);
-        for (int64_t lo = ch[c].lo; lo < ch[c].hi;) {
-            int64_t hi = (kr && rl > 0) ? lo + rl : ch[c].hi;
-            double f = (kr && rl > 0) ? kr[lo / rl] : 1.0;
-            T k = (T)(ka[t] * f), kd = (T)(da[t] * f);
-            if (!qq) {
-                CAMHD_APPLY_Q_LOOP
-            } else if (dd[t] != 0.0) {
-                CAMHD_APPLY_LOOP(1)
-            } else {
-                CAMHD_APPLY_LOOP(0)
-            }
-            lo = hi;
-        }
-    }
-    free(ch);
-    return 0;
+    T *const *u_scale = 0;
+    const double *u_value = 0;
+    (void)u_value;
+    CAMHD_RUN_MOVE_MANY(SFX(apply_range)(p[t], dir ? dir[t] : 0, m ? m[t] : 0, v ? v[t] : 0,
+                                         (T)(shift ? shift[t] : 0.0), lo, hi, (T)(ka[t] * f), (T)(da[t] * f),
+                                         dd[t] != 0.0, (T)dd[t]))
 }
-#undef CAMHD_APPLY_LOOP
-#undef CAMHD_APPLY_Q_LOOP
+
+#undef CAMHD_RUN_SUMS_MANY
+#undef CAMHD_RUN_MOVE_MANY
