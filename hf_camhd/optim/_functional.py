@@ -208,8 +208,7 @@ def _new_alpha(alpha: Tensor, sums: Tensor, stats: Tensor | None, beta, gamma_j:
 def cosine(stats: Tensor) -> Tensor:
     """``Σgu / sqrt(Σg² Σu²)`` per row of ``(rows, 3)`` smoothed sums, in [−1, 1] (0 where a norm is 0)."""
     den = (stats[..., 1] * stats[..., 2]).sqrt()
-    safe = torch.where(den > 0, den, torch.ones_like(den))
-    return torch.where(den > 0, stats[..., 0] / safe, torch.zeros_like(den)).clamp(-1.0, 1.0)
+    return torch.where(den > 0, stats[..., 0] / den, 0.0).clamp_(-1.0, 1.0)  # x / 0 is masked: no error, no sync
 
 
 def _normalized_gamma_gradient(G: Tensor, hyper: HyperState, cfg: HyperConfig, ok: Tensor) -> Tensor:
@@ -219,8 +218,7 @@ def _normalized_gamma_gradient(G: Tensor, hyper: HyperState, cfg: HyperConfig, o
     put(smoothed, smoothed.lerp(G, 1.0 - cfg.hypergrad_smoothing), ok)
     g_stats = hyper.stats["global"][0]
     scale = cfg.lr * (g_stats[1] * g_stats[2]).sqrt()
-    return torch.where(scale > 0, smoothed / torch.where(scale > 0, scale, torch.ones_like(scale)),
-                       torch.zeros_like(smoothed))
+    return torch.where(scale > 0, smoothed / scale, 0.0)
 
 
 def _gamma_gradient(sums: NodeSums, node: dict, hyper: HyperState, cfg: HyperConfig) -> Tensor:
@@ -232,7 +230,7 @@ def _gamma_gradient(sums: NodeSums, node: dict, hyper: HyperState, cfg: HyperCon
         parts.append(sums.gamma_param + cfg.lr * node["global"][0, 0])
     home = hyper.gamma
     G = torch.stack([_to(x.reshape(()), home) for x in parts])
-    return torch.where(torch.isfinite(G), G, torch.zeros_like(G))
+    return torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def update_gamma(hyper: HyperState, G: Tensor, ok: Tensor, cfg: HyperConfig) -> None:
@@ -251,8 +249,9 @@ def update_gamma(hyper: HyperState, G: Tensor, ok: Tensor, cfg: HyperConfig) -> 
         return
     proposal = (gamma - cfg.gamma_lr * G).clamp_min(0)
     total = proposal.sum()
-    keep = torch.isfinite(total) & (total > 0) & ok
-    put(gamma, proposal / torch.where(keep, total, torch.ones_like(total)), keep)
+    keep = (total > 0) & (total < math.inf)  # finite and positive (False for NaN)
+    keep = keep if ok is True else keep & ok
+    put(gamma, proposal / torch.where(keep, total, 1.0), keep)
 
 
 # ------------------------------------------------------------------------------------------ step 4 (shared)
@@ -567,19 +566,19 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
     counts = _unit_counts(step)
     old_scales = torch.stack(step.dir_scales).to(torch.float64)  # u_{t-1}'s factors, before pass A replaces them
     tau = decay_factor(cfg, t)
-    totals, rows, scales = [None] * len(step.params), [None] * len(step.params), [1.0] * len(step.params)
+    totals, rows, scales = [], [], []  # per group, in step order (a group's members are consecutive)
     for group, members, s in step.groups:                                                           # 1, 5
         pick = lambda xs: [xs[m] for m in members]  # noqa: E731
         rule.prepare_group(group)
         sums, per_unit, scale = rule.fused_first(pick(step.params), pick(step.grads), pick(step.states), group,
                                                  pick(step.dirs), pick(counts), cfg.normalized,
                                                  pick(step.dir_scales), -s * tau)
-        for k, m in enumerate(members):
-            totals[m], rows[m] = sums[k], per_unit[k]
-            scales[m] = 1.0 if scale is None else scale[k]
+        totals.append(sums)
+        rows += per_unit
+        scales += [1.0] * len(members) if scale is None else scale
     diag: dict = {}
     if adapts_now(cfg, t):                                                                           # 2–3
-        part = _fused_partial_sums(step, torch.stack(totals), rows if counts[0] is not None else None, old_scales,
+        part = _fused_partial_sums(step, torch.cat(totals), rows if counts[0] is not None else None, old_scales,
                                    _home(hyper), cfg)
         diag = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t).diag
     rates = combined_rates(step, hyper, index, cfg, t)                                              # 4

@@ -50,6 +50,7 @@ import sys
 import tempfile
 import threading
 import warnings
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,11 +237,16 @@ DirSource = tuple  # (dir, m, v, shift): see partial_sums
 # row_lens, ...)``. The tensors are cut into chunks that the threads share, so a model of many small tensors costs
 # one call, not one per tensor, and the sums do not depend on the thread count.
 
-def _array(ctype, values) -> ctypes.Array:
-    return (ctype * max(len(values), 1))(*values)
+_TYPECODES = {ctypes.c_void_p: "Q", ctypes.c_int64: "q", ctypes.c_int32: "i", ctypes.c_double: "d"}
 
 
-def _pointers(tensors) -> ctypes.Array:
+def _array(ctype, values) -> array:
+    """``values`` as a C array of ``ctype`` (an :class:`array.array`: built about 10× faster than a ctypes array;
+    :func:`_run_many` passes its address and keeps it alive for the call)."""
+    return array(_TYPECODES[ctype], values or [0])
+
+
+def _pointers(tensors) -> array:
     return _array(ctypes.c_void_p, [0 if t is None else t.data_ptr() for t in tensors])
 
 
@@ -252,10 +258,11 @@ class _PerTensor:
         self.values, self.ctype = values, ctype
 
     def pick(self, idx: list[int]):
-        picked = [self.values[i] for i in idx]
+        picked = self.values if len(idx) == len(self.values) else [self.values[i] for i in idx]
         if self.ctype is not ctypes.c_void_p:
             return _array(self.ctype, picked)
-        return None if all(x is None for x in picked) else _pointers(picked)
+        pointers = [0 if t is None else t.data_ptr() for t in picked]
+        return _array(ctypes.c_void_p, pointers) if any(pointers) else None
 
 
 _ROWS, _OUT = "rows", "out"  # markers: where the per-unit sum buffers and the (nt, 4) sums go in the arguments
@@ -263,6 +270,8 @@ _ROWS, _OUT = "rows", "out"  # markers: where the per-unit sum buffers and the (
 
 def _by_dtype(tensors: list[Tensor]) -> list[list[int]]:
     """Indices of ``tensors`` grouped by dtype (a kernel call takes one), in order."""
+    if len({t.dtype for t in tensors}) == 1:
+        return [list(range(len(tensors)))]
     groups: dict = {}
     for i, t in enumerate(tensors):
         groups.setdefault(t.dtype, []).append(i)
@@ -274,38 +283,39 @@ def _row_len(p: Tensor, count: int) -> int:
 
 
 def _run_many(kind: str, tensors: list[Tensor], args: list,
-              row_counts: list[int | None] | None = None) -> tuple[list[Tensor], list[Tensor | None]]:
+              row_counts: list[int | None] | None = None) -> tuple[Tensor | None, list[Tensor | None]]:
     """Call ``camhd_<kind>_many`` once per dtype of ``tensors`` with ``(nt, sizes, row_lens, *args)``.
     ``args``: :class:`_PerTensor` lists, plain values, and the markers ``_ROWS`` / ``_OUT`` (per-unit and
-    per-tensor sum buffers, returned: ``(4,)`` per tensor and ``(units, 4)`` where ``row_counts[i]`` is given).
-    ``row_counts[i]``: tensor i's rows along dim 0 (units, or the rows of a per-unit rate), or ``None``."""
-    totals: list = [None] * len(tensors)
+    per-tensor sum buffers, returned: a ``(T, 4)`` float64 tensor, and ``(units, 4)`` per tensor where
+    ``row_counts[i]`` is given, else ``None``). ``row_counts[i]``: tensor i's rows along dim 0 (units, or the rows
+    of a per-unit rate), or ``None``."""
+    by_dtype = _by_dtype(tensors)
+    totals = torch.zeros(len(tensors), 4, dtype=torch.float64) if _OUT in args else None
     rows: list = [None] * len(tensors)
-    for idx in _by_dtype(tensors):
-        ts = [tensors[i] for i in idx]
+    for idx in by_dtype:
+        ts = [tensors[i] for i in idx] if len(by_dtype) > 1 else tensors
         counts = [None] * len(idx) if row_counts is None else [row_counts[i] for i in idx]
         row_lens = None if all(c is None for c in counts) else _array(
             ctypes.c_int64, [0 if c is None else _row_len(t, c) for t, c in zip(ts, counts)])
-        out = bufs = None
-        call = []
+        out = totals if len(by_dtype) == 1 or totals is None else torch.zeros(len(idx), 4, dtype=torch.float64)
+        call = [_array(ctypes.c_int64, [t.numel() for t in ts]), row_lens]
         for a in args:
             if isinstance(a, _PerTensor):
                 call.append(a.pick(idx))
             elif a is _OUT:
-                out = torch.zeros(len(idx), 4, dtype=torch.float64)
                 call.append(out.data_ptr())
             elif a is _ROWS:
                 bufs = [None if c is None else torch.zeros(4, c, dtype=torch.float64) for c in counts]
                 call.append(None if row_lens is None else _pointers(bufs))
+                for i, b in zip(idx, bufs):
+                    rows[i] = None if b is None else b.T
             else:
                 call.append(a)
         fn = getattr(load(), f"camhd_{kind}_many_{_SUFFIX[ts[0].dtype]}")
-        if fn(len(idx), _array(ctypes.c_int64, [t.numel() for t in ts]), row_lens, *call) != 0:
+        if fn(len(idx), *(a.buffer_info()[0] if isinstance(a, array) else a for a in call)) != 0:
             raise MemoryError(f"camhd_{kind}_many could not allocate its chunk list ({len(idx)} tensors)")
-        if out is not None:
-            for k, i in enumerate(idx):
-                totals[i] = out[k]
-                rows[i] = None if bufs is None or bufs[k] is None else bufs[k].T
+        if out is not totals:
+            totals[idx] = out
     return totals, rows
 
 
@@ -337,7 +347,7 @@ def partial_sums(grads: list[Tensor], sources: list[DirSource], offsets: list[Te
         _PerTensor(grads), _PerTensor(dirs), _PerTensor(offsets if offsets is not None else [None] * len(grads)),
         _PerTensor(ms), _PerTensor(vs), _PerTensor([float(x) for x in shifts], ctypes.c_double), _ROWS, int(norms),
         _OUT], unit_counts)
-    return RawSums(torch.stack(totals), rows if unit_counts is not None else None)
+    return RawSums(totals, rows if unit_counts is not None else None)
 
 
 def adam(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | None], offsets: list[Tensor | None],
@@ -389,9 +399,9 @@ def sgd(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | None], of
 def adam_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | None], exp_avgs: list[Tensor],
                exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None, unit_counts: list[int | None],
                norms: bool, wd: float, beta1: float, beta2: float, shifts: list[float], prev_shifts: list[float],
-               u_scales: list[Tensor], u_values: list[float]) -> tuple[list[Tensor], list[Tensor | None]]:
-    """Pass A for Adam / AdamW on a list of tensors: returns per tensor the sums
-    ``[Σ g·dir_old, 0, Σ g², Σ dir_old²]`` (the norms with ``norms``; per unit too, ``(units, 4)``, where
+               u_scales: list[Tensor], u_values: list[float]) -> tuple[Tensor, list[Tensor | None]]:
+    """Pass A for Adam / AdamW on a list of tensors: returns the sums ``[Σ g·dir_old, 0, Σ g², Σ dir_old²]`` of
+    every tensor as a ``(T, 4)`` float64 tensor (the norms with ``norms``) and per unit, ``(units, 4)``, where
     ``unit_counts[i]`` is given), then updates the moments (L2 decay ``wd`` enters the gradient) and writes
     ``dir ← q = m / (sqrt(v) + shift)``; ``u_scales[i] ← u_values[i]``. ``dirs[i] = None``: the direction is not
     kept; ``dir_old`` is rebuilt as ``m / (sqrt(v) + prev_shift)`` from the moments before the update."""
@@ -407,7 +417,7 @@ def adam_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | No
 def sgd_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor], bufs: list[Tensor | None],
               first: list[bool], unit_counts: list[int | None], norms: bool, wd: float, momentum: int, mu: float,
               dampening: float, u_scales: list[Tensor],
-              u_values: list[float]) -> tuple[list[Tensor], list[Tensor | None]]:
+              u_values: list[float]) -> tuple[Tensor, list[Tensor | None]]:
     """Pass A for SGD on a list of tensors (``momentum``: 0 plain, 1 heavy ball, 2 Nesterov; ``first[i]``: the
     buffer starts as the gradient, as torch's): the sums as :func:`adam_first`, then the buffers and ``dir ← d``.
     ``dirs[i] = None`` (heavy ball only): the direction is the buffer, not kept (``dir_old`` = the buffer before

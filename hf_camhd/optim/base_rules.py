@@ -139,12 +139,12 @@ class BaseRule:
 
     def fused_first(self, params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
                     dirs: list[Tensor], unit_counts: list[int | None], norms: bool, dir_scales: list[Tensor],
-                    u_factor: float) -> tuple[list[Tensor], list[Tensor | None], list[float] | None]:
+                    u_factor: float) -> tuple[Tensor, list[Tensor | None], list[float] | None]:
         """The fused CPU pass A (trees without a parameter level, :mod:`hf_camhd.optim._fused`): per tensor, the
         sums ``[Σ g·dir, 0, Σ g², Σ dir²]`` of the previous direction (per unit too, with a unit count), then the
         base state and the new direction written over ``dirs``, and ``dir_scales[i] ← u_factor · scale_i``.
-        Returns the sums, the per-unit sums and the per-tensor ``scale`` of :class:`Directions` (the factor
-        pass B multiplies the rate by; ``None``: 1)."""
+        Returns the sums (a ``(T, 4)`` float64 tensor), the per-unit sums (``(units, 4)`` or ``None`` per tensor)
+        and the per-tensor ``scale`` of :class:`Directions` (the factor pass B multiplies the rate by; ``None``: 1)."""
         raise NotImplementedError(f"the {self.name} rule has no fused kernel")
 
 

@@ -401,12 +401,13 @@ class CAMHDOptimizer(Optimizer):
             return ("fused=False" if self.foreach is None else f"foreach={self.foreach} was chosen"), ""
         if sharding.sharded:
             return "the parameters are sharded (DTensor)", ""
-        devices = {p.device.type for p in step.params} | {self.param_groups[0][GAMMA].device.type}
+        gamma = self.param_groups[0][GAMMA]
+        if gamma.is_cpu and all(p.is_cpu for p in step.params):
+            return self._why_not_fused_cpu(step), "fused_cpu"
+        devices = {p.device.type for p in step.params} | {gamma.device.type}
         if devices == {"cuda"}:
             return compiled_unavailable_reason(), "compiled"
-        if devices != {"cpu"}:
-            return f"the tensors are on {', '.join(sorted(devices))} (fused kernels: CPU, or CUDA through torch.compile)", ""
-        return self._why_not_fused_cpu(step), "fused_cpu"
+        return f"the tensors are on {', '.join(sorted(devices))} (fused kernels: CPU, or CUDA through torch.compile)", ""
 
     def _why_not_fused_cpu(self, step: StepTensors) -> str | None:
         if self.rule.fused_state_keys is None:
@@ -426,7 +427,7 @@ class CAMHDOptimizer(Optimizer):
             # note: a parameter whose state passed once is only checked against its new gradient (a fast check)
             seen = (id(p), id(d), id(off), *[id(st.get(key)) for key in keys])
             fmt = self._fused_checked.get(seen)
-            if fmt is not None and g.dtype == p.dtype and g.device == p.device and g.is_contiguous(memory_format=fmt):
+            if fmt is not None and g.dtype == p.dtype and g.is_cpu and g.is_contiguous(memory_format=fmt):
                 continue
             state = [(DIR, d), (ALPHA_OFFSET, off), *((key, st.get(key)) for key in keys)]
             why = _fused.ineligible_reason([("the parameter", p), ("its gradient", g), *state])

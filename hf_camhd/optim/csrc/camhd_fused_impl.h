@@ -44,7 +44,8 @@ INLINE void SFX(hsum_range)(const T *g, const T *dir, const T *off, const T *mq,
 }
 
 /* the parameter-level alpha offset o = alpha - a0 of element i: as stored (UPD 0), or updated and clamped —
- * additive (UPD 1): o + c*g*dir; normalized (UPD 2): alpha (1 - c*sign(g*dir)), i.e. o - c*sign(g*dir)*(a0 + o) */
+ * additive (UPD 1): o + c*g*dir; normalized (UPD 2): alpha (1 - c*sign(g*dir)), i.e. o - c*sign(g*dir)*(a0 + o),
+ * with sign(g*dir) = sign(g)*sign(dir) (exact: no product to underflow) */
 INLINE T SFX(alpha_off)(T *restrict off, T gi, T di, int64_t i, const int OFF, const int UPD, T c, T lo, T hi,
                         T a0) {
     if (!OFF) return (T)0;
@@ -53,8 +54,7 @@ INLINE T SFX(alpha_off)(T *restrict off, T gi, T di, int64_t i, const int OFF, c
         if (UPD == 1) {
             o = o + c * (gi * di);
         } else {
-            T h = gi * di;
-            T sg = (T)((h > (T)0) - (h < (T)0));
+            T sg = (T)(((gi > (T)0) - (gi < (T)0)) * ((di > (T)0) - (di < (T)0)));
             o = o - c * sg * (a0 + o);
         }
         o = o < lo ? lo : o;
@@ -63,6 +63,10 @@ INLINE T SFX(alpha_off)(T *restrict off, T gi, T di, int64_t i, const int OFF, c
     }
     return o;
 }
+
+/* what alpha_off needs of the previous direction: its value, or for the normalized rule (UPD 2) only its sign —
+ * for Adam's rebuilt quotient (DRV 1) that of m (the denominator is positive), with no square root or division */
+#define CAMHD_OLD_DIR_FOR_ALPHA(k) (UPD == 2 && DRV == 1 ? mq[k] : CAMHD_OLD_DIR(k))
 
 INLINE void SFX(adam_loop)(T *restrict p, const T *restrict g, T *restrict dir, T *restrict off,
                            T *restrict m, T *restrict v, T *restrict vmax, int64_t lo, int64_t hi,
@@ -73,7 +77,7 @@ INLINE void SFX(adam_loop)(T *restrict p, const T *restrict g, T *restrict dir, 
     (void)buf;
     for (int64_t i = lo; i < hi; i++) {
         T gi = g[i], th = p[i];
-        T o = SFX(alpha_off)(off, gi, CAMHD_OLD_DIR(i), i, OFF, UPD, c, olo, ohi, oa0);
+        T o = SFX(alpha_off)(off, gi, CAMHD_OLD_DIR_FOR_ALPHA(i), i, OFF, UPD, c, olo, ohi, oa0);
         T gg = L2 ? gi + wd * th : gi;
         T mi = m[i] + w1 * (gg - m[i]);
         T vi = b2 * v[i] + w2 * gg * gg;
@@ -112,7 +116,7 @@ INLINE void SFX(sgd_loop)(T *restrict p, const T *restrict g, T *restrict dir, T
     (void)mq; (void)vq; (void)sp;
     for (int64_t i = lo; i < hi; i++) {
         T gi = g[i], th = p[i];
-        T o = SFX(alpha_off)(off, gi, CAMHD_OLD_DIR(i), i, OFF, UPD, c, olo, ohi, oa0);
+        T o = SFX(alpha_off)(off, gi, CAMHD_OLD_DIR_FOR_ALPHA(i), i, OFF, UPD, c, olo, ohi, oa0);
         T gg = L2 ? gi + wd * th : gi;
         T d = gg;
         if (MOM) {
@@ -416,4 +420,5 @@ CAMHD_CLONES int SFX(camhd_apply_many)(int64_t nt, const int64_t *sizes, const i
 }
 
 #undef CAMHD_RUN_SUMS_MANY
+#undef CAMHD_OLD_DIR_FOR_ALPHA
 #undef CAMHD_RUN_MOVE_MANY
