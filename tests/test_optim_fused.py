@@ -84,7 +84,7 @@ def test_fused_adam_options(amsgrad, maximize):
 
 
 class _Wide(nn.Module):
-    """Tensors above the kernels' 32768-element grain: several OpenMP threads per tensor."""
+    """Tensors above the kernels' 64 Ki-element chunk: one tensor's work is shared by several OpenMP threads."""
 
     def __init__(self, dtype):
         super().__init__()
@@ -127,6 +127,36 @@ def test_fused_multithreaded_matches_reference_and_is_deterministic(cls, kw):
         assert all(torch.equal(a, b) for a, b in zip(*runs))
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("levels", [("global", "layer"), NO_UNIT], ids=["passes-A-B", "passes-1-2"])
+@pytest.mark.parametrize("cls,kw", [(CAMHDAdam, dict(lr=1e-3)), (CAMHDSGD, dict(lr=0.05, momentum=0.9))],
+                         ids=["adam", "sgd"])
+def test_fused_results_do_not_depend_on_the_thread_count(cls, kw, levels):
+    """The kernels' sums are taken per chunk and added in chunk order: 1 and 2 threads give bitwise the same
+    node sums, parameters, γ and α. The gradients are fixed (no backward pass, whose own reductions may depend on the thread
+    count); the kernels share torch's OpenMP runtime, so ``torch.set_num_threads`` sets their thread count too."""
+    n = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            m = _Wide(torch.float64)  # float64 hyper-state: a last-bit difference in a sum would show
+            opt = cls(m, levels=levels, fused=True, gamma_lr=0.05, **kw)
+            g = torch.Generator().manual_seed(1)
+            for _ in range(6):
+                for p in m.parameters():
+                    p.grad = 1e-2 * torch.randn(p.shape, generator=g, dtype=torch.float64)
+                opt.step()
+            assert opt._last_path == "fused_cpu"
+            sums = opt._last_hyper["sums"]  # this step's node sums: a different order of addition shows here first
+            runs.append([p.detach().clone() for p in m.parameters()] + [sums["global"], sums["layer"], opt.gamma,
+                                                                       opt.alpha("layer")])
+    finally:
+        torch.set_num_threads(n)
+    assert not torch.equal(runs[0][-1], torch.full_like(runs[0][-1], kw["lr"]))  # the rates were learned
+    assert runs[0][-4].abs().sum() > 0
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def test_fused_float32_agrees_with_foreach(base):
