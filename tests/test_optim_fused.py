@@ -286,3 +286,21 @@ def test_kernels_compile_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(_fused, "_lib", None)
     monkeypatch.setenv("HF_CAMHD_CACHE", str(tmp_path / "other"))
     assert _fused.load() is None and "no-such-compiler" in _fused.unavailable_reason()
+
+
+def test_bench_kernels_script_times_every_pass(capsys, monkeypatch):
+    """scripts/bench_kernels.py runs (tiny sizes here) and reports every pass next to torch's fused Adam."""
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--tensors", "3", "--numel", "5000", "--rounds", "1"])
+    runpy.run_path("scripts/bench_kernels.py", run_name="__main__")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "GB/s" not in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == [
+        "torch Adam(fused=True) step", "torch foreach copy_ (1 read, 1 write)", "torch vecdot (2 reads)",
+        "pass A, Adam, global+layer", "pass B, Adam", "pass 1, Adam, +parameter", "pass 2, Adam, +parameter"]
+    assert all(float(r.split(" | ")[-1].rstrip(" |")) > 0 for r in rows)
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--overhead"])
+    runpy.run_path("scripts/bench_kernels.py", run_name="__main__")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and " ms " not in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["torch Adam(fused=True)", "CAMHDAdam global+layer"]
