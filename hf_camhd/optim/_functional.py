@@ -566,39 +566,32 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
     counts = _unit_counts(step)
     old_scales = torch.stack(step.dir_scales).to(torch.float64)  # u_{t-1}'s factors, before pass A replaces them
     tau = decay_factor(cfg, t)
-    totals, rows, scales = [], [], []  # per group, in step order (a group's members are consecutive)
+    passes = []  # per group, in step order (a group's members are consecutive)
     for group, members, s in step.groups:                                                           # 1, 5
         pick = lambda xs: [xs[m] for m in members]  # noqa: E731
         rule.prepare_group(group)
-        sums, per_unit, scale = rule.fused_first(pick(step.params), pick(step.grads), pick(step.states), group,
-                                                 pick(step.dirs), pick(counts), cfg.normalized,
-                                                 pick(step.dir_scales), -s * tau)
-        totals.append(sums)
-        rows += per_unit
-        scales += [1.0] * len(members) if scale is None else scale
+        passes.append(rule.fused_first(pick(step.params), pick(step.grads), pick(step.states), group,
+                                       pick(step.dirs), pick(counts), cfg.normalized, pick(step.dir_scales), -s * tau))
     diag: dict = {}
     if adapts_now(cfg, t):                                                                           # 2–3
-        part = _fused_partial_sums(step, torch.cat(totals), rows if counts[0] is not None else None, old_scales,
-                                   _home(hyper), cfg)
+        rows = [r for a in passes for r in a.rows] if counts[0] is not None else None
+        part = _fused_partial_sums(step, torch.cat([a.sums for a in passes]), rows, old_scales, _home(hyper), cfg)
         diag = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t).diag
     rates = combined_rates(step, hyper, index, cfg, t)                                              # 4
     w = rates.w.tolist()
-    for group, members, s in step.groups:                                                           # 6
+    for (group, members, s), a in zip(step.groups, passes):                                        # 6
         k_rows, ka, da, dd = [], [], [], []
-        for m in members:
-            decay, shift = rule.fused_apply_terms(group, scales[m])
+        for m, c in zip(members, a.scale if a.scale is not None else [1.0] * len(members)):
             if counts[m] is not None:  # the unit's rate multiplies ka and da row by row
                 k_rows.append((-s * _unit_rate(step, rates, m, w[m], cfg.lr)).reshape(-1).to(torch.float64))
                 k = 1.0
             else:
                 k_rows.append(None)
                 k = -s * w[m]
-            ka.append(k * scales[m])
-            da.append(decay * k)
-            dd.append(shift)
-        dirs, quotients = rule.fused_directions([step.states[m] for m in members], group,
-                                                [step.dirs[m] for m in members])
-        _fused.apply_many([step.params[m] for m in members], dirs, k_rows, ka, da, dd, quotients)
+            ka.append(k * c)
+            da.append(a.decay * k)
+            dd.append(a.decay / c if a.decay else 0.0)
+        _fused.apply_many([step.params[m] for m in members], a.dirs, k_rows, ka, da, dd, a.quotients)
     return diag
 
 

@@ -42,6 +42,26 @@ class Directions:
     scale: list[float] | None = None
 
 
+@dataclass
+class PassA:
+    """What a rule's fused pass A (:meth:`BaseRule.fused_first`) returns for the hyper-update and for pass B.
+
+    ``sums``: ``[Σ g·dir_old, 0, Σ g², Σ dir_old²]`` per tensor, a ``(T, 4)`` float64 tensor; ``rows``: the same per
+    unit, ``(units, 4)`` or ``None`` per tensor. ``scale``: the per-tensor factor of :class:`Directions` that pass B
+    multiplies the rate by (``None``: 1). ``dirs`` / ``quotients``: the directions pass B applies, as
+    :func:`hf_camhd.optim._fused.apply_many` takes them (``quotients = (ms, vs, shifts)`` where ``dirs[i]`` is
+    ``None``: Adam's ``m / (sqrt(v) + shift)``, not kept). ``decay``: decoupled weight decay λ — pass B moves
+    ``θ ← θ (1 + λK) + K · scale · dir`` and the stored direction gains ``(λ / scale) θ_old``.
+    """
+
+    sums: Tensor
+    rows: list[Tensor | None]
+    scale: list[float] | None
+    dirs: list[Tensor | None]
+    quotients: tuple | None = None
+    decay: float = 0.0
+
+
 class BaseRule:
     """Interface of a base direction rule. Subclasses set ``name`` and ``state_keys``."""
 
@@ -126,25 +146,13 @@ class BaseRule:
         :func:`hf_camhd.optim._fused.partial_sums`): the kept one by default."""
         return [(d, None, None, 0.0) for d in dirs]
 
-    def fused_directions(self, states: list[dict], group: dict,
-                         dirs: list[Tensor | None]) -> tuple[list[Tensor | None], tuple | None]:
-        """The directions the fused pass B applies, after pass A: ``(dirs, quotients)`` as
-        :func:`hf_camhd.optim._fused.apply_many` takes them (the kept ones by default)."""
-        return dirs, None
-
-    def fused_apply_terms(self, group: dict, scale: float) -> tuple[float, float]:
-        """Pass B's decoupled decay: ``(λ, λ / scale)`` — θ ← θ (1 + λK) + K · scale · dir and the stored direction
-        gains ``(λ / scale) θ_old`` — or ``(0, 0)`` for rules without one."""
-        return 0.0, 0.0
-
     def fused_first(self, params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
                     dirs: list[Tensor], unit_counts: list[int | None], norms: bool, dir_scales: list[Tensor],
-                    u_factor: float) -> tuple[Tensor, list[Tensor | None], list[float] | None]:
+                    u_factor: float) -> PassA:
         """The fused CPU pass A (trees without a parameter level, :mod:`hf_camhd.optim._fused`): per tensor, the
         sums ``[Σ g·dir, 0, Σ g², Σ dir²]`` of the previous direction (per unit too, with a unit count), then the
         base state and the new direction written over ``dirs``, and ``dir_scales[i] ← u_factor · scale_i``.
-        Returns the sums (a ``(T, 4)`` float64 tensor), the per-unit sums (``(units, 4)`` or ``None`` per tensor)
-        and the per-tensor ``scale`` of :class:`Directions` (the factor pass B multiplies the rate by; ``None``: 1)."""
+        Returns the sums and what pass B needs (:class:`PassA`)."""
         raise NotImplementedError(f"the {self.name} rule has no fused kernel")
 
 
@@ -216,13 +224,11 @@ class SGDRule(BaseRule):
         bufs, first = zip(*(self._momentum_buffer(p, s, kind) for p, s in zip(params, states)))
         sums, rows = _fused.sgd_first(params, grads, dirs, list(bufs), list(first), unit_counts, norms, wd, kind, mu,
                                       damp, dir_scales, [u_factor] * len(params))
-        return sums, rows, None
+        # the directions pass B applies: the kept ones, else the momentum buffers (just updated)
+        return PassA(sums, rows, None, [b if d is None else d for d, b in zip(dirs, bufs)])
 
     def fused_sources(self, states, group, dirs):
         return [(s.get("momentum_buffer") if d is None else d, None, None, 0.0) for d, s in zip(dirs, states)]
-
-    def fused_directions(self, states, group, dirs):
-        return [s["momentum_buffer"] if d is None else d for d, s in zip(dirs, states)], None
 
     @staticmethod
     def _momentum_buffer(p: Tensor, state: dict, kind: int) -> tuple[Tensor | None, bool]:
@@ -399,13 +405,14 @@ class AdamRule(BaseRule):
     def fused_first(self, params, grads, states, group, dirs, unit_counts, norms, dir_scales, u_factor):
         beta1, beta2 = group["betas"]
         scale, shift, prev_shift = self._bias_terms(states, group, previous=True)
-        # dir = q here; with decoupled decay pass B adds (λ / c) θ_old to it (see fused_apply_terms)
+        # dir = q here; with decoupled decay pass B adds (λ / c) θ_old to it (see PassA)
         sums, rows = _fused.adam_first(
             params, grads, dirs, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None, unit_counts, norms,
             0.0 if self.decoupled else group["weight_decay"], beta1, beta2, shift, prev_shift, dir_scales,
             [u_factor * c for c in scale])
-        return sums, rows, scale
+        quotients = None if all(d is not None for d in dirs) else (*self._moments(states, group), shift)
+        return PassA(sums, rows, scale, dirs, quotients, group["weight_decay"] if self.decoupled else 0.0)
 
     def fused_sources(self, states, group, dirs):
         if all(d is not None for d in dirs):
@@ -413,15 +420,6 @@ class AdamRule(BaseRule):
         _, shift = self._bias_terms(states, group, count=False)
         ms, vs = self._moments(states, group)
         return [(d, None, None, 0.0) if d is not None else (None, m, v, sh) for d, m, v, sh in zip(dirs, ms, vs, shift)]
-
-    def fused_directions(self, states, group, dirs):
-        if all(d is not None for d in dirs):
-            return dirs, None
-        ms, vs = self._moments(states, group)
-        return dirs, (ms, vs, self._bias_terms(states, group, count=False)[1])
-
-    def fused_apply_terms(self, group: dict, scale: float) -> tuple[float, float]:
-        return (group["weight_decay"], group["weight_decay"] / scale) if self.decoupled else (0.0, 0.0)
 
 
 def _sqrt(x):
