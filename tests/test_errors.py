@@ -491,6 +491,9 @@ COMPARE = [
     CLIError("β sweep with β = 0", ("compare", "--sweep-hypergrad-lr", "--betas", "0,1e-3"),
              r"^hf-camhd: error: Invalid --betas value: 0\.0; every β must be a finite number > 0 \(the base "
              r"optimizer, β = 0, is the sweep's reference line already\)$"),
+    CLIError("β sweep of the normalized rule with β = 1", ("compare", "--sweep-hypergrad-lr", "--betas", "1e-3,1"),
+             r"^hf-camhd: error: Invalid --betas value: 1\.0 for the normalized rule, whose β is the fraction a rate "
+             r"may move per step and must be < 1 .*; give values below 1, or sweep β >= 1 with --rules additive only$"),
     CLIError("β sweep with β not numbers", ("compare", "--sweep-hypergrad-lr", "--betas", "1e-3,x"),
              r"^hf-camhd compare: error: argument --betas: '1e-3,x': could not convert string to float: 'x'$"),
     CLIError("β sweep with --optimizers", ("compare", "--sweep-hypergrad-lr", "--optimizers", "adam-camhd"),

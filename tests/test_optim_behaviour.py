@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from hf_camhd import CAMHDAdam, CAMHDAdamW, CAMHDSGD, create_optimizer, list_optimizers
+from hf_camhd.optim._state import ALPHA_OFFSET
 
 from conftest import batch, level_subsets, make_net, train
 
@@ -249,6 +250,30 @@ def test_a_rate_pushed_to_alpha_max_is_reported_once_naming_the_level(rule):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # reported once
         train(m, opt, 20, start=20)
+
+
+@pytest.mark.parametrize("cls", [CAMHDSGD, CAMHDAdam, CAMHDAdamW])
+def test_normalized_rule_takes_beta_below_one_where_every_rate_stays_positive(cls):
+    """α ← α (1 − β c) with c in [−1, 1]: at β ≥ 1 a step can zero a rate (a multiplicative rule never moves it again),
+    so β ≥ 1 is refused with the fix; just below 1 every rate at every level stays positive."""
+    with pytest.raises(ValueError, match=r"^Invalid hypergrad_lr value: 1 with hypergrad_rule='normalized' \(must be "
+                                         r"in \[0, 1\)\).*Use a fraction, e\.g\. the default 0\.01; for the "
+                                         r"paper's additive rule and its β, pass hypergrad_rule='additive'\.$"):
+        cls(make_net(), levels=("global", "layer"), hypergrad_lr=1.0)
+    cls(make_net(), levels=("global", "layer"), hypergrad_lr=1.0, hypergrad_rule="additive")  # its β has units
+    m = make_net()
+    levels = ("global", "layer", "unit", "parameter")
+    opt = cls(m, lr=0.05, levels=levels, hypergrad_lr=0.999, hypergrad_smoothing=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the rates swing by up to 99.9 % per step, as asked
+        train(m, opt, 30)
+    for lv in levels[:3]:
+        assert (opt.alpha(lv) > 0).all(), lv
+    # the parameter level stores α − α₀: a rate below α₀ times the dtype's eps rounds to 0 there (its sign steps
+    # are ±1 every step, so at β = 0.999 some do get that small), never below
+    rates = [opt.state[p][ALPHA_OFFSET] + 0.05 for p in m.parameters()]
+    assert all(torch.isfinite(r).all() and (r >= 0).all() for r in rates)
+    assert sum(int((r > 0).sum()) for r in rates) > 0
 
 
 def test_no_warning_when_the_rates_stay_sane():

@@ -44,12 +44,14 @@ SWEEP_GAMMAS: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 #: 1e-6 ResNets) two decades below and up to where the additive rule breaks down (on the digits MLP: Adam at
 #: 1e-3 – 1e-2, SGD-N at 1e-1; a bigger model breaks down at a smaller β, since its node sums grow with its
 #: size); the normalized rule's β is dimensionless (a rate moves by at most the fraction β per step), so one
-#: grid serves both bases: four decades up to 1, where one step may halve or double a rate.
+#: grid serves both bases: four decades up to 0.1 (10 % per step). It stops there because the rule is defined
+#: for β < 1 only (at β = 1 one step can set a rate to 0, where a multiplicative rule leaves it for good);
+#: 1e-5 is about the base optimizer (a rate moves by at most 1e-5 of itself per step).
 SWEEP_HYPERGRAD_LRS: Mapping[tuple[str, str], tuple[float, ...]] = MappingProxyType({
     ("additive", "adam"): (1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3),
     ("additive", "sgd"): (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
-    ("normalized", "adam"): (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
-    ("normalized", "sgd"): (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+    ("normalized", "adam"): (1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+    ("normalized", "sgd"): (1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
 })
 
 

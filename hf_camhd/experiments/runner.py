@@ -187,6 +187,12 @@ class CompareConfig:
             if not (math.isfinite(float(beta)) and float(beta) > 0):
                 raise ValueError(f"Invalid --betas value: {beta!r}; every β must be a finite number > 0 (the base "
                                  "optimizer, β = 0, is the sweep's reference line already)")
+        rules = {str(r).strip().lower() for r in (self.sweep_rules or ("additive", "normalized"))}
+        too_big = [float(b) for b in self.sweep_betas or () if float(b) >= 1]
+        if "normalized" in rules and too_big:
+            raise ValueError(f"Invalid --betas value: {too_big[0]!r} for the normalized rule, whose β is the fraction a "
+                             "rate may move per step and must be < 1 (at 1 a step can set a rate to 0, for good); give "
+                             "values below 1, or sweep β >= 1 with --rules additive only")
 
 
 @dataclass(frozen=True)

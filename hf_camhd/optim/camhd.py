@@ -100,8 +100,9 @@ class CAMHDOptimizer(Optimizer):
 
     def _rule_defaults(self, rule: str, hypergrad_lr, gamma_lr) -> tuple[float, float]:
         """β and δ: the given values, else the rule's defaults (normalized: β = 0.01, δ = 0.01; additive: this
-        base's paper β and a fixed γ, δ = 0). A β below 1e-5 with the normalized rule (where it is the fraction a
-        rate may move per step) is almost surely an additive-rule β: say so."""
+        base's paper β and a fixed γ, δ = 0). The normalized rule's β is the fraction a rate may move per step:
+        it must be below 1 (where a rate stays positive), and a β below 1e-5 is almost surely an additive-rule β:
+        say so."""
         normalized = rule == "normalized"
         if hypergrad_lr is None:
             hypergrad_lr = NORMALIZED_HYPERGRAD_LR if normalized else self.additive_hypergrad_lr
@@ -109,6 +110,12 @@ class CAMHDOptimizer(Optimizer):
             gamma_lr = NORMALIZED_GAMMA_LR if normalized else 0.0
         hypergrad_lr = check_nonnegative("hypergrad_lr", hypergrad_lr)
         gamma_lr = check_nonnegative("gamma_lr", gamma_lr)
+        if normalized and hypergrad_lr >= 1:
+            raise ValueError(f"Invalid hypergrad_lr value: {hypergrad_lr:g} with hypergrad_rule='normalized' (must be "
+                             "in [0, 1)): this rule's step is α ← α (1 − β c) with the cosine c in [−1, 1], so at β ≥ 1 "
+                             "one step can set a rate to 0 (or below alpha_min), and a rate at 0 never moves again. "
+                             f"Use a fraction, e.g. the default {NORMALIZED_HYPERGRAD_LR:g}; for the paper's additive "
+                             "rule and its β, pass hypergrad_rule='additive'.")
         if normalized and 0 < hypergrad_lr < 1e-5:
             warnings.warn(f"{type(self).__name__}: hypergrad_lr={hypergrad_lr:g} with hypergrad_rule='normalized' (the "
                           f"default) lets a learned rate move by at most {hypergrad_lr:g} of itself per step, so it "
