@@ -672,7 +672,9 @@ _CAMHD_DOC = """
             normalised to sum to 1.
         lr: α₀, the initial value of every learned rate (a float, or a 0-d Tensor as in ``torch.optim``: a
             scheduler then changes it in place and a compiled step does not recompile).
-        hypergrad_lr: β, the hyper-gradient rate of the global level (``docs/algorithm.md`` §4).
+        hypergrad_lr: β, the hyper-gradient rate (``docs/algorithm.md`` §3–§4). With the normalized rule
+            (the default) the fraction a rate may move per step, in [0, 1), default 0.01; with the additive
+            rule the global level's step size on the raw hyper-gradient, default the paper's β for the base.
         gamma_lr: δ, the rate of γ (0 keeps γ fixed).
         decay_rate: r in τ(t) = exp(−r t), t = 1 on the first step (0: no decay, κ = α*).
         alpha_inf: α_∞, the rate κ tends to as τ → 0 (default ``lr``).
@@ -683,6 +685,11 @@ _CAMHD_DOC = """
         alpha_min, alpha_max: floor and ceiling of every learned α (defaults 0 and ``1000 * lr``);
             a step whose hyper-gradient is non-finite keeps the previous α and γ.
         maximize: maximise the objective instead of minimising it.
+        hypergrad_rule: ``"normalized"`` (default) — α ← α (1 − β c̄) with c̄ the smoothed cosine of g and u
+            over the node, so β is dimensionless — or ``"additive"`` — the paper's α ← α − β γ Σ g·u
+            (``docs/algorithm.md`` §3.1–§3.2).
+        hypergrad_smoothing: ρ in [0, 1), the weight of the past in the normalized rule's smoothed sums
+            (default 0.9: about the last 10 steps).
         tree: an explicit :class:`~hf_camhd.LRTree` for the given params (matched by parameter name).
         foreach: ``True`` uses the multi-tensor (foreach) kernels, ``False`` the plain reference (one
             tensor at a time). Default: fused where it applies, foreach elsewhere.
