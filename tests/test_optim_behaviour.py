@@ -120,10 +120,11 @@ def test_non_finite_gradients_never_poison_alpha(path, bad):
 
 
 @pytest.mark.filterwarnings("ignore:.*hyper-gradient steps are too large:RuntimeWarning")
-def test_alpha_floor_and_ceiling_hold_under_huge_hypergradient_rates():
+@pytest.mark.parametrize("rule, beta", [("additive", 1e6), ("normalized", 0.999)])
+def test_alpha_floor_and_ceiling_hold_under_huge_hypergradient_rates(rule, beta):
     m = make_net()
-    opt = CAMHDSGD(m, lr=0.05, levels=("global", "layer", "unit", "parameter"), hypergrad_lr=1e6, gamma_lr=0.0,
-                   alpha_max=0.2)
+    opt = CAMHDSGD(m, lr=0.05, levels=("global", "layer", "unit", "parameter"), hypergrad_lr=beta, gamma_lr=0.0,
+                   alpha_max=0.2, hypergrad_rule=rule)
     train(m, opt, 6)
     for lv in opt.levels:
         a = opt.alpha(lv)
