@@ -86,9 +86,9 @@ def test_invariants_hold_under_injected_faults(base, impl):
         vertex = rng.random() < 0.5 and kw.get("gamma_update") != "softmax"
         gamma = [1.0] + [0.0] * (L - 1) if vertex else None
         huge = rng.random() < 0.5
-        # huge rates: the normalized rule at the top of its domain (β < 1), every other tree the additive rule at 1e3
-        rule = "additive" if huge and ti % 2 else kw.get("hypergrad_rule", "normalized")
-        beta = (1e3 if rule == "additive" else 0.999) if huge else 1e-3
+        # huge rates: the normalized rule at the top of its domain (β < 1)
+        rule = kw.get("hypergrad_rule", "normalized")
+        beta = 0.999 if huge else 1e-3
         hyper = dict(hypergrad_lr=beta, gamma_lr=1e3 if huge else 0.1, decay_rate=0.01, alpha_max=kw["lr"] * 50,
                      hypergrad_rule=rule)
         opt = cls(model, levels=levels, gamma=gamma, **hyper, **kw, **IMPLS[impl])

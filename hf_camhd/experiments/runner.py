@@ -46,6 +46,7 @@ from ..baselines import requires_loss  # noqa: E402
 from ..data import TensorImageDataset, as_tensors, dataset_info, load_image_dataset, train_transform  # noqa: E402
 from ..files import CorruptFileError, atomic_path, atomic_write, check_file, recover_leftovers  # noqa: E402
 from ..metrics import load as load_metric  # noqa: E402
+from ..optim._state import NORMALIZED_HYPERGRAD_LR_BOUND  # noqa: E402
 from .arms import CAMHD_BASES, Arm, arm_hyperparameters, build_optimizer, resolve_arm, uses_schedule
 from .models import build_model, logits_of
 from .presets import DEFAULT_TASK, SWEEP_GAMMAS, TaskPreset, get_task, sweep_hypergrad_lrs
@@ -188,7 +189,7 @@ class CompareConfig:
                 raise ValueError(f"Invalid --betas value: {beta!r}; every β must be a finite number > 0 (the base "
                                  "optimizer, β = 0, is the sweep's reference line already)")
         rules = {str(r).strip().lower() for r in (self.sweep_rules or ("additive", "normalized"))}
-        too_big = [float(b) for b in self.sweep_betas or () if float(b) >= 1]
+        too_big = [float(b) for b in self.sweep_betas or () if float(b) >= NORMALIZED_HYPERGRAD_LR_BOUND]
         if "normalized" in rules and too_big:
             raise ValueError(f"Invalid --betas value: {too_big[0]!r} for the normalized rule, whose β is the fraction a "
                              "rate may move per step and must be < 1 (at 1 a step can set a rate to 0, for good); give "

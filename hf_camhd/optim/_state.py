@@ -38,6 +38,7 @@ HYPER_GROUP_KEYS = ((GAMMA, GAMMA_LOGITS, GAMMA_GRAD) + tuple(PREFIX + "alpha_" 
 """Group-0 tensors kept in the hyper dtype on the parameters' device."""
 RULES = ("normalized", "additive")
 NORMALIZED_HYPERGRAD_LR = 0.01  # β of the normalized rule: the fraction a rate may move per step (docs/algorithm.md §3.2)
+NORMALIZED_HYPERGRAD_LR_BOUND = 1.0  # the normalized rule's β must be below this: at 1, α (1 − β c) can reach 0 (§3.2)
 NORMALIZED_GAMMA_LR = 0.01      # δ of the normalized rule
 STATS_CHANNELS = 3  # normalized rule: Σ g·u, Σ g², Σ u² per node
 

@@ -39,7 +39,7 @@ from . import _fused
 from ._functional import camhd_step, compiled_unavailable_reason, value
 from ._params import extend_tree, names_for, resolve_params
 from ._stats import lr_stats
-from ._state import (NORMALIZED_GAMMA_LR, NORMALIZED_HYPERGRAD_LR, ALPHA_OFFSET, ALPHA_UNIT, COARSE_LEVELS, DIR, DIR_SCALE, GAMMA, GAMMA_GRAD, GAMMA_LOGITS,
+from ._state import (NORMALIZED_GAMMA_LR, NORMALIZED_HYPERGRAD_LR, NORMALIZED_HYPERGRAD_LR_BOUND, ALPHA_OFFSET, ALPHA_UNIT, COARSE_LEVELS, DIR, DIR_SCALE, GAMMA, GAMMA_GRAD, GAMMA_LOGITS,
                      HYPER_GROUP_KEYS, RULES, STATS_CHANNELS, UNIT_STATS, stats_key,
                      HYPER_PARAM_KEYS, LAST_LR_SCALE, LR0, PREFIX, SKIPPED, STEP, TREE, HyperConfig, HyperState,
                      StepTensors, alpha_key, build_tree_index, hyper_dtype)
@@ -110,7 +110,7 @@ class CAMHDOptimizer(Optimizer):
             gamma_lr = NORMALIZED_GAMMA_LR if normalized else 0.0
         hypergrad_lr = check_nonnegative("hypergrad_lr", hypergrad_lr)
         gamma_lr = check_nonnegative("gamma_lr", gamma_lr)
-        if normalized and hypergrad_lr >= 1:
+        if normalized and hypergrad_lr >= NORMALIZED_HYPERGRAD_LR_BOUND:
             raise ValueError(f"Invalid hypergrad_lr value: {hypergrad_lr:g} with hypergrad_rule='normalized' (must be "
                              "in [0, 1)): this rule's step is α ← α (1 − β c) with the cosine c in [−1, 1], so at β ≥ 1 "
                              "one step can set a rate to 0 (or below alpha_min), and a rate at 0 never moves again. "
