@@ -111,7 +111,7 @@ def main(argv=None) -> None:
     print("| what | streams (4 B / element) | ms | GB/s |\n|---|---:|---:|---:|")
     for name, (_, streams) in cases.items():
         ms_ = statistics.median(times[name]) * 1e3
-        print(f"| {name} | {streams} | {ms_:.1f} | {streams * 4 * n * k / ms_ / 1e6:.0f} |")
+        print(f"| {name} | {streams} | {ms_:.3g} | {streams * 4 * n * k / ms_ / 1e6:.3g} |")  # 3 digits: tiny runs never print 0
 
 
 if __name__ == "__main__":

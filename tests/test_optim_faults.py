@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import zlib
 
 import pytest
 import torch
@@ -79,16 +80,17 @@ def test_invariants_hold_under_injected_faults(base, impl):
     cls, kw = BASES[base]
     steps = skipped_seen = 0
     for ti, levels in enumerate(TREES):
-        rng = random.Random(hash((base, impl, ti)) % 2**32)
+        rng = random.Random(zlib.crc32(f"{base}/{impl}/{ti}".encode()))  # the same faults in every process
         torch.manual_seed(ti)
         model = _Small()
         L = len(levels)
         vertex = rng.random() < 0.5 and kw.get("gamma_update") != "softmax"
         gamma = [1.0] + [0.0] * (L - 1) if vertex else None
         huge = rng.random() < 0.5
-        # huge rates: the normalized rule at the top of its domain (β < 1)
-        rule = kw.get("hypergrad_rule", "normalized")
-        beta = 0.999 if huge else 1e-3
+        # huge rates: the normalized rule at the top of its domain (β < 1), on every other tree the additive
+        # rule at β = 1e3 (its β has units and no upper bound)
+        rule = "additive" if huge and ti % 2 else kw.get("hypergrad_rule", "normalized")
+        beta = (1e3 if rule == "additive" else 0.999) if huge else 1e-3
         hyper = dict(hypergrad_lr=beta, gamma_lr=1e3 if huge else 0.1, decay_rate=0.01, alpha_max=kw["lr"] * 50,
                      hypergrad_rule=rule)
         opt = cls(model, levels=levels, gamma=gamma, **hyper, **kw, **IMPLS[impl])
@@ -139,3 +141,24 @@ def test_skipped_count_equals_the_non_finite_steps():
     opt2 = CAMHDSGD(model, lr=0.05, momentum=0.9, levels=("global", "layer"), hypergrad_lr=1e-3, gamma_lr=0.1)
     opt2.load_state_dict(opt.state_dict())
     assert opt2.skipped_steps == expected and opt2.lr_stats()["camhd/skipped_steps"] == expected
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_parameter_level_with_zero_weight_ignores_an_overflowing_hypergradient(impl):
+    """γ_param = 0 (additive rule): the parameter level must not move, even when an element of g ⊙ u overflows
+    fp32 while Σh stays finite (+9e38 and −9e38 cancel in the fused path's float64 sums) — the coefficient
+    β_p γ_p = 0 times that inf was NaN in the offsets."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    opt = CAMHDSGD(model, lr=0.05, levels=("global", "layer", "parameter"), gamma=[0.5, 0.5, 0.0], gamma_lr=0.0,
+                   hypergrad_rule="additive", hypergrad_lr=1e-3, **IMPLS[impl])
+    for t in range(3):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        if t >= 1:  # d_1 = (3e19, 3e19), g_2 = (3e19, −3e19): g ⊙ d = (9e38, −9e38) in two entries
+            model[0].weight.grad[0, :2] = torch.tensor([3e19, 3e19 if t == 1 else -3e19])
+        opt.step()
+    assert opt._last_path == impl
+    for p in model.parameters():
+        assert torch.equal(opt.state[p]["camhd_alpha_parameter_offset"], torch.zeros_like(p))
+    assert all(torch.isfinite(p).all() for p in model.parameters())

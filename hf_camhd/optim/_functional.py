@@ -194,6 +194,14 @@ def on_device(ok, like: Tensor):
     return ok if ok is True else ok.to(like.device)
 
 
+def _moves(ok, k: Tensor, like: Tensor):
+    """Where the additive parameter-level step ``α_off + k · x`` may be stored: ``ok`` and ``k ≠ 0``. A zero
+    coefficient (γ_param = 0, or a zero direction scale) leaves the offsets as they are, so that ``0 · inf``
+    from a g ⊙ u that overflowed cannot write NaN into them."""
+    moves = (k != 0).to(like.device)
+    return moves if ok is True else moves & on_device(ok, like)
+
+
 def _new_alpha(alpha: Tensor, sums: Tensor, stats: Tensor | None, beta, gamma_j: Tensor, cfg: HyperConfig,
                ok) -> None:
     """Step 2 for the nodes of one level (``sums``: ``(nodes, C)``), clamped to [alpha_min, alpha_max], in place
@@ -352,9 +360,10 @@ def _camhd_step_reference(step: StepTensors, hyper: HyperState, index: TreeIndex
             for off, x in zip(step.offsets, h):
                 if cfg.normalized:
                     new = (cfg.lr + off) * (1.0 - cfg.hypergrad_lr * torch.sign(x)) - cfg.lr
+                    put(off, new.clamp(*cfg.offset_bounds(off.dtype)), on_device(upd.ok, off))
                 else:
-                    new = off - index.beta_param * _to(upd.gamma_param, off) * x
-                put(off, new.clamp(*cfg.offset_bounds(off.dtype)), on_device(upd.ok, off))
+                    k = -index.beta_param * _to(upd.gamma_param, off)
+                    put(off, (off + k * x).clamp(*cfg.offset_bounds(off.dtype)), _moves(upd.ok, k, off))
         diag = upd.diag
     rates = combined_rates(step, hyper, index, cfg, t)                                             # 4
     for group, members, s in step.groups:                                                          # 5–6
@@ -465,9 +474,10 @@ def _parameter_level_multi_tensor(step: StepTensors, upd: HyperUpdate, index: Tr
     for off, x, c in zip(step.offsets, step.dirs, step.dir_scales):
         if cfg.normalized:
             new = torch.addcmul(off, torch.sign(x) * (cfg.lr + off), _to(-cfg.hypergrad_lr * torch.sign(c), off))
+            put(off, new.clamp_(*cfg.offset_bounds(off.dtype)), on_device(upd.ok, off))
         else:
-            new = torch.addcmul(off, x, _to(coef * c, off))
-        put(off, new.clamp_(*cfg.offset_bounds(off.dtype)), on_device(upd.ok, off))
+            k = _to(coef * c, off)
+            put(off, torch.addcmul(off, x, k).clamp_(*cfg.offset_bounds(off.dtype)), _moves(upd.ok, k, off))
 
 
 def _multi_tensor_rates(step: StepTensors, rates: Rates, members: list[int], s, a0: float) -> tuple[list, list | None]:
@@ -639,8 +649,8 @@ def _fused_cpu_with_parameter_level(step: StepTensors, hyper: HyperState, index:
                 alpha = [(2, cfg.hypergrad_lr * (1.0 if c > 0 else -1.0 if c < 0 else 0.0),
                           *cfg.offset_bounds(o.dtype), cfg.lr) for c, o in zip(scales.tolist(), step.offsets)]
             else:
-                coefs = (scales * (-index.beta_param * float(upd.gamma_param))).tolist()
-                alpha = [(1, c, *cfg.offset_bounds(o.dtype), cfg.lr) for c, o in zip(coefs, step.offsets)]
+                coefs = (scales * (-index.beta_param * float(upd.gamma_param))).tolist()  # c = 0: offsets stay
+                alpha = [(int(c != 0), c, *cfg.offset_bounds(o.dtype), cfg.lr) for c, o in zip(coefs, step.offsets)]
         diag = upd.diag
     rates = combined_rates(step, hyper, index, cfg, t)                                              # 4
     w = rates.w.tolist()
