@@ -2,10 +2,10 @@
 
 Which part of a CAM-HD step is memory-bound and which is not: every pass of ``hf_camhd.optim._fused`` (the
 Adam flavour, the previous direction rebuilt from the moments as the default CAMHDAdam does) on ``--tensors``
-float32 tensors of ``--numel`` elements each, next to torch's ``Adam(fused=True)`` step and two plain streams
-(``torch._foreach_copy_``: one read and one write per element; ``torch.linalg.vecdot``: two reads). All of them
-run interleaved round-robin, ``--rounds`` times, and each row reports the median time and the bytes it must move
-divided by that time. A pass that reaches the streams' GB/s is memory-bound: only fewer passes make it faster.
+float32 tensors of ``--numel`` elements each, next to torch's ``Adam(fused=True)`` step and three plain streams
+(``torch._foreach_copy_``: one read and one write per element; ``torch.linalg.vecdot``: two reads;
+``Tensor.sum``: one read). All of them run interleaved round-robin, ``--rounds`` times, and each row reports the
+median time and the bytes it must move divided by that time. A pass that reaches the streams' GB/s is memory-bound: only fewer passes make it faster.
 
     python scripts/bench_kernels.py                         # 40 tensors of 2.75 M elements (BERT-base size)
     python scripts/bench_kernels.py --tensors 62 --numel 190000   # ResNet-18 size
@@ -91,6 +91,7 @@ def main(argv=None) -> None:
         "torch Adam(fused=True) step": (adam.step, 7),
         "torch foreach copy_ (1 read, 1 write)": (lambda: torch._foreach_copy_(params, grads), 2),
         "torch vecdot (2 reads)": (lambda: [torch.linalg.vecdot(a, b) for a, b in zip(grads, ms)], 2),
+        "torch sum (1 read)": (lambda: [g.sum() for g in grads], 1),
         "pass A, Adam, global+layer": (lambda: _fused.adam_first(
             params, grads, none, ms, vs, None, none, True, 0.0, 0.9, 0.999, shift, shift, scales, zeros), 5),
         "pass B, Adam": (lambda: _fused.apply_many(params, none, none, zeros, zeros, zeros, (ms, vs, shift)), 4),
