@@ -5,7 +5,8 @@ Adam flavour, the previous direction rebuilt from the moments as the default CAM
 float32 tensors of ``--numel`` elements each, next to torch's ``Adam(fused=True)`` step and three plain streams
 (``torch._foreach_copy_``: one read and one write per element; ``torch.linalg.vecdot``: two reads;
 ``Tensor.sum``: one read). All of them run interleaved round-robin, ``--rounds`` times, and each row reports the
-median time and the bytes it must move divided by that time. A pass that reaches the streams' GB/s is memory-bound: only fewer passes make it faster.
+median time and the bytes it must move divided by that time. A pass that reaches the streams' GB/s is
+memory-bound: only fewer passes make it faster.
 
     python scripts/bench_kernels.py                         # 40 tensors of 2.75 M elements (BERT-base size)
     python scripts/bench_kernels.py --tensors 62 --numel 190000   # ResNet-18 size
@@ -112,7 +113,8 @@ def main(argv=None) -> None:
     print("| what | streams (4 B / element) | ms | GB/s |\n|---|---:|---:|---:|")
     for name, (_, streams) in cases.items():
         ms_ = statistics.median(times[name]) * 1e3
-        print(f"| {name} | {streams} | {ms_:.3g} | {streams * 4 * n * k / ms_ / 1e6:.3g} |")  # 3 digits: tiny runs never print 0
+        # 3 significant digits: a tiny run never prints 0
+        print(f"| {name} | {streams} | {ms_:.3g} | {streams * 4 * n * k / ms_ / 1e6:.3g} |")
 
 
 if __name__ == "__main__":

@@ -298,7 +298,8 @@ def test_bench_kernels_script_times_every_pass(capsys, monkeypatch):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "GB/s" not in line]
     assert [r.split(" | ")[0][2:] for r in rows] == [
         "torch Adam(fused=True) step", "torch foreach copy_ (1 read, 1 write)", "torch vecdot (2 reads)",
-        "torch sum (1 read)", "pass A, Adam, global+layer", "pass B, Adam", "pass 1, Adam, +parameter", "pass 2, Adam, +parameter"]
+        "torch sum (1 read)", "pass A, Adam, global+layer", "pass B, Adam", "pass 1, Adam, +parameter",
+        "pass 2, Adam, +parameter"]
     assert all(float(r.split(" | ")[-1].rstrip(" |")) > 0 for r in rows)
     monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--overhead"])
     runpy.run_path("scripts/bench_kernels.py", run_name="__main__")

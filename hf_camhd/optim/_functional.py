@@ -186,8 +186,10 @@ def hyper_update(sums: NodeSums, hyper: HyperState, step: StepTensors, index: Tr
 
 
 def put(dst: Tensor, new: Tensor, ok) -> None:
-    """``dst ← new`` where ``ok``: a 0-d bool tensor (a masked update, no host sync) or ``True`` (decided on the host)."""
-    dst.copy_(new if ok is True else torch.where(ok, new, dst))
+    """``dst ← new`` where ``ok``: a 0-d bool tensor (a masked update, no host sync), or ``True`` / ``False``
+    (decided on the host)."""
+    if ok is not False:
+        dst.copy_(new if ok is True else torch.where(ok, new, dst))
 
 
 def on_device(ok, like: Tensor):
@@ -197,7 +199,9 @@ def on_device(ok, like: Tensor):
 def _moves(ok, k: Tensor, like: Tensor):
     """Where the additive parameter-level step ``α_off + k · x`` may be stored: ``ok`` and ``k ≠ 0``. A zero
     coefficient (γ_param = 0, or a zero direction scale) leaves the offsets as they are, so that ``0 · inf``
-    from a g ⊙ u that overflowed cannot write NaN into them."""
+    from a g ⊙ u that overflowed cannot write NaN into them. Decided on the host where ``ok`` was (no masked pass)."""
+    if ok is True and k.device.type == "cpu":
+        return bool(k != 0)
     moves = (k != 0).to(like.device)
     return moves if ok is True else moves & on_device(ok, like)
 
