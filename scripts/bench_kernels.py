@@ -1,9 +1,7 @@
 """Time each pass of the fused CPU kernels against torch's fused Adam and plain memory streams, in GB/s.
 
 Which part of a CAM-HD step is memory-bound and which is not: every pass of ``hf_camhd.optim._fused`` (the
-Adam flavour, the previous direction rebuilt from the moments as the default CAMHDAdam does; passes A and B for
-global+layer and for a parameter level under the normalized rule, passes 1 and 2 for one under the additive
-rule) on ``--tensors``
+Adam flavour, the previous direction rebuilt from the moments as the default CAMHDAdam does) on ``--tensors``
 float32 tensors of ``--numel`` elements each, next to torch's ``Adam(fused=True)`` step and three plain streams
 (``torch._foreach_copy_``: one read and one write per element; ``torch.linalg.vecdot``: two reads;
 ``Tensor.sum``: one read). All of them run interleaved round-robin, ``--rounds`` times, and each row reports the
@@ -89,27 +87,18 @@ def main(argv=None) -> None:
     zeros, ones, none = [0.0] * k, [1.0] * k, [None] * k
     shift, scales = [1e-8] * k, [torch.zeros(()) for _ in range(k)]
     sources = [(None, m, v, 1e-8) for m, v in zip(ms, vs)]
-    signs = [torch.zeros(n, dtype=torch.int8) for _ in range(k)]
-    # the element-wise parameter-level updates at a negligible rate: normalized (pass B), additive (pass 2)
-    normalized, additive = [(2, 1e-9, -1.0, 1.0, 1e-3)] * k, [(1, 1e-9, -1.0, 1.0, 1e-3)] * k
-    cases = {  # name: (call, four-byte streams per element; an int8 sign is a quarter)
+    alpha = [(2, 1e-9, -1.0, 1.0, 1e-3)] * k  # the normalized rule's element-wise update, at a negligible rate
+    cases = {  # name: (call, four-byte streams per element)
         "torch Adam(fused=True) step": (adam.step, 7),
         "torch foreach copy_ (1 read, 1 write)": (lambda: torch._foreach_copy_(params, grads), 2),
         "torch vecdot (2 reads)": (lambda: [torch.linalg.vecdot(a, b) for a, b in zip(grads, ms)], 2),
         "torch sum (1 read)": (lambda: [g.sum() for g in grads], 1),
         "pass A, Adam, global+layer": (lambda: _fused.adam_first(
             params, grads, none, ms, vs, None, none, True, 0.0, 0.9, 0.999, shift, shift, scales, zeros), 5),
-        "pass B, Adam, global+layer": (
-            lambda: _fused.apply_many(params, none, none, zeros, zeros, zeros, (ms, vs, shift)), 4),
-        "pass A, Adam, +parameter (normalized)": (lambda: _fused.adam_first(
-            params, grads, none, ms, vs, None, none, True, 0.0, 0.9, 0.999, shift, shift, scales, zeros, offs,
-            signs), 6.25),
-        "pass B, Adam, +parameter (normalized)": (lambda: _fused.apply_many(
-            params, none, none, zeros, zeros, zeros, (ms, vs, shift), offsets=offs, signs=signs, alpha=normalized,
-            kb=zeros, db=zeros), 6.25),
-        "pass 1, Adam, +parameter (additive)": (lambda: _fused.partial_sums(grads, sources, offs, None), 4),
-        "pass 2, Adam, +parameter (additive)": (lambda: _fused.adam(
-            params, grads, none, offs, ms, vs, None, additive, none, zeros, zeros, False, zeros, zeros, zeros, 0.0,
+        "pass B, Adam": (lambda: _fused.apply_many(params, none, none, zeros, zeros, zeros, (ms, vs, shift)), 4),
+        "pass 1, Adam, +parameter": (lambda: _fused.partial_sums(grads, sources, offs, None, True), 4),
+        "pass 2, Adam, +parameter": (lambda: _fused.adam(
+            params, grads, none, offs, ms, vs, None, alpha, none, zeros, zeros, False, zeros, zeros, zeros, 0.0,
             0.9, 0.999, shift, shift, none, ones), 9),
     }
     times = {name: [] for name in cases}

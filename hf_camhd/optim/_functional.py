@@ -17,9 +17,8 @@ The implementations share inputs and outputs (like ``torch.optim.adam``'s ``_sin
 * :func:`_camhd_step_multi_tensor` — foreach ops, every per-step number a tensor on the device: no host
   synchronisation and no graph break under ``torch.compile``; compiled (inductor → Triton on CUDA) it is
   the fused path on GPUs (:func:`compiled_multi_tensor_step`);
-* :func:`_camhd_step_fused_cpu` — the C kernels of :mod:`hf_camhd.optim._fused`, two passes over memory: pass A
-  (the sums, the base rule and the next direction) and pass B (parameter-level α from pass A's signs, θ), or
-  for the additive rule's parameter level pass 1 (the sums) and pass 2 (everything element-wise).
+* :func:`_camhd_step_fused_cpu` — the C kernels of :mod:`hf_camhd.optim._fused`: pass 1 (the sums) and pass
+  2 (parameter-level α, base rule, θ and the next direction) over each tensor.
 
 Numbers that change every step — the step number ``t``, the scheduler's multiplier ``s`` — are Python
 floats in eager mode (read from CPU tensors: no device sync) and 0-d tensors while compiling (so a
@@ -571,41 +570,31 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
                           sharding) -> dict:
     """Steps 1–6 with the C kernels of :mod:`hf_camhd.optim._fused`, in the fewest passes over memory:
 
-    * pass A (the sums of step 1 from g and the previous direction, and the base rule's update that overwrites it;
-      with a parameter level also sign(g ⊙ d_{t-1}) per element, all that the normalized rule's element-wise update
-      needs) → α / γ on those few numbers → pass B (the parameter level's offsets, then θ ← θ + K ⊙ d);
-    * a parameter level under the additive rule, whose element-wise update needs g ⊙ d_{t-1} itself after the
-      hyper-update: pass 1 (the sums) → α / γ → pass 2 (parameter-level α, base rule, θ and the next direction).
+    * no parameter level: pass A (the sums of step 1 from g and the previous direction, and the base rule's
+      update that overwrites it) → α / γ on those few numbers → pass B (θ ← θ + K ⊙ d);
+    * with a parameter level (whose element-wise update needs the previous direction after the hyper-update):
+      pass 1 (the sums) → α / γ → pass 2 (parameter-level α, base rule, θ and the next direction).
     """
-    if step.offsets is not None and not cfg.normalized:
+    if step.offsets is not None:
         return _fused_cpu_with_parameter_level(step, hyper, index, cfg, rule, t, sharding)
     counts = _unit_counts(step)
     old_scales = torch.stack(step.dir_scales).to(torch.float64)  # u_{t-1}'s factors, before pass A replaces them
     tau = decay_factor(cfg, t)
-    signs = step.scratch.like(step.params) if step.offsets is not None else None
     passes = []  # per group, in step order (a group's members are consecutive)
     for group, members, s in step.groups:                                                           # 1, 5
-        pick = _picker(members)
+        pick = lambda xs: [xs[m] for m in members]  # noqa: E731
         rule.prepare_group(group)
         passes.append(rule.fused_first(pick(step.params), pick(step.grads), pick(step.states), group,
-                                       pick(step.dirs), pick(counts), cfg.normalized, pick(step.dir_scales), -s * tau,
-                                       pick(step.offsets), pick(signs)))
+                                       pick(step.dirs), pick(counts), cfg.normalized, pick(step.dir_scales), -s * tau))
     diag: dict = {}
-    alpha = [_OFFSETS_STAY] * len(step.params)
     if adapts_now(cfg, t):                                                                           # 2–3
         rows = [r for a in passes for r in a.rows] if counts[0] is not None else None
-        part = _fused_partial_sums(step, torch.cat([a.sums for a in passes]), rows, old_scales, _home(hyper), cfg,
-                                   signs is not None)
-        upd = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t)
-        if signs is not None and bool(upd.ok):  # 2' runs inside pass B (from the signs pass A kept)
-            alpha = _offset_updates(cfg, old_scales, step.offsets, index, upd)
-        diag = upd.diag
+        part = _fused_partial_sums(step, torch.cat([a.sums for a in passes]), rows, old_scales, _home(hyper), cfg)
+        diag = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t).diag
     rates = combined_rates(step, hyper, index, cfg, t)                                              # 4
     w = rates.w.tolist()
-    fine = float(rates.fine_coef) if signs is not None else 0.0
-    for (group, members, s), a in zip(step.groups, passes):                                        # 2', 6
-        pick = _picker(members)
-        k_rows, ka, da, dd, kb, db = [], [], [], [], [], []
+    for (group, members, s), a in zip(step.groups, passes):                                        # 6
+        k_rows, ka, da, dd = [], [], [], []
         for m, c in zip(members, a.scale if a.scale is not None else [1.0] * len(members)):
             if counts[m] is not None:  # the unit's rate multiplies ka and da row by row
                 k_rows.append((-s * _unit_rate(step, rates, m, w[m], cfg.lr)).reshape(-1).to(torch.float64))
@@ -616,31 +605,8 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
             ka.append(k * c)
             da.append(a.decay * k)
             dd.append(a.decay / c if a.decay else 0.0)
-            kb.append(-s * fine * c)  # the parameter level's part of the rate, per unit of offset (as pass 2's)
-            db.append(a.decay * (-s * fine))
-        _fused.apply_many(pick(step.params), a.dirs, k_rows, ka, da, dd, a.quotients, offsets=pick(step.offsets),
-                          signs=pick(signs), alpha=pick(alpha), kb=kb, db=db)
+        _fused.apply_many([step.params[m] for m in members], a.dirs, k_rows, ka, da, dd, a.quotients)
     return diag
-
-
-_OFFSETS_STAY = (0, 0.0, 0.0, 0.0, 0.0)  # a parameter-level update that leaves the offsets as they are
-
-
-def _picker(members: list[int]):
-    """``xs ↦ [xs[m] for m in members]`` (``None`` stays ``None``): one param group's share of per-tensor lists."""
-    return lambda xs: None if xs is None else [xs[m] for m in members]
-
-
-def _offset_updates(cfg: HyperConfig, scales: Tensor, offsets: list[Tensor], index: TreeIndex,
-                    upd: HyperUpdate) -> list[tuple]:
-    """Step 2' per tensor as the kernels take it, ``(do, c, lo, hi, α₀)`` (see :func:`hf_camhd.optim._fused.adam`),
-    from the previous directions' factors ``scales`` (u = scale · dir): normalized, α (1 − β sign(scale · g ⊙ dir));
-    additive, α_off + c · g ⊙ dir with c = −β_param γ_param · scale (c = 0: the offsets stay)."""
-    if cfg.normalized:
-        return [(2, cfg.hypergrad_lr * (1.0 if c > 0 else -1.0 if c < 0 else 0.0), *cfg.offset_bounds(o.dtype), cfg.lr)
-                for c, o in zip(scales.tolist(), offsets)]
-    coefs = (scales * (-index.beta_param * float(upd.gamma_param))).tolist()
-    return [(int(c != 0), c, *cfg.offset_bounds(o.dtype), cfg.lr) for c, o in zip(coefs, offsets)]
 
 
 def _unit_counts(step: StepTensors) -> list[int | None]:
@@ -668,7 +634,7 @@ def _fused_cpu_with_parameter_level(step: StepTensors, hyper: HyperState, index:
     """Pass 1 (sums) → α / γ on those few numbers → pass 2 per param group (see :func:`_camhd_step_fused_cpu`)."""
     diag: dict = {}
     T = len(step.params)
-    alpha = [_OFFSETS_STAY] * T
+    alpha = [(0, 0.0, 0.0, 0.0, 0.0)] * T
     if adapts_now(cfg, t):
         want_off = cfg.gamma_lr > 0
         counts = [hi - lo for lo, hi in step.unit_ranges] if step.unit_groups is not None else None
@@ -683,13 +649,18 @@ def _fused_cpu_with_parameter_level(step: StepTensors, hyper: HyperState, index:
         part = _fused_partial_sums(step, raw.totals, raw.unit_rows, scales, _home(hyper), cfg, want_off)
         upd = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t)   # 2–3
         if bool(upd.ok):  # 2' runs inside pass 2 (it reads d_{t-1} there)
-            alpha = _offset_updates(cfg, scales, step.offsets, index, upd)
+            if cfg.normalized:  # α (1 − β sign(c · g ⊙ dir))
+                alpha = [(2, cfg.hypergrad_lr * (1.0 if c > 0 else -1.0 if c < 0 else 0.0),
+                          *cfg.offset_bounds(o.dtype), cfg.lr) for c, o in zip(scales.tolist(), step.offsets)]
+            else:
+                coefs = (scales * (-index.beta_param * float(upd.gamma_param))).tolist()  # c = 0: offsets stay
+                alpha = [(int(c != 0), c, *cfg.offset_bounds(o.dtype), cfg.lr) for c, o in zip(coefs, step.offsets)]
         diag = upd.diag
     rates = combined_rates(step, hyper, index, cfg, t)                                              # 4
     w = rates.w.tolist()
     fine = float(rates.fine_coef)
     for group, members, s in step.groups:                                                           # 5–6
-        pick = _picker(members)
+        pick = lambda xs: [xs[m] for m in members]  # noqa: E731
         if step.unit_groups is not None:  # per-unit K (units along dim 0): the kernels scale these factors
             k_rows = [(-s * _unit_rate(step, rates, m, w[m], cfg.lr)).reshape(-1).to(torch.float64) for m in members]
             k_base = [1.0] * len(members)

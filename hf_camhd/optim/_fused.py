@@ -135,11 +135,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     P, N, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     for sfx in _SUFFIX.values():
         getattr(lib, f"camhd_hsum_many_{sfx}").argtypes = [N] + [P] * 9 + [I, P]
-        getattr(lib, f"camhd_adam_many_{sfx}").argtypes = [N] + [P] * 16 + [I, P, P, P] + [F] * 4 + [P] * 4
-        getattr(lib, f"camhd_sgd_many_{sfx}").argtypes = [N] + [P] * 15 + [F, I, F, F, P, P]
-        getattr(lib, f"camhd_adam_a_many_{sfx}").argtypes = [N] + [P] * 11 + [I, P] + [F] * 4 + [P, P, P, P]
-        getattr(lib, f"camhd_sgd_a_many_{sfx}").argtypes = [N] + [P] * 10 + [I, P, F, I, F, F, P, P]
-        getattr(lib, f"camhd_apply_many_{sfx}").argtypes = [N] + [P] * 17 + [F, P, P]
+        getattr(lib, f"camhd_adam_many_{sfx}").argtypes = [N] + [P] * 14 + [F, P, P, I, P, P, P] + [F] * 4 + [P] * 4
+        getattr(lib, f"camhd_sgd_many_{sfx}").argtypes = [N] + [P] * 13 + [F, P, P, F, I, F, F, P, P]
+        getattr(lib, f"camhd_adam_a_many_{sfx}").argtypes = [N] + [P] * 9 + [I, P] + [F] * 4 + [P, P, P, P]
+        getattr(lib, f"camhd_sgd_a_many_{sfx}").argtypes = [N] + [P] * 8 + [I, P, F, I, F, F, P, P]
+        getattr(lib, f"camhd_apply_many_{sfx}").argtypes = [N] + [P] * 11
         for kind in ("hsum", "adam", "sgd", "adam_a", "sgd_a", "apply"):
             getattr(lib, f"camhd_{kind}_many_{sfx}").restype = ctypes.c_int
 
@@ -320,10 +320,10 @@ def _run_many(kind: str, tensors: list[Tensor], args: list,
 
 
 def _alpha_args(alpha: list[tuple]) -> list:
-    """The parameter-level α update per tensor, ``(do, c, lo, hi, α₀)`` (see :func:`adam` and :func:`apply_many`), as
-    the kernel arguments ``do, c, lo, hi`` (α₀, the same for all, only pass B takes)."""
-    do, c, lo, hi, _ = zip(*alpha)
-    return [_PerTensor(list(do), ctypes.c_int32), *(_PerTensor(list(x), ctypes.c_double) for x in (c, lo, hi))]
+    """The parameter-level α update per tensor, ``(do, c, lo, hi, α₀)`` (see :func:`adam`), as kernel arguments."""
+    do, c, lo, hi, a0 = zip(*alpha)
+    return [_PerTensor(list(do), ctypes.c_int32), *(_PerTensor(list(x), ctypes.c_double) for x in (c, lo, hi)),
+            float(a0[0])]
 
 
 def _rows_of(k_rows: list[Tensor | None]) -> list[int | None]:
@@ -331,8 +331,8 @@ def _rows_of(k_rows: list[Tensor | None]) -> list[int | None]:
 
 
 # ------------------------------------------------------------------------------------------ passes 1 and 2
-# Trees with a parameter level under the additive rule: pass 1 (the sums), the hyper-update, then pass 2 (the
-# parameter level's element-wise α update, which reads g ⊙ dir_old, the base rule, θ and the next direction).
+# Trees with a parameter level: pass 1 (the sums), the hyper-update, then pass 2 (the parameter level's
+# element-wise α update, which reads the previous direction, the base rule, θ and the next direction).
 
 def partial_sums(grads: list[Tensor], sources: list[DirSource], offsets: list[Tensor] | None,
                  unit_counts: list[int] | None = None, norms: bool = False) -> RawSums:
@@ -361,8 +361,7 @@ def adam(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | None], o
     ``θ ← θ (1 + da + db·off)`` (decoupled only) ``+ (ka + kb·off) · q`` with ``q = m / (sqrt(v) + shift)``;
     ``dir ← q + dd·θ_old`` (decoupled) or ``q``; L2 decay ``wd`` enters the moments' gradient. ``alpha[i]``:
     ``(do, c, lo, hi, α₀)``, the parameter-level update of ``off = α − α₀`` from ``g ⊙ dir_old``, clamped to
-    ``[lo, hi]``: ``do=1`` (the additive rule) ``off + c · g ⊙ dir_old``, else none (the normalized rule's update
-    runs in pass B, :func:`apply_many`).
+    ``[lo, hi]``: ``do=1`` additive, ``off + c · g ⊙ dir_old``; ``do=2`` normalized, ``α (1 − c · sign(g ⊙ dir_old))``.
     ``k_rows[i]`` (float64, one per unit along dim 0): ``ka`` and ``da`` are multiplied by the unit's factor.
     ``u_scales[i]`` (0-d, the parameter's dtype): set to ``u_values[i]`` (the stored direction's factor).
     ``dirs[i] = None``: the direction is not kept; ``dir_old`` is rebuilt as ``m / (sqrt(v) + prev_shift)`` (the
@@ -378,8 +377,6 @@ def adam(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | None], o
         *(_PerTensor(x, ctypes.c_double) for x in (da, db, dd)), wd, 1.0 - beta1, beta2, 1.0 - beta2,
         _PerTensor(shifts, ctypes.c_double), _PerTensor(prev_shifts, ctypes.c_double), _PerTensor(u_scales),
         _PerTensor(u_values, ctypes.c_double)], _rows_of(k_rows))
-
-
 def sgd(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | None], offsets: list[Tensor | None],
         bufs: list[Tensor | None], first: list[bool], alpha: list[tuple], k_rows: list[Tensor | None],
         ka: list[float], kb: list[float], wd: float, momentum: int, mu: float, dampening: float,
@@ -396,74 +393,50 @@ def sgd(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | None], of
 
 
 # ------------------------------------------------------------------------------------------ passes A and B
-# Trees without a parameter level, and with one under the normalized rule: pass A reads g and the previous
-# direction once, for the sums and for the base rule's update that overwrites it (and, with a parameter level, keeps
-# the sign of g ⊙ dir_old per element in an int8 scratch buffer: all the offsets' update needs); pass B moves θ once
-# the rates are known (updating the offsets first). Less memory than 1 + 2.
-
-def _level_args(offsets: list[Tensor] | None, signs: list[Tensor] | None, n: int) -> list:
-    """Pass A's parameter-level arguments: the offsets (read) and the sign buffers (written), or ``NULL``."""
-    return [_PerTensor(offsets if offsets is not None else [None] * n),
-            _PerTensor(signs if signs is not None else [None] * n)]
-
+# Trees without a parameter level: pass A reads g and the previous direction once, for the sums and for the
+# base rule's update that overwrites it; pass B moves θ once the rates are known. Less memory than 1 + 2.
 
 def adam_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | None], exp_avgs: list[Tensor],
                exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None, unit_counts: list[int | None],
                norms: bool, wd: float, beta1: float, beta2: float, shifts: list[float], prev_shifts: list[float],
-               u_scales: list[Tensor], u_values: list[float], offsets: list[Tensor] | None = None,
-               signs: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor | None]]:
-    """Pass A for Adam / AdamW on a list of tensors: returns the sums ``[Σ g·dir_old, Σ off·g·dir_old, Σ g²,
-    Σ dir_old²]`` of every tensor as a ``(T, 4)`` float64 tensor (the offsets' sum with ``offsets``, the norms with
-    ``norms`` or ``offsets``; else 0) and per unit, ``(units, 4)``, where ``unit_counts[i]`` is given), then updates
-    the moments (L2 decay ``wd`` enters the gradient) and writes ``dir ← q = m / (sqrt(v) + shift)``;
-    ``u_scales[i] ← u_values[i]``. ``dirs[i] = None``: the direction is not kept; ``dir_old`` is rebuilt as
-    ``m / (sqrt(v) + prev_shift)`` from the moments before the update. ``offsets`` (a parameter level, normalized
-    rule) with ``signs`` (int8, shaped like the parameters): ``signs[i] ← sign(g ⊙ dir_old)`` for pass B."""
+               u_scales: list[Tensor], u_values: list[float]) -> tuple[Tensor, list[Tensor | None]]:
+    """Pass A for Adam / AdamW on a list of tensors: returns the sums ``[Σ g·dir_old, 0, Σ g², Σ dir_old²]`` of
+    every tensor as a ``(T, 4)`` float64 tensor (the norms with ``norms``) and per unit, ``(units, 4)``, where
+    ``unit_counts[i]`` is given), then updates the moments (L2 decay ``wd`` enters the gradient) and writes
+    ``dir ← q = m / (sqrt(v) + shift)``; ``u_scales[i] ← u_values[i]``. ``dirs[i] = None``: the direction is not
+    kept; ``dir_old`` is rebuilt as ``m / (sqrt(v) + prev_shift)`` from the moments before the update."""
     n = len(params)
     return _run_many("adam_a", params, [
         _PerTensor(params), _PerTensor(grads), _PerTensor(dirs), _PerTensor(exp_avgs), _PerTensor(exp_avg_sqs),
-        _PerTensor(max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * n), *_level_args(offsets, signs, n),
-        _ROWS, int(norms), _OUT, wd, 1.0 - beta1, beta2, 1.0 - beta2, _PerTensor(shifts, ctypes.c_double),
+        _PerTensor(max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * n), _ROWS, int(norms), _OUT,
+        wd, 1.0 - beta1, beta2, 1.0 - beta2, _PerTensor(shifts, ctypes.c_double),
         _PerTensor(prev_shifts, ctypes.c_double), _PerTensor(u_scales), _PerTensor(u_values, ctypes.c_double)],
         unit_counts)
 
 
 def sgd_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor], bufs: list[Tensor | None],
               first: list[bool], unit_counts: list[int | None], norms: bool, wd: float, momentum: int, mu: float,
-              dampening: float, u_scales: list[Tensor], u_values: list[float], offsets: list[Tensor] | None = None,
-              signs: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor | None]]:
+              dampening: float, u_scales: list[Tensor],
+              u_values: list[float]) -> tuple[Tensor, list[Tensor | None]]:
     """Pass A for SGD on a list of tensors (``momentum``: 0 plain, 1 heavy ball, 2 Nesterov; ``first[i]``: the
-    buffer starts as the gradient, as torch's): the sums (and ``signs``) as :func:`adam_first`, then the buffers
-    and ``dir ← d``. ``dirs[i] = None`` (heavy ball only): the direction is the buffer, not kept (``dir_old`` = the
-    buffer before the update, 0 on the first step)."""
-    n = len(params)
+    buffer starts as the gradient, as torch's): the sums as :func:`adam_first`, then the buffers and ``dir ← d``.
+    ``dirs[i] = None`` (heavy ball only): the direction is the buffer, not kept (``dir_old`` = the buffer before
+    the update, 0 on the first step)."""
     return _run_many("sgd_a", params, [
-        _PerTensor(params), _PerTensor(grads), _PerTensor(dirs), _PerTensor(bufs if momentum else [None] * n),
-        _PerTensor([int(f) for f in first], ctypes.c_int32), *_level_args(offsets, signs, n), _ROWS, int(norms),
-        _OUT, wd, momentum, mu, dampening, _PerTensor(u_scales), _PerTensor(u_values, ctypes.c_double)], unit_counts)
+        _PerTensor(params), _PerTensor(grads), _PerTensor(dirs), _PerTensor(bufs if momentum else [None] * len(params)),
+        _PerTensor([int(f) for f in first], ctypes.c_int32), _ROWS, int(norms), _OUT, wd, momentum, mu, dampening,
+        _PerTensor(u_scales), _PerTensor(u_values, ctypes.c_double)], unit_counts)
 
 
 def apply_many(params: list[Tensor], dirs: list[Tensor | None], k_rows: list[Tensor | None], ka: list[float],
-               da: list[float], dd: list[float], quotients: tuple[list, list, list] | None = None, *,
-               offsets: list[Tensor] | None = None, signs: list[Tensor] | None = None,
-               alpha: list[tuple] | None = None, kb: list[float] | None = None,
-               db: list[float] | None = None) -> None:
+               da: list[float], dd: list[float], quotients: tuple[list, list, list] | None = None) -> None:
     """Pass B on a list of tensors: ``θ ← θ (1 + da) + ka · dir`` (``k_rows[i]``: float64, one factor per unit
     along dim 0 multiplying ka and da, or ``None``); with ``dd`` (decoupled decay) the stored direction becomes
     ``dir + dd · θ_old``. ``dirs[i] = None``: the direction is Adam's ``m / (sqrt(v) + shift)`` from
-    ``quotients = (ms, vs, shifts)`` (not kept; ``dd[i]`` must be 0).
-
-    With a parameter level (``offsets``, normalized rule): the offsets first move as ``alpha[i] = (do, c, lo, hi,
-    α₀)`` says (``do=2``: ``α (1 − c · signs)``, clamped to ``[lo, hi]``; ``do=0``: not at all), from the ``signs``
-    pass A wrote; then the rates are ``ka + kb · off`` and ``da + db · off``, as in :func:`adam`'s pass 2."""
+    ``quotients = (ms, vs, shifts)`` (not kept; ``dd[i]`` must be 0)."""
     n = len(params)
     ms, vs, shifts = quotients if quotients is not None else ([None] * n, [None] * n, None)
-    if offsets is None:  # NULL: the kernel reads none of these
-        level = [None] * 6 + [0.0, None, None]
-    else:
-        level = [_PerTensor(offsets), _PerTensor(signs), *_alpha_args(alpha), float(alpha[0][4]),
-                 _PerTensor(kb, ctypes.c_double), _PerTensor(db, ctypes.c_double)]
     _run_many("apply", params, [
         _PerTensor(params), _PerTensor(dirs), _PerTensor(ms), _PerTensor(vs),
         None if shifts is None else _PerTensor(shifts, ctypes.c_double), _PerTensor(k_rows),
-        *(_PerTensor(x, ctypes.c_double) for x in (ka, da, dd)), *level], _rows_of(k_rows))
+        *(_PerTensor(x, ctypes.c_double) for x in (ka, da, dd))], _rows_of(k_rows))

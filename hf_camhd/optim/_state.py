@@ -221,7 +221,6 @@ class StepTensors:
     unit_vectors: dict[int, tuple[Tensor, int]] | None = None  # unit group -> (local α vector, first unit in it)
     unit_stats: dict[int, Tensor] | None = None  # normalized rule: unit group -> local (units, 3) smoothed sums
     stale_dirs: list[dict] | None = None       # states holding a kept direction the rule now rebuilds: dropped after
-    scratch: SignScratch | None = None         # fused CPU step, parameter level: where pass A leaves sign(g ⊙ u)
 
     @property
     def lr_scales(self) -> list:
@@ -230,25 +229,6 @@ class StepTensors:
             for m in members:
                 out[m] = s
         return out
-
-
-class SignScratch:
-    """One int8 buffer per tensor of a step, reused from step to step while the tensors keep their sizes: where the
-    fused CPU pass A leaves sign(g_t ⊙ u_{t-1}) of every element for pass B, which updates the parameter level's
-    offsets from it (the normalized rule; ``docs/algorithm.md`` §4). Scratch, not state: never saved or copied;
-    one byte per trainable scalar while a parameter level runs the fused CPU step."""
-
-    def __init__(self) -> None:
-        self._sizes: list[int] | None = None
-        self._buffers: list[Tensor] = []
-
-    def like(self, tensors: list[Tensor]) -> list[Tensor]:
-        """Contiguous int8 buffers of ``tensors``' sizes (flat; their contents are left from the last use)."""
-        sizes = [t.numel() for t in tensors]
-        if sizes != self._sizes:
-            self._buffers = list(torch.empty(sum(sizes), dtype=torch.int8).split(sizes))
-            self._sizes = sizes
-        return self._buffers
 
 
 @dataclass

@@ -46,8 +46,7 @@ class Directions:
 class PassA:
     """What a rule's fused pass A (:meth:`BaseRule.fused_first`) returns for the hyper-update and for pass B.
 
-    ``sums``: ``[Σ g·dir_old, Σ off·g·dir_old, Σ g², Σ dir_old²]`` per tensor (the second 0 without a parameter
-    level), a ``(T, 4)`` float64 tensor; ``rows``: the same per
+    ``sums``: ``[Σ g·dir_old, 0, Σ g², Σ dir_old²]`` per tensor, a ``(T, 4)`` float64 tensor; ``rows``: the same per
     unit, ``(units, 4)`` or ``None`` per tensor. ``scale``: the per-tensor factor of :class:`Directions` that pass B
     multiplies the rate by (``None``: 1). ``dirs`` / ``quotients``: the directions pass B applies, as
     :func:`hf_camhd.optim._fused.apply_many` takes them (``quotients = (ms, vs, shifts)`` where ``dirs[i]`` is
@@ -149,13 +148,11 @@ class BaseRule:
 
     def fused_first(self, params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
                     dirs: list[Tensor], unit_counts: list[int | None], norms: bool, dir_scales: list[Tensor],
-                    u_factor: float, offsets: list[Tensor] | None = None,
-                    signs: list[Tensor] | None = None) -> PassA:
-        """The fused CPU pass A (:mod:`hf_camhd.optim._fused`): per tensor, the sums ``[Σ g·dir, Σ off·g·dir, Σ g²,
-        Σ dir²]`` of the previous direction (per unit too, with a unit count; the second with a parameter level's
-        ``offsets``, which also writes ``signs ← sign(g ⊙ dir)``), then the base state and the new direction
-        written over ``dirs``, and ``dir_scales[i] ← u_factor · scale_i``. Returns the sums and what pass B needs
-        (:class:`PassA`)."""
+                    u_factor: float) -> PassA:
+        """The fused CPU pass A (trees without a parameter level, :mod:`hf_camhd.optim._fused`): per tensor, the
+        sums ``[Σ g·dir, 0, Σ g², Σ dir²]`` of the previous direction (per unit too, with a unit count), then the
+        base state and the new direction written over ``dirs``, and ``dir_scales[i] ← u_factor · scale_i``.
+        Returns the sums and what pass B needs (:class:`PassA`)."""
         raise NotImplementedError(f"the {self.name} rule has no fused kernel")
 
 
@@ -221,13 +218,12 @@ class SGDRule(BaseRule):
         _fused.sgd(params, grads, dirs, offsets, list(bufs), list(first), alpha, k_rows, k_base, k_fine, wd, kind,
                    mu, damp, dir_scales, [u_factor] * len(params))
 
-    def fused_first(self, params, grads, states, group, dirs, unit_counts, norms, dir_scales, u_factor, offsets=None,
-                    signs=None):
+    def fused_first(self, params, grads, states, group, dirs, unit_counts, norms, dir_scales, u_factor):
         wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
         kind = 0 if mu == 0 else (2 if group["nesterov"] else 1)
         bufs, first = zip(*(self._momentum_buffer(p, s, kind) for p, s in zip(params, states)))
         sums, rows = _fused.sgd_first(params, grads, dirs, list(bufs), list(first), unit_counts, norms, wd, kind, mu,
-                                      damp, dir_scales, [u_factor] * len(params), offsets, signs)
+                                      damp, dir_scales, [u_factor] * len(params))
         # the directions pass B applies: the kept ones, else the momentum buffers (just updated)
         return PassA(sums, rows, None, [b if d is None else d for d, b in zip(dirs, bufs)])
 
@@ -406,8 +402,7 @@ class AdamRule(BaseRule):
                     [wd * k for k in k_fine] if decoupled else zeros, [wd / c for c in scale] if decoupled else zeros,
                     l2, beta1, beta2, shift, prev_shift, dir_scales, [u_factor * c for c in scale])
 
-    def fused_first(self, params, grads, states, group, dirs, unit_counts, norms, dir_scales, u_factor, offsets=None,
-                    signs=None):
+    def fused_first(self, params, grads, states, group, dirs, unit_counts, norms, dir_scales, u_factor):
         beta1, beta2 = group["betas"]
         scale, shift, prev_shift = self._bias_terms(states, group, previous=True)
         # dir = q here; with decoupled decay pass B adds (λ / c) θ_old to it (see PassA)
@@ -415,7 +410,7 @@ class AdamRule(BaseRule):
             params, grads, dirs, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None, unit_counts, norms,
             0.0 if self.decoupled else group["weight_decay"], beta1, beta2, shift, prev_shift, dir_scales,
-            [u_factor * c for c in scale], offsets, signs)
+            [u_factor * c for c in scale])
         quotients = None if all(d is not None for d in dirs) else (*self._moments(states, group), shift)
         return PassA(sums, rows, scale, dirs, quotients, group["weight_decay"] if self.decoupled else 0.0)
 

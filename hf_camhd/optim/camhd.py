@@ -42,7 +42,7 @@ from ._stats import lr_stats
 from ._state import (NORMALIZED_GAMMA_LR, NORMALIZED_HYPERGRAD_LR, NORMALIZED_HYPERGRAD_LR_BOUND, ALPHA_OFFSET, ALPHA_UNIT, COARSE_LEVELS, DIR, DIR_SCALE, GAMMA, GAMMA_GRAD, GAMMA_LOGITS,
                      HYPER_GROUP_KEYS, RULES, STATS_CHANNELS, UNIT_STATS, stats_key,
                      HYPER_PARAM_KEYS, LAST_LR_SCALE, LR0, PREFIX, SKIPPED, STEP, TREE, HyperConfig, HyperState,
-                     SignScratch, StepTensors, alpha_key, build_tree_index, hyper_dtype)
+                     StepTensors, alpha_key, build_tree_index, hyper_dtype)
 from .base_rules import AdamRule, BaseRule, SGDRule
 from .sharding import check_not_flattened, choose_sharding, is_dtensor
 from .validation import (GAMMA_UPDATES, HYPERGRAD_SCALINGS, check_alpha_bounds, check_betas, check_choice, check_eps,
@@ -134,7 +134,6 @@ class CAMHDOptimizer(Optimizer):
         self._forced_implementation: str | None = None  # for tests, e.g. "compiled" (the CUDA fused path) on CPU
         self._rates_warned = False
         self._fused_checked: dict = {}  # state tensors already found fused-eligible -> the parameter's layout
-        self._scratch = SignScratch()   # the fused CPU step's per-element signs (parameter level)
 
     def _register_hooks(self) -> None:
         self.register_load_state_dict_pre_hook(_load_pre_hook)
@@ -338,7 +337,7 @@ class CAMHDOptimizer(Optimizer):
             st.unit_groups, st.unit_dims, st.unit_ranges, st.unit_vectors = [], [], [], {}
             st.unit_stats = {} if self.config.normalized else None
         if param:
-            st.offsets, st.scratch = [], self._scratch
+            st.offsets = []
         i = 0
         for group in self.param_groups:
             members = []

@@ -43,13 +43,20 @@ INLINE void SFX(hsum_range)(const T *g, const T *dir, const T *off, const T *mq,
     }
 }
 
-/* the parameter-level alpha offset o = alpha - a0 of element i: as stored (UPD 0), or updated by the additive rule
- * and clamped (UPD 1): o + c*g*dir (the normalized rule's update runs in pass B, from pass A's signs) */
-INLINE T SFX(alpha_off)(T *restrict off, T gi, T di, int64_t i, const int OFF, const int UPD, T c, T lo, T hi) {
+/* the parameter-level alpha offset o = alpha - a0 of element i: as stored (UPD 0), or updated and clamped —
+ * additive (UPD 1): o + c*g*dir; normalized (UPD 2): alpha (1 - c*sign(g*dir)), i.e. o - c*sign(g*dir)*(a0 + o),
+ * with sign(g*dir) = sign(g)*sign(dir) (exact: no product to underflow) */
+INLINE T SFX(alpha_off)(T *restrict off, T gi, T di, int64_t i, const int OFF, const int UPD, T c, T lo, T hi,
+                        T a0) {
     if (!OFF) return (T)0;
     T o = off[i];
     if (UPD) {
-        o = o + c * (gi * di);
+        if (UPD == 1) {
+            o = o + c * (gi * di);
+        } else {
+            T sg = (T)(((gi > (T)0) - (gi < (T)0)) * ((di > (T)0) - (di < (T)0)));
+            o = o - c * sg * (a0 + o);
+        }
         o = o < lo ? lo : o;
         o = o > hi ? hi : o;
         off[i] = o;
@@ -57,15 +64,20 @@ INLINE T SFX(alpha_off)(T *restrict off, T gi, T di, int64_t i, const int OFF, c
     return o;
 }
 
+/* what alpha_off needs of the previous direction: its value, or for the normalized rule (UPD 2) only its sign —
+ * for Adam's rebuilt quotient (DRV 1) that of m (the denominator is positive), with no square root or division */
+#define CAMHD_OLD_DIR_FOR_ALPHA(k) (UPD == 2 && DRV == 1 ? mq[k] : CAMHD_OLD_DIR(k))
+
 INLINE void SFX(adam_loop)(T *restrict p, const T *restrict g, T *restrict dir, T *restrict off,
                            T *restrict m, T *restrict v, T *restrict vmax, int64_t lo, int64_t hi,
                            const int OFF, const int UPD, const int DEC, const int AMS, const int L2, const int DRV,
-                           T c, T olo, T ohi, T ka, T kb, T da, T db, T dd, T wd, T w1, T b2, T w2, T shift, T sp) {
+                           T c, T olo, T ohi, T oa0, T ka, T kb, T da, T db, T dd, T wd, T w1, T b2, T w2, T shift,
+                           T sp) {
     const T *mq = m, *vq = AMS ? vmax : v, *buf = 0;
     (void)buf;
     for (int64_t i = lo; i < hi; i++) {
         T gi = g[i], th = p[i];
-        T o = SFX(alpha_off)(off, gi, CAMHD_OLD_DIR(i), i, OFF, UPD, c, olo, ohi);
+        T o = SFX(alpha_off)(off, gi, CAMHD_OLD_DIR_FOR_ALPHA(i), i, OFF, UPD, c, olo, ohi, oa0);
         T gg = L2 ? gi + wd * th : gi;
         T mi = m[i] + w1 * (gg - m[i]);
         T vi = b2 * v[i] + w2 * gg * gg;
@@ -90,7 +102,7 @@ INLINE void SFX(adam_loop)(T *restrict p, const T *restrict g, T *restrict dir, 
 }
 
 INLINE void SFX(adam_range)(T *p, const T *g, T *dir, T *off, T *m, T *v, T *vmax, int64_t lo, int64_t hi,
-                            int code, T c, T olo, T ohi, T ka, T kb, T da, T db, T dd,
+                            int code, T c, T olo, T ohi, T oa0, T ka, T kb, T da, T db, T dd,
                             T wd, T w1, T b2, T w2, T shift, T sp) {
     switch (code) { ADAM_CASES }
 }
@@ -98,13 +110,13 @@ INLINE void SFX(adam_range)(T *p, const T *g, T *dir, T *off, T *m, T *v, T *vma
 INLINE void SFX(sgd_loop)(T *restrict p, const T *restrict g, T *restrict dir, T *restrict off,
                           T *restrict buf, int64_t lo, int64_t hi,
                           const int OFF, const int UPD, const int MOM, const int FIRST, const int L2, const int DRV,
-                          T c, T olo, T ohi, T ka, T kb, T wd, T mu, T dm) {
+                          T c, T olo, T ohi, T oa0, T ka, T kb, T wd, T mu, T dm) {
     const T *mq = 0, *vq = 0;
     T sp = 0;
     (void)mq; (void)vq; (void)sp;
     for (int64_t i = lo; i < hi; i++) {
         T gi = g[i], th = p[i];
-        T o = SFX(alpha_off)(off, gi, CAMHD_OLD_DIR(i), i, OFF, UPD, c, olo, ohi);
+        T o = SFX(alpha_off)(off, gi, CAMHD_OLD_DIR_FOR_ALPHA(i), i, OFF, UPD, c, olo, ohi, oa0);
         T gg = L2 ? gi + wd * th : gi;
         T d = gg;
         if (MOM) {
@@ -119,55 +131,38 @@ INLINE void SFX(sgd_loop)(T *restrict p, const T *restrict g, T *restrict dir, T
 }
 
 INLINE void SFX(sgd_range)(T *p, const T *g, T *dir, T *off, T *buf, int64_t lo, int64_t hi, int code,
-                           T c, T olo, T ohi, T ka, T kb, T wd, T mu, T dm) {
+                           T c, T olo, T ohi, T oa0, T ka, T kb, T wd, T mu, T dm) {
     switch (code) { SGD_CASES }
 }
 
 /* ---------------------------------------------------------------------------------------------------------
- * Trees without a parameter level, and those with one under the normalized rule, take two other passes,
- * which move less memory than pass 1 + pass 2:
+ * Trees without a parameter level take two other passes, which move less memory than pass 1 + pass 2:
  *   pass A (per rule): the sums of pass 1, read from g and the previous direction just before it is
- *          overwritten, and the base rule's state update and the new direction in the same loop; with a
- *          parameter level (PAR) also sum off*g*dir_old and the sign of g*dir_old per element (int8), all that
- *          the normalized rule's element-wise alpha update needs of g and dir_old;
- *   pass B (every rule): theta <- theta + K * dir, once the hyper-update has given K; with a parameter level
- *          first the offsets' update from those signs.
+ *          overwritten, and the base rule's state update and the new direction in the same loop;
+ *   pass B (every rule): theta <- theta + K * dir, once the hyper-update has given K.
  * ------------------------------------------------------------------------------------------------------ */
 
-/* sign(x*y) in {-1, 0, 1} from the factors' signs (exact: no product to underflow; a NaN factor gives +-1, but
- * then the step's sums are not finite and the hyper-update, this sign's only use, is skipped) */
-#define CAMHD_SIGN_PRODUCT(x, y) ((x) == (T)0 || (y) == (T)0 ? 0 : ((x) < (T)0) != ((y) < (T)0) ? -1 : 1)
-/* what the sign of dir_old is taken from: for Adam's rebuilt quotient (DRV 1) m (the denominator is positive), with
- * no square root or division */
-#define CAMHD_OLD_DIR_SIGN_OF(k, dv) (DRV == 1 ? mq[k] : (dv))
-
-/* the pass-1 sums of element k (lane j): g*dir_old, and g*g, dir_old*dir_old when NORMS; with PAR
- * off*g*dir_old and sgn[k] = sign(g*dir_old) */
+/* the pass-1 sums of element k (lane j): g*dir_old, and g*g, dir_old*dir_old when NORMS */
 #define CAMHD_A_SUMS(k, j)                                                                                \
-    T gt_ = g[k], dt_ = CAMHD_OLD_DIR(k);                                                                \
-    double gv_ = (double)gt_, dv_ = (double)dt_, h_ = gv_ * dv_;                                         \
-    a[j] += h_;                                                                                          \
-    if (NORMS) { c[j] += gv_ * gv_; d[j] += dv_ * dv_; }                                                 \
-    if (PAR) {                                                                                           \
-        b[j] += (double)off[k] * h_;                                                                     \
-        sgn[k] = (int8_t)CAMHD_SIGN_PRODUCT(gt_, CAMHD_OLD_DIR_SIGN_OF(k, dt_));                         \
-    }
+    double gv_ = (double)g[k], dv_ = (double)CAMHD_OLD_DIR(k);                                           \
+    a[j] += gv_ * dv_;                                                                                   \
+    if (NORMS) { c[j] += gv_ * gv_; d[j] += dv_ * dv_; }
 
-/* pass A's loop over [lo, hi): BODY(k, j) on CAMHD_LANES interleaved partial sums a, b, c, d (lane j), then the
+/* pass A's loop over [lo, hi): BODY(k, j) on CAMHD_LANES interleaved partial sums a, c, d (lane j), then the
    tail on lane 0, then the lanes added in lane order into s (the order is fixed by lo and hi alone) */
 #define CAMHD_A_LANES(BODY)                                                                              \
-    double a[CAMHD_LANES] = {0}, b[CAMHD_LANES] = {0}, c[CAMHD_LANES] = {0}, d[CAMHD_LANES] = {0};       \
+    double a[CAMHD_LANES] = {0}, c[CAMHD_LANES] = {0}, d[CAMHD_LANES] = {0};                             \
     int64_t i = lo, end = lo + (hi - lo) / CAMHD_LANES * CAMHD_LANES;                                    \
     for (; i < end; i += CAMHD_LANES)                                                                    \
         for (int j = 0; j < CAMHD_LANES; j++) BODY(i + j, j)                                             \
     for (; i < hi; i++) BODY(i, 0)                                                                       \
     s[0] = s[1] = s[2] = s[3] = 0.0;                                                                     \
-    for (int j = 0; j < CAMHD_LANES; j++) { s[0] += a[j]; s[1] += b[j]; s[2] += c[j]; s[3] += d[j]; }
+    for (int j = 0; j < CAMHD_LANES; j++) { s[0] += a[j]; s[2] += c[j]; s[3] += d[j]; }
 
 #define CAMHD_ADAM_A_BODY(k, j)                                                                           \
     {                                                                                                    \
         CAMHD_A_SUMS(k, j)                                                                               \
-        T gi = g[k], th = L2 ? p[k] : (T)0;                                                              \
+        T gi = g[k], th = (DEC || L2) ? p[k] : (T)0;                                                     \
         T gg = L2 ? gi + wd * th : gi;                                                                   \
         T mi = m[k] + w1 * (gg - m[k]);                                                                  \
         T vi = b2 * v[k] + w2 * gg * gg;                                                                 \
@@ -179,22 +174,21 @@ INLINE void SFX(sgd_range)(T *p, const T *g, T *dir, T *off, T *buf, int64_t lo,
             vmax[k] = vi;                                                                                \
         }                                                                                                \
         T q = mi / (SQRT(vi) + shift);                                                                   \
-        if (DRV == 0) dir[k] = q;                                                                        \
+        if (DRV == 0) dir[k] = DEC ? q + dd * th : q;                                                    \
     }
 
-/* pass A for Adam / AdamW over [lo, hi): s[0] = sum g*dir_old, s[1] = sum off*g*dir_old (PAR), s[2] = sum g*g,
- * s[3] = sum dir_old^2 (NORMS) */
+/* pass A for Adam / AdamW over [lo, hi): s[0] = sum g*dir_old, s[2] = sum g*g, s[3] = sum dir_old^2 (NORMS) */
 INLINE void SFX(adam_a_loop)(const T *restrict p, const T *restrict g, T *restrict dir, T *restrict m,
-                             T *restrict v, T *restrict vmax, const T *restrict off, int8_t *restrict sgn,
-                             int64_t lo, int64_t hi, const int NORMS, const int AMS, const int L2, const int DRV,
-                             const int PAR, T wd, T w1, T b2, T w2, T shift, T sp, double *s) {
+                             T *restrict v, T *restrict vmax, int64_t lo, int64_t hi, const int NORMS,
+                             const int DEC, const int AMS, const int L2, const int DRV, T dd, T wd, T w1, T b2,
+                             T w2, T shift, T sp, double *s) {
     const T *mq = m, *vq = AMS ? vmax : v, *buf = 0;
     (void)buf;
     CAMHD_A_LANES(CAMHD_ADAM_A_BODY)
 }
 
-INLINE void SFX(adam_a_range)(const T *p, const T *g, T *dir, T *m, T *v, T *vmax, const T *off, int8_t *sgn,
-                              int64_t lo, int64_t hi, int code, T wd, T w1, T b2, T w2, T shift, T sp, double *s) {
+INLINE void SFX(adam_a_range)(const T *p, const T *g, T *dir, T *m, T *v, T *vmax, int64_t lo, int64_t hi,
+                              int code, T dd, T wd, T w1, T b2, T w2, T shift, T sp, double *s) {
     switch (code) { ADAM_A_CASES }
 }
 
@@ -212,19 +206,18 @@ INLINE void SFX(adam_a_range)(const T *p, const T *g, T *dir, T *m, T *v, T *vma
         if (DRV == 0) dir[k] = dk;                                                                       \
     }
 
-/* pass A for SGD (plain, heavy ball, Nesterov) over [lo, hi), sums (and signs) as adam_a_loop */
+/* pass A for SGD (plain, heavy ball, Nesterov) over [lo, hi), sums as adam_a_loop */
 INLINE void SFX(sgd_a_loop)(const T *restrict p, const T *restrict g, T *restrict dir, T *restrict buf,
-                            const T *restrict off, int8_t *restrict sgn, int64_t lo, int64_t hi, const int NORMS,
-                            const int MOM, const int FIRST, const int L2, const int DRV, const int PAR, T wd, T mu,
-                            T dm, double *s) {
+                            int64_t lo, int64_t hi, const int NORMS, const int MOM, const int FIRST, const int L2,
+                            const int DRV, T wd, T mu, T dm, double *s) {
     const T *mq = 0, *vq = 0;
     T sp = 0;
     (void)mq; (void)vq; (void)sp;
     CAMHD_A_LANES(CAMHD_SGD_A_BODY)
 }
 
-INLINE void SFX(sgd_a_range)(const T *p, const T *g, T *dir, T *buf, const T *off, int8_t *sgn, int64_t lo,
-                             int64_t hi, int code, T wd, T mu, T dm, double *s) {
+INLINE void SFX(sgd_a_range)(const T *p, const T *g, T *dir, T *buf, int64_t lo, int64_t hi, int code, T wd, T mu,
+                             T dm, double *s) {
     switch (code) { SGD_A_CASES }
 }
 
@@ -315,7 +308,8 @@ CAMHD_CLONES int SFX(camhd_hsum_many)(int64_t nt, const int64_t *sizes, const in
 }
 
 /* pass 2 for Adam / AdamW: per tensor t, the parameter-level offsets off[t] (nullable) updated from g and dir_old
- * when do_alpha[t] is 1 (the additive rule; see alpha_off, with c[t] and the bounds olo[t], ohi[t]), the moments (L2 decay wd enters g), q = m / (sqrt(v) + shift[t]), then
+ * when do_alpha[t] (1: additive, 2: normalized; see alpha_off, with c[t], the bounds olo[t], ohi[t] and a0 =
+ * alpha_0), the moments (L2 decay wd enters g), q = m / (sqrt(v) + shift[t]), then
  * theta <- theta*(1 + kd + db[t]*off) [decoupled] + (k + kb[t]*off)*q with k = ka[t]*f, kd = da[t]*f (f: the
  * unit's factor, see CAMHD_RUN_MOVE_MANY), and dir <- q + dd[t]*theta_old [decoupled] or q. vmax: NULL, or an
  * array (amsgrad). dir (the array, or dir[t]) NULL: nothing is stored, dir_old is rebuilt as
@@ -324,19 +318,19 @@ CAMHD_CLONES int SFX(camhd_hsum_many)(int64_t nt, const int64_t *sizes, const in
 CAMHD_CLONES int SFX(camhd_adam_many)(int64_t nt, const int64_t *sizes, const int64_t *row_lens, T *const *p,
                                       T *const *g, T *const *dir, T *const *off, T *const *m, T *const *v,
                                       T *const *vmax, const double *const *krow, const int32_t *do_alpha,
-                                      const double *c, const double *olo, const double *ohi, const double *ka,
-                                      const double *kb, int decoupled, const double *da, const double *db,
-                                      const double *dd, double wd, double w1, double b2, double w2,
-                                      const double *shift, const double *prev_shift, T *const *u_scale,
+                                      const double *c, const double *olo, const double *ohi, double a0,
+                                      const double *ka, const double *kb, int decoupled, const double *da,
+                                      const double *db, const double *dd, double wd, double w1, double b2,
+                                      double w2, const double *shift, const double *prev_shift, T *const *u_scale,
                                       const double *u_value) {
     int code = (decoupled != 0) << 3 | (vmax != 0) << 4 | (wd != 0.0) << 5;
     CAMHD_RUN_MOVE_MANY(SFX(adam_range)(p[t], g[t], dir ? dir[t] : 0, off ? off[t] : 0, m[t], v[t],
                                         vmax ? vmax[t] : 0, lo, hi,
                                         code | camhd_off_code(off ? off[t] : 0, do_alpha[t]) |
                                             (dir && dir[t] ? 0 : 1) << 6,
-                                        (T)c[t], (T)olo[t], (T)ohi[t], (T)(ka[t] * f), (T)kb[t], (T)(da[t] * f),
-                                        (T)db[t], (T)dd[t], (T)wd, (T)w1, (T)b2, (T)w2, (T)shift[t],
-                                        (T)prev_shift[t]))
+                                        (T)c[t], (T)olo[t], (T)ohi[t], (T)a0, (T)(ka[t] * f), (T)kb[t],
+                                        (T)(da[t] * f), (T)db[t], (T)dd[t], (T)wd, (T)w1, (T)b2, (T)w2,
+                                        (T)shift[t], (T)prev_shift[t]))
 }
 
 /* pass 2 for SGD (momentum: 0 plain, buf unused; 1 heavy ball; 2 Nesterov; first[t]: buf <- g, torch's first
@@ -346,8 +340,8 @@ CAMHD_CLONES int SFX(camhd_adam_many)(int64_t nt, const int64_t *sizes, const in
 CAMHD_CLONES int SFX(camhd_sgd_many)(int64_t nt, const int64_t *sizes, const int64_t *row_lens, T *const *p,
                                      T *const *g, T *const *dir, T *const *off, T *const *buf,
                                      const int32_t *first, const double *const *krow, const int32_t *do_alpha,
-                                     const double *c, const double *olo, const double *ohi, const double *ka,
-                                     const double *kb, double wd, int momentum, double mu,
+                                     const double *c, const double *olo, const double *ohi, double a0,
+                                     const double *ka, const double *kb, double wd, int momentum, double mu,
                                      double damp, T *const *u_scale, const double *u_value) {
     int MOM = momentum < 0 ? 0 : (momentum > 2 ? 2 : momentum);
     int code = (wd != 0.0) << 3 | MOM << 5;
@@ -356,100 +350,51 @@ CAMHD_CLONES int SFX(camhd_sgd_many)(int64_t nt, const int64_t *sizes, const int
                                        code | camhd_off_code(off ? off[t] : 0, do_alpha[t]) |
                                            (first && first[t]) << 4 |
                                            (dir && dir[t] ? 0 : (first && first[t]) || MOM != 1 ? 1 : 2) << 7,
-                                       (T)c[t], (T)olo[t], (T)ohi[t], (T)(ka[t] * f), (T)kb[t], (T)wd,
+                                       (T)c[t], (T)olo[t], (T)ohi[t], (T)a0, (T)(ka[t] * f), (T)kb[t], (T)wd,
                                        (T)mu, dm))
 }
 
-/* the pass-A code bits of a parameter level on tensor t (off[t] and sgn[t] given): PAR, which needs NORMS (the
- * normalized rule) */
-#define CAMHD_PAR_CODE(bit) (off && off[t] && sgn && sgn[t] ? 1 << (bit) | 1 : 0)
-
-/* Adam / AdamW pass A: out[4t + k] = sum g*dir_old (k = 0), sum off*g*dir_old (k = 1, with off[t]), sum g*g and
- * sum dir_old^2 (k = 2, 3, when norms or off[t]) of tensor t, then its moments and dir <- q = m / (sqrt(v) +
- * shift[t]); L2 decay wd enters g (p is read only for it); rows[t] (row_lens[t] > 0): the same sums per unit along
- * dim 0; *u_scale[t] <- u_value[t]. vmax: NULL, or an array (amsgrad). dir (the array, or dir[t]) NULL: nothing is
- * stored, dir_old is rebuilt as m / (sqrt(v) + prev_shift[t]) before the update. off, sgn (the arrays or their
- * entries NULL: none): a parameter level under the normalized rule, its offsets (read) and sgn[t][i] <-
- * sign(g*dir_old) (written, for pass B). Returns 0, or -1 when out of memory. */
+/* Adam / AdamW pass A (trees without a parameter level): out[4t + k] = sum g*dir_old (k = 0), sum g*g and
+ * sum dir_old^2 (k = 2, 3, when norms) of tensor t, then its moments and dir <- q = m / (sqrt(v) + shift[t]); L2
+ * decay wd enters g (p is read only for it); rows[t] (row_lens[t] > 0): the same sums per unit along dim 0;
+ * *u_scale[t] <- u_value[t]. vmax: NULL, or an array (amsgrad). dir (the array, or dir[t]) NULL: nothing is
+ * stored, dir_old is rebuilt as m / (sqrt(v) + prev_shift[t]) before the update. Returns 0, or -1 when out of
+ * memory. */
 CAMHD_CLONES int SFX(camhd_adam_a_many)(int64_t nt, const int64_t *sizes, const int64_t *row_lens, T *const *p,
                                         T *const *g, T *const *dir, T *const *m, T *const *v, T *const *vmax,
-                                        T *const *off, int8_t *const *sgn, double *const *rows, int norms,
-                                        double *out, double wd, double w1, double b2, double w2,
-                                        const double *shift, const double *prev_shift, T *const *u_scale,
-                                        const double *u_value) {
-    int code = (norms != 0) | (vmax != 0) << 1 | (wd != 0.0) << 2;
-    CAMHD_RUN_SUMS_MANY(SFX(adam_a_range)(p[t], g[t], dir ? dir[t] : 0, m[t], v[t], vmax ? vmax[t] : 0,
-                                          off ? off[t] : 0, sgn ? sgn[t] : 0, lo, hi,
-                                          code | (dir && dir[t] ? 0 : 1) << 3 | CAMHD_PAR_CODE(4), wd, w1, b2, w2,
-                                          (T)shift[t], (T)(prev_shift ? prev_shift[t] : 1.0), s))
+                                        double *const *rows, int norms, double *out, double wd, double w1, double b2,
+                                        double w2, const double *shift, const double *prev_shift,
+                                        T *const *u_scale, const double *u_value) {
+    int code = (norms != 0) | (vmax != 0) << 2 | (wd != 0.0) << 3;
+    CAMHD_RUN_SUMS_MANY(SFX(adam_a_range)(p[t], g[t], dir ? dir[t] : 0, m[t], v[t], vmax ? vmax[t] : 0, lo, hi,
+                                          code | (dir && dir[t] ? 0 : 1) << 4, 0, wd, w1, b2, w2, (T)shift[t],
+                                          (T)(prev_shift ? prev_shift[t] : 1.0), s))
 }
 
-/* SGD pass A (momentum: 0 plain, 1 heavy ball, 2 Nesterov; first[t]: buf <- g, torch's first step), sums, off and
- * sgn as camhd_adam_a_many. dir (the array, or dir[t]) NULL, heavy ball only: nothing is stored, dir_old is the
- * buffer before the update (0 on the first step). */
+/* SGD pass A (momentum: 0 plain, 1 heavy ball, 2 Nesterov; first[t]: buf <- g, torch's first step), sums as
+ * camhd_adam_a_many. dir (the array, or dir[t]) NULL, heavy ball only: nothing is stored, dir_old is the buffer
+ * before the update (0 on the first step). */
 CAMHD_CLONES int SFX(camhd_sgd_a_many)(int64_t nt, const int64_t *sizes, const int64_t *row_lens, T *const *p,
                                        T *const *g, T *const *dir, T *const *buf, const int32_t *first,
-                                       T *const *off, int8_t *const *sgn, double *const *rows, int norms,
-                                       double *out, double wd, int momentum, double mu, double damp,
-                                       T *const *u_scale, const double *u_value) {
+                                       double *const *rows, int norms, double *out, double wd, int momentum,
+                                       double mu, double damp, T *const *u_scale, const double *u_value) {
     int MOM = momentum < 0 ? 0 : (momentum > 2 ? 2 : momentum);
     int code = (norms != 0) | (wd != 0.0) << 1 | MOM << 3;
     T dm = (T)(1.0 - damp);
-    CAMHD_RUN_SUMS_MANY(SFX(sgd_a_range)(p[t], g[t], dir ? dir[t] : 0, buf ? buf[t] : 0, off ? off[t] : 0,
-                                         sgn ? sgn[t] : 0, lo, hi,
+    CAMHD_RUN_SUMS_MANY(SFX(sgd_a_range)(p[t], g[t], dir ? dir[t] : 0, buf ? buf[t] : 0, lo, hi,
                                          code | (first && first[t]) << 2 |
-                                             (dir && dir[t] ? 0 : (first && first[t]) || MOM != 1 ? 1 : 2) << 5 |
-                                             CAMHD_PAR_CODE(7),
+                                             (dir && dir[t] ? 0 : (first && first[t]) || MOM != 1 ? 1 : 2) << 5,
                                          wd, mu, dm, s))
 }
 
-/* pass B with a parameter level (normalized rule) over [lo, hi): the offsets updated from pass A's signs where UPD
- * (alpha (1 - c*sign(g*dir_old)), i.e. o <- o - c*sgn*(a0 + o), clamped to [olo, ohi]), then theta moved as
- * apply_range with the rates k + kb*o and kd + db*o, rounded as pass 2 rounds them. QUO: the direction is Adam's
- * quotient m / (sqrt(v) + sh), not stored. */
-INLINE void SFX(apply_off_loop)(T *restrict pp, T *restrict qq, const T *restrict mm, const T *restrict vv,
-                                T *restrict off, const int8_t *restrict sgn, T sh, int64_t lo, int64_t hi, T k,
-                                T kd, T kb, T db, T ddc, T c, T olo, T ohi, T a0, const int QUO, const int DEC,
-                                const int UPD) {
-    for (int64_t j = lo; j < hi; j++) {
-        T o = off[j];
-        if (UPD) {
-            o = o - c * (T)sgn[j] * (a0 + o);
-            o = o < olo ? olo : o;
-            o = o > ohi ? ohi : o;
-            off[j] = o;
-        }
-        T q = QUO ? mm[j] / (SQRT(vv[j]) + sh) : qq[j];
-        T kk = k + kb * o;
-        if (DEC) {
-            T th = pp[j];
-            pp[j] = th * ((kd + db * o) + (T)1) + kk * q;
-            qq[j] = q + ddc * th;
-        } else {
-            pp[j] = pp[j] + kk * q;
-        }
-    }
-}
-
-#define APPLY_OFF_CASE(QUO, DEC, UPD)                                                                  \
-    case (QUO | DEC << 1 | UPD << 2):                                                                \
-        SFX(apply_off_loop)(pp, qq, mm, vv, off, sgn, sh, lo, hi, k, kd, kb, db, ddc, c, olo, ohi, a0, QUO, DEC, UPD); \
-        break;
-
-/* pass B: theta <- theta * (1 + kd) + k * dir with k = ka[t]*f, kd = da[t]*f
+/* pass B (trees without a parameter level): theta <- theta * (1 + kd) + k * dir with k = ka[t]*f, kd = da[t]*f
  * (f: the unit's factor, see CAMHD_RUN_MOVE_MANY); with decoupled decay (dd[t] != 0) the stored direction becomes
  * dir + dd[t] * theta_old (AdamW: the rate scales q + (lambda / c) theta, applied multiplicatively, rounded as
  * torch's AdamW). dir (the array, or dir[t]) NULL: the direction is Adam's q = m[t] / (sqrt(v[t]) + shift[t]), not
  * stored (dd[t] must be 0). */
 INLINE void SFX(apply_range)(T *restrict pp, T *restrict qq, const T *restrict mm, const T *restrict vv, T sh,
-                             int64_t lo, int64_t hi, T k, T kd, int dec, T ddc, T *off, const int8_t *sgn,
-                             int upd, T kb, T db, T c, T olo, T ohi, T a0) {
-    if (off) {
-        switch ((qq ? 0 : 1) | (dec != 0) << 1 | (upd && sgn ? 1 : 0) << 2) {
-        APPLY_OFF_CASE(0, 0, 0) APPLY_OFF_CASE(1, 0, 0) APPLY_OFF_CASE(0, 1, 0)
-        APPLY_OFF_CASE(0, 0, 1) APPLY_OFF_CASE(1, 0, 1) APPLY_OFF_CASE(0, 1, 1)
-        }
-    } else if (!qq) {
+                             int64_t lo, int64_t hi, T k, T kd, int dec, T ddc) {
+    if (!qq) {
         for (int64_t j = lo; j < hi; j++) pp[j] = pp[j] + k * (mm[j] / (SQRT(vv[j]) + sh));
     } else if (dec) {
         for (int64_t j = lo; j < hi; j++) {
@@ -462,29 +407,18 @@ INLINE void SFX(apply_range)(T *restrict pp, T *restrict qq, const T *restrict m
     }
 }
 
-/* off (the array or off[t] NULL: none): the parameter level's offsets of tensor t, updated first where do_alpha[t]
- * (2: normalized, from sgn[t], the signs pass A wrote; c[t], bounds olo[t], ohi[t], a0 = alpha_0), then
- * theta <- theta * (1 + kd + db[t]*off) + (k + kb[t]*off) * dir. */
 CAMHD_CLONES int SFX(camhd_apply_many)(int64_t nt, const int64_t *sizes, const int64_t *row_lens, T *const *p,
                                        T *const *dir, T *const *m, T *const *v, const double *shift,
                                        const double *const *krow, const double *ka, const double *da,
-                                       const double *dd, T *const *off, int8_t *const *sgn,
-                                       const int32_t *do_alpha, const double *c, const double *olo,
-                                       const double *ohi, double a0, const double *kb, const double *db) {
+                                       const double *dd) {
     T *const *u_scale = 0;
     const double *u_value = 0;
     (void)u_value;
     CAMHD_RUN_MOVE_MANY(SFX(apply_range)(p[t], dir ? dir[t] : 0, m ? m[t] : 0, v ? v[t] : 0,
                                          (T)(shift ? shift[t] : 0.0), lo, hi, (T)(ka[t] * f), (T)(da[t] * f),
-                                         dd[t] != 0.0, (T)dd[t], off ? off[t] : 0, sgn ? sgn[t] : 0,
-                                         off && off[t] ? do_alpha[t] == 2 : 0, (T)(off ? kb[t] : 0.0),
-                                         (T)(off ? db[t] : 0.0), (T)(off ? c[t] : 0.0), (T)(off ? olo[t] : 0.0),
-                                         (T)(off ? ohi[t] : 0.0), (T)a0))
+                                         dd[t] != 0.0, (T)dd[t]))
 }
 
 #undef CAMHD_RUN_SUMS_MANY
+#undef CAMHD_OLD_DIR_FOR_ALPHA
 #undef CAMHD_RUN_MOVE_MANY
-#undef CAMHD_PAR_CODE
-#undef CAMHD_SIGN_PRODUCT
-#undef CAMHD_OLD_DIR_SIGN_OF
-#undef APPLY_OFF_CASE
