@@ -173,13 +173,8 @@ def hyper_update(sums: NodeSums, hyper: HyperState, step: StepTensors, index: Tr
     gamma_param = gamma[cfg.position("parameter")].clone() if "parameter" in levels else None
     for lv, alpha in hyper.coarse.items():                 # step 2
         _new_alpha(alpha, node[lv], hyper.stats.get(lv), index.beta[lv], gamma[cfg.position(lv)], cfg, ok)
-    if "unit" in levels:
-        g_unit = gamma[cfg.position("unit")]
-        for gi, u in sums.units.items():
-            alpha, start = step.unit_vectors[gi]
-            u = u[start:start + alpha.shape[0]].to(alpha.device)
-            stats = step.unit_stats[gi] if cfg.normalized else None
-            _new_alpha(alpha, u, stats, index.beta_unit[gi], g_unit, cfg, on_device(ok, alpha))
+    if "unit" in levels and sums.units:
+        _new_unit_alphas(sums, step, index, cfg, gamma[cfg.position("unit")], ok)
     if G is not None:                                      # step 3
         update_gamma(hyper, _normalized_gamma_gradient(G, hyper, cfg, ok) if cfg.normalized else G, ok, cfg)
     return HyperUpdate(ok, gamma_param, dict(finite=torch.as_tensor(ok), G=G, sums=node))
@@ -215,6 +210,28 @@ def _new_alpha(alpha: Tensor, sums: Tensor, stats: Tensor | None, beta, gamma_j:
         return
     put(stats, stats.lerp(sums.to(stats.dtype), 1.0 - cfg.hypergrad_smoothing), ok)
     put(alpha, (alpha * (1.0 - cfg.hypergrad_lr * cosine(stats))).clamp_(cfg.alpha_min, cfg.alpha_max), ok)
+
+
+def _new_unit_alphas(sums: NodeSums, step: StepTensors, index: TreeIndex, cfg: HyperConfig, gamma_unit: Tensor,
+                     ok) -> None:
+    """Step 2 for the unit level: the units of every unit group of the step at once (one :func:`_new_alpha` on
+    their concatenation, then each group's α — and smoothed sums — written back), not one group at a time."""
+    groups = list(sums.units)
+    alphas = [step.unit_vectors[gi][0] for gi in groups]
+    rows = []
+    for gi, alpha in zip(groups, alphas):
+        u, start = sums.units[gi], step.unit_vectors[gi][1]
+        rows.append(u if start == 0 and u.shape[0] == alpha.shape[0] else u[start:start + alpha.shape[0]])
+    counts = [a.shape[0] for a in alphas]
+    alpha = torch.cat(alphas)
+    stats = [step.unit_stats[gi] for gi in groups] if cfg.normalized else None
+    joined = torch.cat(stats) if stats is not None else None
+    beta = index.unit_betas(groups, counts, alpha) if not cfg.normalized else None
+    _new_alpha(alpha, torch.cat(rows).to(alpha.device), joined, beta, gamma_unit, cfg, on_device(ok, alpha))
+    if ok is not False:
+        torch._foreach_copy_(alphas, list(alpha.split(counts)))
+        if stats is not None:
+            torch._foreach_copy_(stats, list(joined.split(counts)))
 
 
 def cosine(stats: Tensor) -> Tensor:
@@ -588,16 +605,18 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
                                        pick(step.dirs), pick(counts), cfg.normalized, pick(step.dir_scales), -s * tau))
     diag: dict = {}
     if adapts_now(cfg, t):                                                                           # 2–3
-        rows = [r for a in passes for r in a.rows] if counts[0] is not None else None
-        part = _fused_partial_sums(step, torch.cat([a.sums for a in passes]), rows, old_scales, _home(hyper), cfg)
+        rows = _joined([a.rows for a in passes]) if counts[0] is not None else None
+        part = _fused_partial_sums(step, _joined([a.sums for a in passes]), rows, old_scales, _home(hyper), cfg,
+                                   index)
         diag = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t).diag
     rates = combined_rates(step, hyper, index, cfg, t)                                              # 4
     w = rates.w.tolist()
+    unit_k = _fused_unit_factors(step, rates, index, cfg.lr) if counts[0] is not None else None
     for (group, members, s), a in zip(step.groups, passes):                                        # 6
         k_rows, ka, da, dd = [], [], [], []
         for m, c in zip(members, a.scale if a.scale is not None else [1.0] * len(members)):
             if counts[m] is not None:  # the unit's rate multiplies ka and da row by row
-                k_rows.append((-s * _unit_rate(step, rates, m, w[m], cfg.lr)).reshape(-1).to(torch.float64))
+                k_rows.append(unit_k[m])
                 k = 1.0
             else:
                 k_rows.append(None)
@@ -609,21 +628,41 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
     return diag
 
 
+def _fused_unit_factors(step: StepTensors, rates: Rates, index: TreeIndex, a0: float) -> list[Tensor]:
+    """Per tensor (units along dim 0, whole: the fused path is never sharded), each unit's
+    ``−s_i (w_i + τ γ_unit (α_unit − α₀))`` in float64, as the kernels take it — for all tensors in a handful of ops
+    (:func:`_unit_rate`'s arithmetic on the rows of every tensor at once)."""
+    plan = index.unit_plan(step.unit_groups, [hi - lo for lo, hi in step.unit_ranges], rates.w.device)
+    alpha = _joined([step.unit_vectors[gi][0] for gi in plan.groups])
+    k = torch.addcmul(rates.w[plan.row_tensor], alpha[plan.row_unit] - a0, _to(rates.unit_coef, alpha))
+    neg_s = torch.tensor([-x for x in step.lr_scales], dtype=k.dtype, device=k.device)
+    return list((k * neg_s[plan.row_tensor]).to(torch.float64).split(plan.counts))
+
+
 def _unit_counts(step: StepTensors) -> list[int | None]:
     return [hi - lo for lo, hi in step.unit_ranges] if step.unit_groups is not None else [None] * len(step.params)
 
 
-def _fused_partial_sums(step: StepTensors, totals: Tensor, rows: list | None, scales: Tensor, home: Tensor,
-                        cfg: HyperConfig, with_offsets: bool = False) -> PartialSums:
-    """Step 1's :class:`PartialSums` from the kernels' ``[Σ g·dir, Σ off·g·dir, Σ g², Σ dir²]`` (per tensor, and per
-    unit): u = c · dir, so Σ g·u = c Σ g·dir and (normalized rule) Σ u² = c² Σ dir²."""
+def _joined(parts: list[Tensor]) -> Tensor:
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _fused_partial_sums(step: StepTensors, totals: Tensor, rows: Tensor | None, scales: Tensor, home: Tensor,
+                        cfg: HyperConfig, index: TreeIndex, with_offsets: bool = False) -> PartialSums:
+    """Step 1's :class:`PartialSums` from the kernels' ``[Σ g·dir, Σ off·g·dir, Σ g², Σ dir²]`` per tensor, and per
+    unit (``rows``: every tensor's units end to end): u = c · dir, so Σ g·u = c Σ g·dir and (normalized rule)
+    Σ u² = c² Σ dir². The unit rows of all tensors are scaled, weighted by α_unit and added into their unit groups
+    at once (the fused path is never sharded: every tensor is whole)."""
     factors = torch.stack([scales, torch.ones_like(scales), scales * scales], 1)[:, :cfg.channels]
     picked = [0, 2, 3][:cfg.channels]
     part = PartialSums(_to(totals[:, picked] * factors, home))
     if rows is not None:
-        part.unit_rows = [_to(r[:, picked] * f, home) for r, f in zip(rows, factors)]
-        part.gamma_unit = torch.stack([(_to(unit_alpha_view(step, i), home) * r[:, 0]).sum()
-                                       for i, r in enumerate(part.unit_rows)])
+        plan = index.unit_plan(step.unit_groups, [hi - lo for lo, hi in step.unit_ranges], rows.device)
+        scaled = _to(rows[:, picked] * factors[plan.row_tensor], home)
+        alpha = _joined([step.unit_vectors[gi][0] for gi in plan.groups])
+        part.gamma_unit = (_to(alpha, home)[plan.row_unit] * scaled[:, 0]).sum()
+        units = scaled.new_zeros(sum(plan.sizes), scaled.shape[1]).index_add_(0, plan.row_unit, scaled)
+        part.units = dict(zip(plan.groups, units.split(plan.sizes)))
     if with_offsets:
         part.gamma_param = _to(totals[:, 1] * scales, home)
     return part
@@ -646,7 +685,7 @@ def _fused_cpu_with_parameter_level(step: StepTensors, hyper: HyperState, index:
         raw = _fused.partial_sums(step.grads, sources, step.offsets if want_off else None, counts,     # 1
                                   norms=cfg.normalized)
         scales = torch.stack(step.dir_scales).to(torch.float64)
-        part = _fused_partial_sums(step, raw.totals, raw.unit_rows, scales, _home(hyper), cfg, want_off)
+        part = _fused_partial_sums(step, raw.totals, raw.unit_rows, scales, _home(hyper), cfg, index, want_off)
         upd = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t)   # 2–3
         if bool(upd.ok):  # 2' runs inside pass 2 (it reads d_{t-1} there)
             if cfg.normalized:  # α (1 − β sign(c · g ⊙ dir))
@@ -659,10 +698,11 @@ def _fused_cpu_with_parameter_level(step: StepTensors, hyper: HyperState, index:
     rates = combined_rates(step, hyper, index, cfg, t)                                              # 4
     w = rates.w.tolist()
     fine = float(rates.fine_coef)
+    unit_k = _fused_unit_factors(step, rates, index, cfg.lr) if step.unit_groups is not None else None
     for group, members, s in step.groups:                                                           # 5–6
         pick = lambda xs: [xs[m] for m in members]  # noqa: E731
-        if step.unit_groups is not None:  # per-unit K (units along dim 0): the kernels scale these factors
-            k_rows = [(-s * _unit_rate(step, rates, m, w[m], cfg.lr)).reshape(-1).to(torch.float64) for m in members]
+        if unit_k is not None:  # per-unit K (units along dim 0): the kernels scale these factors
+            k_rows = pick(unit_k)
             k_base = [1.0] * len(members)
         else:
             k_rows, k_base = [None] * len(members), [-s * w[m] for m in members]

@@ -226,7 +226,7 @@ class RawSums:
     """Pass 1's output, before the per-tensor factor of ``u = scale · dir`` is applied."""
 
     totals: Tensor                          # (T, 4) float64: Σ g⊙dir, Σ α_offset⊙g⊙dir, Σ g², Σ dir² per tensor
-    unit_rows: list[Tensor] | None = None   # (units, 4) per tensor (units along dim 0)
+    unit_rows: Tensor | None = None   # (rows, 4): every tensor's units (along dim 0) end to end, in order
 
 
 DirSource = tuple  # (dir, m, v, shift): see partial_sums
@@ -244,10 +244,6 @@ def _array(ctype, values) -> array:
     """``values`` as a C array of ``ctype`` (an :class:`array.array`: built about 10× faster than a ctypes array;
     :func:`_run_many` passes its address and keeps it alive for the call)."""
     return array(_TYPECODES[ctype], values or [0])
-
-
-def _pointers(tensors) -> array:
-    return _array(ctypes.c_void_p, [0 if t is None else t.data_ptr() for t in tensors])
 
 
 class _PerTensor:
@@ -283,15 +279,21 @@ def _row_len(p: Tensor, count: int) -> int:
 
 
 def _run_many(kind: str, tensors: list[Tensor], args: list,
-              row_counts: list[int | None] | None = None) -> tuple[Tensor | None, list[Tensor | None]]:
+              row_counts: list[int | None] | None = None) -> tuple[Tensor | None, Tensor | None]:
     """Call ``camhd_<kind>_many`` once per dtype of ``tensors`` with ``(nt, sizes, row_lens, *args)``.
     ``args``: :class:`_PerTensor` lists, plain values, and the markers ``_ROWS`` / ``_OUT`` (per-unit and
-    per-tensor sum buffers, returned: a ``(T, 4)`` float64 tensor, and ``(units, 4)`` per tensor where
-    ``row_counts[i]`` is given, else ``None``). ``row_counts[i]``: tensor i's rows along dim 0 (units, or the rows
-    of a per-unit rate), or ``None``."""
+    per-tensor sum buffers, returned: a ``(T, 4)`` float64 tensor, and a ``(rows, 4)`` one holding the rows of
+    every tensor with ``row_counts[i]`` end to end, in order; else ``None``). ``row_counts[i]``: tensor i's rows
+    along dim 0 (units, or the rows of a per-unit rate), or ``None``."""
     by_dtype = _by_dtype(tensors)
     totals = torch.zeros(len(tensors), 4, dtype=torch.float64) if _OUT in args else None
-    rows: list = [None] * len(tensors)
+    rows = row_at = None
+    if _ROWS in args and row_counts is not None and any(c is not None for c in row_counts):
+        row_at, n = [], 0
+        for c in row_counts:  # where each tensor's rows start, in bytes from the buffer's start
+            row_at.append(None if c is None else 32 * n)
+            n += c or 0
+        rows = torch.zeros(n, 4, dtype=torch.float64)
     for idx in by_dtype:
         ts = [tensors[i] for i in idx] if len(by_dtype) > 1 else tensors
         counts = [None] * len(idx) if row_counts is None else [row_counts[i] for i in idx]
@@ -305,10 +307,9 @@ def _run_many(kind: str, tensors: list[Tensor], args: list,
             elif a is _OUT:
                 call.append(out.data_ptr())
             elif a is _ROWS:
-                bufs = [None if c is None else torch.zeros(4, c, dtype=torch.float64) for c in counts]
-                call.append(None if row_lens is None else _pointers(bufs))
-                for i, b in zip(idx, bufs):
-                    rows[i] = None if b is None else b.T
+                base = rows.data_ptr() if rows is not None else 0
+                call.append(None if row_lens is None else _array(
+                    ctypes.c_void_p, [0 if row_at[i] is None else base + row_at[i] for i in idx]))
             else:
                 call.append(a)
         fn = getattr(load(), f"camhd_{kind}_many_{_SUFFIX[ts[0].dtype]}")
@@ -338,7 +339,8 @@ def partial_sums(grads: list[Tensor], sources: list[DirSource], offsets: list[Te
                  unit_counts: list[int] | None = None, norms: bool = False) -> RawSums:
     """Pass 1: per tensor ``Σ g ⊙ dir``, ``Σ off ⊙ g ⊙ dir`` (0 without ``offsets``) and, with ``norms``, ``Σ g²``
     and ``Σ dir²`` (else 0), as a ``(T, 4)`` float64 tensor and, with ``unit_counts`` (units along dim 0), the same
-    per unit. Sums accumulate in float64 in an order fixed by the shapes alone.
+    per unit (a ``(units, 4)`` tensor: every tensor's units end to end). Sums accumulate in float64 in an order fixed
+    by the shapes alone.
 
     ``sources[i] = (dir, m, v, shift)`` says where tensor i's previous direction is: ``dir`` (a kept direction,
     or an SGD momentum buffer), else Adam's ``m / (sqrt(v) + shift)``, else (all ``None``) nowhere: 0."""
@@ -401,8 +403,8 @@ def adam_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | No
                norms: bool, wd: float, beta1: float, beta2: float, shifts: list[float], prev_shifts: list[float],
                u_scales: list[Tensor], u_values: list[float]) -> tuple[Tensor, list[Tensor | None]]:
     """Pass A for Adam / AdamW on a list of tensors: returns the sums ``[Σ g·dir_old, 0, Σ g², Σ dir_old²]`` of
-    every tensor as a ``(T, 4)`` float64 tensor (the norms with ``norms``) and per unit, ``(units, 4)``, where
-    ``unit_counts[i]`` is given), then updates the moments (L2 decay ``wd`` enters the gradient) and writes
+    every tensor as a ``(T, 4)`` float64 tensor (the norms with ``norms``) and per unit (``(units, 4)``: the units of
+    every tensor with ``unit_counts[i]`` end to end), then updates the moments (L2 decay ``wd`` enters the gradient) and writes
     ``dir ← q = m / (sqrt(v) + shift)``; ``u_scales[i] ← u_values[i]``. ``dirs[i] = None``: the direction is not
     kept; ``dir_old`` is rebuilt as ``m / (sqrt(v) + prev_shift)`` from the moments before the update."""
     n = len(params)

@@ -125,6 +125,19 @@ class HyperState:
 
 
 @dataclass
+class UnitPlan:
+    """The unit rows of a step's tensors (units along dim 0, every tensor whole) laid end to end, in step order:
+    ``row_tensor[r]`` is the tensor row r belongs to and ``row_unit[r]`` its unit's position in the unit groups' α
+    vectors concatenated in ``groups`` order; ``counts[i]``: tensor i's rows."""
+
+    groups: list[int]
+    counts: list[int]
+    row_unit: Tensor
+    row_tensor: Tensor
+    sizes: list[int]                    # units of each group in ``groups``
+
+
+@dataclass
 class TreeIndex:
     """Static per-tree tensors on one device: node indices of each entry and per-node β factors.
 
@@ -141,6 +154,38 @@ class TreeIndex:
     unit_count: list[int]               # unit group -> number of units
     unit_dims: list[int]                # entry -> dimension of its units
     _gather_cache: dict = field(default_factory=dict)
+
+    def unit_betas(self, groups: list[int], counts: list[int], like: Tensor) -> Tensor:
+        """β of every unit of ``groups`` (unit groups, ``counts[k]`` units held of group ``groups[k]``), concatenated,
+        on ``like``'s device and in its dtype (cached per set of groups)."""
+        key = ("unit_betas", tuple(groups), tuple(counts), like.device, like.dtype)
+        hit = self._gather_cache.get(key)
+        if hit is None:
+            if len(self._gather_cache) > 64:
+                self._gather_cache.clear()
+            betas = torch.tensor([self.beta_unit[gi] for gi in groups], dtype=like.dtype, device=like.device)
+            hit = betas.repeat_interleave(torch.tensor(counts, device=like.device), output_size=sum(counts))
+            self._gather_cache[key] = hit
+        return hit
+
+    def unit_plan(self, unit_groups: list[int], counts: list[int], device: torch.device) -> UnitPlan:
+        """Where the units of a step's tensors sit (:class:`UnitPlan`; cached per set of tensors)."""
+        key = ("unit_plan", tuple(unit_groups), tuple(counts), device)
+        hit = self._gather_cache.get(key)
+        if hit is None:
+            if len(self._gather_cache) > 64:
+                self._gather_cache.clear()
+            groups = list(dict.fromkeys(unit_groups))
+            offset, start = {}, 0
+            for gi in groups:
+                offset[gi], start = start, start + self.unit_count[gi]
+            row_unit = [offset[gi] + r for gi, c in zip(unit_groups, counts) for r in range(c)]
+            row_tensor = [i for i, c in enumerate(counts) for _ in range(c)]
+            hit = UnitPlan(groups, counts, torch.tensor(row_unit, dtype=torch.long, device=device),
+                           torch.tensor(row_tensor, dtype=torch.long, device=device),
+                           [self.unit_count[gi] for gi in groups])
+            self._gather_cache[key] = hit
+        return hit
 
     def nodes_of(self, index: list[int]) -> tuple[Tensor | None, Tensor | None]:
         """Block and layer node of each tensor of a step (cached per set of tensors)."""
@@ -238,6 +283,7 @@ class PartialSums:
 
     tensor: Tensor                      # Σ h (and the norms)
     unit_rows: list[Tensor] | None = None    # (units held locally, C), per tensor
+    units: dict[int, Tensor] | None = None   # or, on an unsharded step, already added up: unit group -> (units, C)
     gamma_unit: Tensor | None = None    # Σ_units α_unit · Σ h (∂f/∂γ_unit's part from each tensor)
     gamma_param: Tensor | None = None   # Σ (α_param − α₀) ⊙ h
 

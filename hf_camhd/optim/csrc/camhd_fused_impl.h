@@ -229,7 +229,7 @@ INLINE void SFX(sgd_a_range)(const T *p, const T *g, T *dir, T *buf, int64_t lo,
  * ------------------------------------------------------------------------------------------------------ */
 
 /* the sums of the passes that take them (pass 1, pass A), chunk by chunk: each chunk's sums go to its own slot
- * (per-row sums straight into rows[t][ch * nrows + r]) and are added per tensor in chunk order afterwards: the
+ * (per-row sums straight into rows[t], row-major (nrows, 4)) and are added per tensor in chunk order afterwards: the
  * results depend on the shapes alone, not on the number of threads or their timing. Then *u_scale[t] <-
  * u_value[t] (u_scale NULL: nothing). CALL sees t, lo, hi and s (double[4]). */
 #define CAMHD_RUN_SUMS_MANY(CALL)                                                                        \
@@ -247,13 +247,12 @@ INLINE void SFX(sgd_a_range)(const T *p, const T *g, T *dir, T *buf, int64_t lo,
             double *s = acc;                                                                             \
             CALL;                                                                                        \
         } else {                                                                                         \
-            int64_t nrows = sizes[t] / rl;                                                               \
             for (int64_t r = ch[ci].lo / rl; r < ch[ci].hi / rl; r++) {                                  \
                 double s[4] = {0.0, 0.0, 0.0, 0.0};                                                      \
                 int64_t lo = r * rl, hi = (r + 1) * rl;                                                  \
                 CALL;                                                                                    \
                 for (int k = 0; k < 4; k++) {                                                            \
-                    rows[t][k * nrows + r] = s[k];                                                       \
+                    rows[t][r * 4 + k] = s[k];                                                           \
                     acc[k] += s[k];                                                                      \
                 }                                                                                        \
             }                                                                                            \
@@ -294,7 +293,7 @@ INLINE void SFX(sgd_a_range)(const T *p, const T *g, T *dir, T *buf, int64_t lo,
     return 0;
 
 /* pass 1 (trees with a parameter level): out[4t + k] = sum g*dir_old, sum off*g*dir_old (off NULL or off[t] NULL:
- * 0), and when norms sum g*g, sum dir_old^2 (else 0), of tensor t; rows[t] (row_lens[t] > 0): the same per unit
+ * 0), and when norms sum g*g, sum dir_old^2 (else 0), of tensor t; rows[t] (row_lens[t] > 0): the same per unit, row-major
  * along dim 0. dir_old: dir[t], else (dir or dir[t] NULL) Adam's m[t] / (sqrt(v[t]) + sp[t]) where m is given,
  * else 0. Returns 0, or -1 when out of memory. */
 CAMHD_CLONES int SFX(camhd_hsum_many)(int64_t nt, const int64_t *sizes, const int64_t *row_lens, T *const *g,
@@ -356,7 +355,7 @@ CAMHD_CLONES int SFX(camhd_sgd_many)(int64_t nt, const int64_t *sizes, const int
 
 /* Adam / AdamW pass A (trees without a parameter level): out[4t + k] = sum g*dir_old (k = 0), sum g*g and
  * sum dir_old^2 (k = 2, 3, when norms) of tensor t, then its moments and dir <- q = m / (sqrt(v) + shift[t]); L2
- * decay wd enters g (p is read only for it); rows[t] (row_lens[t] > 0): the same sums per unit along dim 0;
+ * decay wd enters g (p is read only for it); rows[t] (row_lens[t] > 0): the same sums per unit along dim 0 (row-major, 4 per unit);
  * *u_scale[t] <- u_value[t]. vmax: NULL, or an array (amsgrad). dir (the array, or dir[t]) NULL: nothing is
  * stored, dir_old is rebuilt as m / (sqrt(v) + prev_shift[t]) before the update. Returns 0, or -1 when out of
  * memory. */
