@@ -129,7 +129,8 @@ def test_fused_multithreaded_matches_reference_and_is_deterministic(cls, kw):
         torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("levels", [("global", "layer"), NO_UNIT], ids=["passes-A-B", "passes-1-2"])
+@pytest.mark.parametrize("levels", [("global", "layer"), ("global", "layer", "unit"), NO_UNIT],
+                         ids=["passes-A-B", "passes-A-B-unit", "passes-1-2"])
 @pytest.mark.parametrize("cls,kw", [(CAMHDAdam, dict(lr=1e-3)), (CAMHDSGD, dict(lr=0.05, momentum=0.9))],
                          ids=["adam", "sgd"])
 def test_fused_results_do_not_depend_on_the_thread_count(cls, kw, levels):
@@ -151,11 +152,11 @@ def test_fused_results_do_not_depend_on_the_thread_count(cls, kw, levels):
             assert opt._last_path == "fused_cpu"
             sums = opt._last_hyper["sums"]  # this step's node sums: a different order of addition shows here first
             runs.append([p.detach().clone() for p in m.parameters()] + [sums["global"], sums["layer"], opt.gamma,
-                                                                       opt.alpha("layer")])
+                                                                       opt.alpha(levels[-1]), opt.alpha("layer")])
     finally:
         torch.set_num_threads(n)
     assert not torch.equal(runs[0][-1], torch.full_like(runs[0][-1], kw["lr"]))  # the rates were learned
-    assert runs[0][-4].abs().sum() > 0
+    assert runs[0][-5].abs().sum() > 0
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
