@@ -630,9 +630,9 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
 
 def _fused_unit_factors(step: StepTensors, rates: Rates, index: TreeIndex, a0: float) -> list[Tensor]:
     """Per tensor (units along dim 0, whole: the fused path is never sharded), each unit's
-    ``−s_i (w_i + τ γ_unit (α_unit − α₀))`` in float64, as the kernels take it — for all tensors in a handful of ops
-    (:func:`_unit_rate`'s arithmetic on the rows of every tensor at once)."""
-    plan = index.unit_plan(step.unit_groups, [hi - lo for lo, hi in step.unit_ranges], rates.w.device)
+    ``−s_i (w_i + τ γ_unit (α_unit − α₀))`` in float64, as the kernels take it — for all tensors in a handful of
+    ops (:func:`_unit_rate`'s arithmetic on the rows of every tensor at once)."""
+    plan = index.unit_plan(step.unit_groups, _unit_counts(step), rates.w.device)
     alpha = _joined([step.unit_vectors[gi][0] for gi in plan.groups])
     k = torch.addcmul(rates.w[plan.row_tensor], alpha[plan.row_unit] - a0, _to(rates.unit_coef, alpha))
     neg_s = torch.tensor([-x for x in step.lr_scales], dtype=k.dtype, device=k.device)
@@ -649,15 +649,15 @@ def _joined(parts: list[Tensor]) -> Tensor:
 
 def _fused_partial_sums(step: StepTensors, totals: Tensor, rows: Tensor | None, scales: Tensor, home: Tensor,
                         cfg: HyperConfig, index: TreeIndex, with_offsets: bool = False) -> PartialSums:
-    """Step 1's :class:`PartialSums` from the kernels' ``[Σ g·dir, Σ off·g·dir, Σ g², Σ dir²]`` per tensor, and per
-    unit (``rows``: every tensor's units end to end): u = c · dir, so Σ g·u = c Σ g·dir and (normalized rule)
+    """Step 1's :class:`PartialSums` from the kernels' ``[Σ g·dir, Σ off·g·dir, Σ g², Σ dir²]`` per tensor, and
+    per unit (``rows``: every tensor's units end to end): u = c · dir, so Σ g·u = c Σ g·dir and (normalized rule)
     Σ u² = c² Σ dir². The unit rows of all tensors are scaled, weighted by α_unit and added into their unit groups
     at once (the fused path is never sharded: every tensor is whole)."""
     factors = torch.stack([scales, torch.ones_like(scales), scales * scales], 1)[:, :cfg.channels]
     picked = [0, 2, 3][:cfg.channels]
     part = PartialSums(_to(totals[:, picked] * factors, home))
     if rows is not None:
-        plan = index.unit_plan(step.unit_groups, [hi - lo for lo, hi in step.unit_ranges], rows.device)
+        plan = index.unit_plan(step.unit_groups, _unit_counts(step), rows.device)
         scaled = _to(rows[:, picked] * factors[plan.row_tensor], home)
         alpha = _joined([step.unit_vectors[gi][0] for gi in plan.groups])
         part.gamma_unit = (_to(alpha, home)[plan.row_unit] * scaled[:, 0]).sum()

@@ -225,8 +225,8 @@ def ineligible_reason(tensors: list[tuple[str, Tensor | None]]) -> str | None:
 class RawSums:
     """Pass 1's output, before the per-tensor factor of ``u = scale · dir`` is applied."""
 
-    totals: Tensor                          # (T, 4) float64: Σ g⊙dir, Σ α_offset⊙g⊙dir, Σ g², Σ dir² per tensor
-    unit_rows: Tensor | None = None   # (rows, 4): every tensor's units (along dim 0) end to end, in order
+    totals: Tensor                      # (T, 4) float64: Σ g⊙dir, Σ α_offset⊙g⊙dir, Σ g², Σ dir² per tensor
+    unit_rows: Tensor | None = None     # (rows, 4): every tensor's units (along dim 0) end to end, in order
 
 
 DirSource = tuple  # (dir, m, v, shift): see partial_sums
@@ -401,12 +401,12 @@ def sgd(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | None], of
 def adam_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | None], exp_avgs: list[Tensor],
                exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None, unit_counts: list[int | None],
                norms: bool, wd: float, beta1: float, beta2: float, shifts: list[float], prev_shifts: list[float],
-               u_scales: list[Tensor], u_values: list[float]) -> tuple[Tensor, list[Tensor | None]]:
+               u_scales: list[Tensor], u_values: list[float]) -> tuple[Tensor, Tensor | None]:
     """Pass A for Adam / AdamW on a list of tensors: returns the sums ``[Σ g·dir_old, 0, Σ g², Σ dir_old²]`` of
     every tensor as a ``(T, 4)`` float64 tensor (the norms with ``norms``) and per unit (``(units, 4)``: the units of
-    every tensor with ``unit_counts[i]`` end to end), then updates the moments (L2 decay ``wd`` enters the gradient) and writes
-    ``dir ← q = m / (sqrt(v) + shift)``; ``u_scales[i] ← u_values[i]``. ``dirs[i] = None``: the direction is not
-    kept; ``dir_old`` is rebuilt as ``m / (sqrt(v) + prev_shift)`` from the moments before the update."""
+    every tensor with ``unit_counts[i]`` end to end), then updates the moments (L2 decay ``wd`` enters the gradient)
+    and writes ``dir ← q = m / (sqrt(v) + shift)``; ``u_scales[i] ← u_values[i]``. ``dirs[i] = None``: the direction
+    is not kept; ``dir_old`` is rebuilt as ``m / (sqrt(v) + prev_shift)`` from the moments before the update."""
     n = len(params)
     return _run_many("adam_a", params, [
         _PerTensor(params), _PerTensor(grads), _PerTensor(dirs), _PerTensor(exp_avgs), _PerTensor(exp_avg_sqs),
@@ -419,7 +419,7 @@ def adam_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | No
 def sgd_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor], bufs: list[Tensor | None],
               first: list[bool], unit_counts: list[int | None], norms: bool, wd: float, momentum: int, mu: float,
               dampening: float, u_scales: list[Tensor],
-              u_values: list[float]) -> tuple[Tensor, list[Tensor | None]]:
+              u_values: list[float]) -> tuple[Tensor, Tensor | None]:
     """Pass A for SGD on a list of tensors (``momentum``: 0 plain, 1 heavy ball, 2 Nesterov; ``first[i]``: the
     buffer starts as the gradient, as torch's): the sums as :func:`adam_first`, then the buffers and ``dir ← d``.
     ``dirs[i] = None`` (heavy ball only): the direction is the buffer, not kept (``dir_old`` = the buffer before

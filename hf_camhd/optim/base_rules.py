@@ -47,11 +47,12 @@ class PassA:
     """What a rule's fused pass A (:meth:`BaseRule.fused_first`) returns for the hyper-update and for pass B.
 
     ``sums``: ``[Σ g·dir_old, 0, Σ g², Σ dir_old²]`` per tensor, a ``(T, 4)`` float64 tensor; ``rows``: the same per
-    unit, a ``(units, 4)`` tensor with every tensor's units end to end (``None`` without a unit level). ``scale``: the per-tensor factor of :class:`Directions` that pass B
-    multiplies the rate by (``None``: 1). ``dirs`` / ``quotients``: the directions pass B applies, as
-    :func:`hf_camhd.optim._fused.apply_many` takes them (``quotients = (ms, vs, shifts)`` where ``dirs[i]`` is
-    ``None``: Adam's ``m / (sqrt(v) + shift)``, not kept). ``decay``: decoupled weight decay λ — pass B moves
-    ``θ ← θ (1 + λK) + K · scale · dir`` and the stored direction gains ``(λ / scale) θ_old``.
+    unit, a ``(units, 4)`` tensor with every tensor's units end to end (``None`` without a unit level). ``scale``: the
+    per-tensor factor of :class:`Directions` that pass B multiplies the rate by (``None``: 1). ``dirs`` /
+    ``quotients``: the directions pass B applies, as :func:`hf_camhd.optim._fused.apply_many` takes them
+    (``quotients = (ms, vs, shifts)`` where ``dirs[i]`` is ``None``: Adam's ``m / (sqrt(v) + shift)``, not kept).
+    ``decay``: decoupled weight decay λ — pass B moves ``θ ← θ (1 + λK) + K · scale · dir`` and the stored direction
+    gains ``(λ / scale) θ_old``.
     """
 
     sums: Tensor

@@ -293,9 +293,9 @@ INLINE void SFX(sgd_a_range)(const T *p, const T *g, T *dir, T *buf, int64_t lo,
     return 0;
 
 /* pass 1 (trees with a parameter level): out[4t + k] = sum g*dir_old, sum off*g*dir_old (off NULL or off[t] NULL:
- * 0), and when norms sum g*g, sum dir_old^2 (else 0), of tensor t; rows[t] (row_lens[t] > 0): the same per unit, row-major
- * along dim 0. dir_old: dir[t], else (dir or dir[t] NULL) Adam's m[t] / (sqrt(v[t]) + sp[t]) where m is given,
- * else 0. Returns 0, or -1 when out of memory. */
+ * 0), and when norms sum g*g, sum dir_old^2 (else 0), of tensor t; rows[t] (row_lens[t] > 0): the same per unit along
+ * dim 0 (row-major, 4 per unit). dir_old: dir[t], else (dir or dir[t] NULL) Adam's m[t] / (sqrt(v[t]) + sp[t]) where
+ * m is given, else 0. Returns 0, or -1 when out of memory. */
 CAMHD_CLONES int SFX(camhd_hsum_many)(int64_t nt, const int64_t *sizes, const int64_t *row_lens, T *const *g,
                                       T *const *dir, T *const *off, T *const *m, T *const *v, const double *sp,
                                       double *const *rows, int norms, double *out) {
@@ -355,10 +355,10 @@ CAMHD_CLONES int SFX(camhd_sgd_many)(int64_t nt, const int64_t *sizes, const int
 
 /* Adam / AdamW pass A (trees without a parameter level): out[4t + k] = sum g*dir_old (k = 0), sum g*g and
  * sum dir_old^2 (k = 2, 3, when norms) of tensor t, then its moments and dir <- q = m / (sqrt(v) + shift[t]); L2
- * decay wd enters g (p is read only for it); rows[t] (row_lens[t] > 0): the same sums per unit along dim 0 (row-major, 4 per unit);
- * *u_scale[t] <- u_value[t]. vmax: NULL, or an array (amsgrad). dir (the array, or dir[t]) NULL: nothing is
- * stored, dir_old is rebuilt as m / (sqrt(v) + prev_shift[t]) before the update. Returns 0, or -1 when out of
- * memory. */
+ * decay wd enters g (p is read only for it); rows[t] (row_lens[t] > 0): the same sums per unit along dim 0
+ * (row-major, 4 per unit); *u_scale[t] <- u_value[t]. vmax: NULL, or an array (amsgrad). dir (the array, or dir[t])
+ * NULL: nothing is stored, dir_old is rebuilt as m / (sqrt(v) + prev_shift[t]) before the update. Returns 0, or -1
+ * when out of memory. */
 CAMHD_CLONES int SFX(camhd_adam_a_many)(int64_t nt, const int64_t *sizes, const int64_t *row_lens, T *const *p,
                                         T *const *g, T *const *dir, T *const *m, T *const *v, T *const *vmax,
                                         double *const *rows, int norms, double *out, double wd, double w1, double b2,
