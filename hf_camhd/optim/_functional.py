@@ -4,9 +4,9 @@
 
     1.   h = g_t ⊙ u_{t-1}: sums per tensor and per unit (+ ∂f/∂γ partials)     each implementation
          ... over whole nodes (one all_reduce when sharded)                       sharding.reduce
-    2–3. α of the global / block / layer / unit levels, then γ                     hyper_update (shared)
+    2–3. α of the global / block / layer / unit levels, then γ                     hyper_update (shared)*
     2'.  α of the parameter level, element-wise                                    each implementation
-    4.   the combined rate K = −s κ of every tensor (per unit where needed)        combined_rates (shared)
+    4.   the combined rate K = −s κ of every tensor (per unit where needed)        combined_rates (shared)*
     5–6. the base direction d_t, θ ← θ + K ⊙ d_t, u_t = −s τ d_t stored            each implementation
 
 The implementations share inputs and outputs (like ``torch.optim.adam``'s ``_single_tensor_adam`` /
@@ -17,8 +17,10 @@ The implementations share inputs and outputs (like ``torch.optim.adam``'s ``_sin
 * :func:`_camhd_step_multi_tensor` — foreach ops, every per-step number a tensor on the device: no host
   synchronisation and no graph break under ``torch.compile``; compiled (inductor → Triton on CUDA) it is
   the fused path on GPUs (:func:`compiled_multi_tensor_step`);
-* :func:`_camhd_step_fused_cpu` — the C kernels of :mod:`hf_camhd.optim._fused`: pass 1 (the sums) and pass
-  2 (parameter-level α, base rule, θ and the next direction) over each tensor.
+* :func:`_camhd_step_fused_cpu` — the C kernels of :mod:`hf_camhd.optim._fused`: two passes over memory (the
+  sums, then θ and the next direction), and between them (*) steps 2–4 as one C call on the few numbers the
+  first pass leaves (:func:`_fused_hyper_step`: the arithmetic of :func:`hyper_update` and
+  :func:`combined_rates`, without some eighty tensor operations of a few microseconds each).
 
 Numbers that change every step — the step number ``t``, the scheduler's multiplier ``s`` — are Python
 floats in eager mode (read from CPU tensors: no device sync) and 0-d tensors while compiling (so a
@@ -27,6 +29,7 @@ compiled step neither breaks its graph nor recompiles when they change).
 
 from __future__ import annotations
 
+import ctypes
 import math
 import warnings
 from dataclasses import dataclass
@@ -588,12 +591,13 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
     """Steps 1–6 with the C kernels of :mod:`hf_camhd.optim._fused`, in the fewest passes over memory:
 
     * no parameter level: pass A (the sums of step 1 from g and the previous direction, and the base rule's
-      update that overwrites it) → α / γ on those few numbers → pass B (θ ← θ + K ⊙ d);
+      update that overwrites it) → α / γ and the rates on those few numbers (:func:`_fused_hyper_step`, one C
+      call) → pass B (θ ← θ + K ⊙ d);
     * with a parameter level (whose element-wise update needs the previous direction after the hyper-update):
       pass 1 (the sums) → α / γ → pass 2 (parameter-level α, base rule, θ and the next direction).
     """
     if step.offsets is not None:
-        return _fused_cpu_with_parameter_level(step, hyper, index, cfg, rule, t, sharding)
+        return _fused_cpu_with_parameter_level(step, hyper, index, cfg, rule, t)
     counts = _unit_counts(step)
     old_scales = torch.stack(step.dir_scales).to(torch.float64)  # u_{t-1}'s factors, before pass A replaces them
     tau = decay_factor(cfg, t)
@@ -603,14 +607,9 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
         rule.prepare_group(group)
         passes.append(rule.fused_first(pick(step.params), pick(step.grads), pick(step.states), group,
                                        pick(step.dirs), pick(counts), cfg.normalized, pick(step.dir_scales), -s * tau))
-    diag: dict = {}
-    if adapts_now(cfg, t):                                                                           # 2–3
-        rows = _joined([a.rows for a in passes]) if counts[0] is not None else None
-        part = _fused_partial_sums(step, _joined([a.sums for a in passes]), rows, old_scales, _home(hyper), cfg,
-                                   index)
-        diag = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t).diag
-    rates = combined_rates(step, hyper, index, cfg, t)                                              # 4
-    w = rates.w.tolist()
+    rows = _joined([a.rows for a in passes]) if counts[0] is not None else None
+    rates, diag, _ = _fused_hyper_step(step, hyper, index, cfg, t, _joined([a.sums for a in passes]), old_scales,
+                                       rows, adapt=adapts_now(cfg, t))                              # 2–4
     unit_k = _fused_unit_factors(step, rates, index, cfg.lr) if counts[0] is not None else None
     for (group, members, s), a in zip(step.groups, passes):                                        # 6
         k_rows, ka, da, dd = [], [], [], []
@@ -620,7 +619,7 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
                 k = 1.0
             else:
                 k_rows.append(None)
-                k = -s * w[m]
+                k = -s * rates.w[m]
             ka.append(k * c)
             da.append(a.decay * k)
             dd.append(a.decay / c if a.decay else 0.0)
@@ -628,13 +627,97 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
     return diag
 
 
-def _fused_unit_factors(step: StepTensors, rates: Rates, index: TreeIndex, a0: float) -> list[Tensor]:
+@dataclass
+class FusedRates:
+    """Step 4 as the kernels take it: ``w`` of every tensor as Python floats and as a tensor (for the unit level's
+    per-row factors), ``τ γ_unit`` and ``τ γ_param`` (:class:`Rates`' fields, read once)."""
+
+    w: list[float]
+    w_tensor: Tensor
+    unit_coef: float
+    fine_coef: float
+
+
+def _fused_hyper_step(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: HyperConfig, t, totals: Tensor | None,
+                      scales: Tensor, rows: Tensor | None, *, adapt: bool) -> tuple[FusedRates, dict, float | None]:
+    """What the torch implementation does between the passes (the node sums of step 1, :func:`hyper_update` when
+    ``adapt``, :func:`combined_rates`) in one C call on the host, with the same order of operations and roundings
+    (sums of many terms are added in float64): some eighty tiny tensor operations of a few microseconds each
+    become one. ``totals``: the kernels' ``(T, 4)`` sums ``[Σ g·dir, Σ off·g·dir, Σ g², Σ dir²]``; ``scales``: the
+    factors c of ``u_{t−1} = c · dir``; ``rows``: the same sums per unit (:func:`_fused_unit_sums`).
+
+    Returns the rates, the diagnostics of :func:`hyper_update` and, when the update ran, γ_param of step t−1 (for
+    the parameter level's element-wise update in pass 2)."""
+    gamma, coarse, stats = hyper.gamma, hyper.coarse, hyper.stats
+    n, channels, levels = len(step.params), cfg.channels, len(cfg.levels)
+    nodes = [coarse[lv].shape[0] if lv in coarse else 0 for lv in ("block", "layer")]
+    out = torch.empty(n + 2 + (1 + sum(nodes)) * channels + 2 * levels, dtype=gamma.dtype)
+    node_sums, gradient, before = out[n + 2:].split([(1 + sum(nodes)) * channels, levels, levels])
+    block_of, layer_of = index.nodes_of(step.index)
+    args = _fused.HyperArgs(
+        nt=n, channels=channels, levels=levels, adapt=int(adapt), normalized=int(cfg.normalized),
+        softmax=int(cfg.gamma_update == "softmax"), decay=int(cfg.decay_rate != 0), n_block=nodes[0], n_layer=nodes[1],
+        **{f"pos_{lv}": cfg.levels.index(lv) if lv in cfg.levels else -1 for lv in ("block", "layer", "unit")},
+        pos_param=cfg.levels.index("parameter") if "parameter" in cfg.levels else -1,
+        totals=_pointer(totals), scales=scales.data_ptr(), block_of=_pointer(block_of), layer_of=_pointer(layer_of),
+        **{f"alpha_{lv}": _pointer(coarse.get(lv)) for lv in ("global", "block", "layer")},
+        **{f"stats_{lv}": _pointer(stats.get(lv)) for lv in ("global", "block", "layer")},
+        **{f"beta_{lv}": _pointer(index.beta.get(lv)) for lv in ("global", "block", "layer")},
+        gamma=gamma.data_ptr(), gamma_logits=_pointer(hyper.gamma_logits), gamma_grad=_pointer(hyper.gamma_grad),
+        skipped=hyper.skipped.data_ptr(), lr=cfg.lr, hypergrad_lr=cfg.hypergrad_lr, gamma_lr=cfg.gamma_lr,
+        smoothing_weight=1.0 - cfg.hypergrad_smoothing, alpha_min=cfg.alpha_min, alpha_max=cfg.alpha_max,
+        alpha_inf=cfg.alpha_inf, tau=decay_factor(cfg, t), node_sums=node_sums.data_ptr(),
+        gradient=gradient.data_ptr(), gamma_before=before.data_ptr(), rates=out.data_ptr())
+    held = _fused_unit_sums(step, rows, scales, gamma, cfg, index, args) if rows is not None and adapt else ()
+    moved = _fused.hyper_step(args, gamma.dtype)  # (held: what args points to, alive until here)
+    del held
+    values = out[:n + 2].tolist()
+    rates = FusedRates(values[:n], out[:n], values[n], values[n + 1])
+    if not adapt:
+        return rates, {}, None
+    sums = dict(zip(("global", "block", "layer"), node_sums.view(-1, channels).split([1, *nodes])))
+    sums = {lv: x for lv, x in sums.items() if lv in coarse}
+    if not moved:
+        return rates, dict(finite=torch.tensor(False), G=None, sums=sums), None
+    param = float(before[cfg.levels.index("parameter")]) if "parameter" in cfg.levels else None
+    return rates, dict(finite=torch.tensor(True), G=gradient if cfg.gamma_lr > 0 else None, sums=sums), param
+
+
+def _pointer(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _fused_unit_sums(step: StepTensors, rows: Tensor, scales: Tensor, home: Tensor, cfg: HyperConfig,
+                     index: TreeIndex, args) -> tuple:
+    """The unit level's part of step 1 for :func:`_fused_hyper_step` (which ``args`` it fills in): the kernels'
+    per-unit rows of every tensor (end to end) scaled by c (Σ g·u = c Σ g·dir; Σ u² = c² Σ dir²), added into their
+    unit groups and, weighted by α_unit, into ∂f/∂γ_unit's part — a few ops for all tensors at once (the fused
+    path is never sharded: every tensor is whole). Returns what ``args`` points to (to keep alive)."""
+    plan = index.unit_plan(step.unit_groups, _unit_counts(step), rows.device)
+    factors = torch.stack([scales, torch.ones_like(scales), scales * scales], 1)[:, :cfg.channels]
+    scaled = _to(rows[:, [0, 2, 3][:cfg.channels]] * factors[plan.row_tensor], home)
+    alphas = [step.unit_vectors[gi][0] for gi in plan.groups]
+    gamma_unit = (_to(_joined(alphas), home)[plan.row_unit] * scaled[:, 0]).sum()
+    units = scaled.new_zeros(sum(plan.sizes), scaled.shape[1]).index_add_(0, plan.row_unit, scaled)
+    keep = [units, gamma_unit, _fused.pointers(alphas), _fused.array_of(ctypes.c_int64, plan.sizes)]
+    args.n_unit_groups, args.unit_sums, args.gamma_unit_part = len(plan.groups), units.data_ptr(), gamma_unit.data_ptr()
+    args.unit_alpha, args.unit_sizes = _fused.address(keep[2]), _fused.address(keep[3])
+    if cfg.normalized:
+        keep.append(_fused.pointers([step.unit_stats[gi] for gi in plan.groups]))
+        args.unit_stats = _fused.address(keep[-1])
+    else:
+        keep.append(index.unit_betas(plan.groups, plan.sizes, home))
+        args.unit_beta = keep[-1].data_ptr()
+    return tuple(keep)
+
+
+def _fused_unit_factors(step: StepTensors, rates: FusedRates, index: TreeIndex, a0: float) -> list[Tensor]:
     """Per tensor (units along dim 0, whole: the fused path is never sharded), each unit's
     ``−s_i (w_i + τ γ_unit (α_unit − α₀))`` in float64, as the kernels take it — for all tensors in a handful of
     ops (:func:`_unit_rate`'s arithmetic on the rows of every tensor at once)."""
-    plan = index.unit_plan(step.unit_groups, _unit_counts(step), rates.w.device)
+    plan = index.unit_plan(step.unit_groups, _unit_counts(step), rates.w_tensor.device)
     alpha = _joined([step.unit_vectors[gi][0] for gi in plan.groups])
-    k = torch.addcmul(rates.w[plan.row_tensor], alpha[plan.row_unit] - a0, _to(rates.unit_coef, alpha))
+    k = torch.add(rates.w_tensor[plan.row_tensor], alpha[plan.row_unit] - a0, alpha=rates.unit_coef)
     neg_s = torch.tensor([-x for x in step.lr_scales], dtype=k.dtype, device=k.device)
     return list((k * neg_s[plan.row_tensor]).to(torch.float64).split(plan.counts))
 
@@ -647,57 +730,34 @@ def _joined(parts: list[Tensor]) -> Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _fused_partial_sums(step: StepTensors, totals: Tensor, rows: Tensor | None, scales: Tensor, home: Tensor,
-                        cfg: HyperConfig, index: TreeIndex, with_offsets: bool = False) -> PartialSums:
-    """Step 1's :class:`PartialSums` from the kernels' ``[Σ g·dir, Σ off·g·dir, Σ g², Σ dir²]`` per tensor, and
-    per unit (``rows``: every tensor's units end to end): u = c · dir, so Σ g·u = c Σ g·dir and (normalized rule)
-    Σ u² = c² Σ dir². The unit rows of all tensors are scaled, weighted by α_unit and added into their unit groups
-    at once (the fused path is never sharded: every tensor is whole)."""
-    factors = torch.stack([scales, torch.ones_like(scales), scales * scales], 1)[:, :cfg.channels]
-    picked = [0, 2, 3][:cfg.channels]
-    part = PartialSums(_to(totals[:, picked] * factors, home))
-    if rows is not None:
-        plan = index.unit_plan(step.unit_groups, _unit_counts(step), rows.device)
-        scaled = _to(rows[:, picked] * factors[plan.row_tensor], home)
-        alpha = _joined([step.unit_vectors[gi][0] for gi in plan.groups])
-        part.gamma_unit = (_to(alpha, home)[plan.row_unit] * scaled[:, 0]).sum()
-        units = scaled.new_zeros(sum(plan.sizes), scaled.shape[1]).index_add_(0, plan.row_unit, scaled)
-        part.units = dict(zip(plan.groups, units.split(plan.sizes)))
-    if with_offsets:
-        part.gamma_param = _to(totals[:, 1] * scales, home)
-    return part
-
-
 def _fused_cpu_with_parameter_level(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: HyperConfig,
-                                    rule, t, sharding) -> dict:
+                                    rule, t) -> dict:
     """Pass 1 (sums) → α / γ on those few numbers → pass 2 per param group (see :func:`_camhd_step_fused_cpu`)."""
-    diag: dict = {}
-    T = len(step.params)
-    alpha = [(0, 0.0, 0.0, 0.0, 0.0)] * T
-    if adapts_now(cfg, t):
-        want_off = cfg.gamma_lr > 0
-        counts = [hi - lo for lo, hi in step.unit_ranges] if step.unit_groups is not None else None
-        sources = [None] * T
+    n = len(step.params)
+    alpha = [(0, 0.0, 0.0, 0.0, 0.0)] * n
+    adapt = adapts_now(cfg, t)
+    scales = torch.stack(step.dir_scales).to(torch.float64)
+    totals = rows = None
+    if adapt:
+        sources = [None] * n
         for group, members, _ in step.groups:
             for m, src in zip(members, rule.fused_sources([step.states[m] for m in members], group,
                                                            [step.dirs[m] for m in members])):
                 sources[m] = src
-        raw = _fused.partial_sums(step.grads, sources, step.offsets if want_off else None, counts,     # 1
+        counts = _unit_counts(step) if step.unit_groups is not None else None
+        raw = _fused.partial_sums(step.grads, sources, step.offsets if cfg.gamma_lr > 0 else None, counts,      # 1
                                   norms=cfg.normalized)
-        scales = torch.stack(step.dir_scales).to(torch.float64)
-        part = _fused_partial_sums(step, raw.totals, raw.unit_rows, scales, _home(hyper), cfg, index, want_off)
-        upd = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t)   # 2–3
-        if bool(upd.ok):  # 2' runs inside pass 2 (it reads d_{t-1} there)
-            if cfg.normalized:  # α (1 − β sign(c · g ⊙ dir))
-                alpha = [(2, cfg.hypergrad_lr * (1.0 if c > 0 else -1.0 if c < 0 else 0.0),
-                          *cfg.offset_bounds(o.dtype), cfg.lr) for c, o in zip(scales.tolist(), step.offsets)]
-            else:
-                coefs = (scales * (-index.beta_param * float(upd.gamma_param))).tolist()  # c = 0: offsets stay
-                alpha = [(int(c != 0), c, *cfg.offset_bounds(o.dtype), cfg.lr) for c, o in zip(coefs, step.offsets)]
-        diag = upd.diag
-    rates = combined_rates(step, hyper, index, cfg, t)                                              # 4
-    w = rates.w.tolist()
-    fine = float(rates.fine_coef)
+        totals, rows = raw.totals, raw.unit_rows
+    rates, diag, gamma_param = _fused_hyper_step(step, hyper, index, cfg, t, totals, scales, rows,                # 2–4
+                                                 adapt=adapt)
+    if gamma_param is not None:  # 2' runs inside pass 2 (it reads d_{t-1} there)
+        if cfg.normalized:  # α (1 − β sign(c · g ⊙ dir))
+            alpha = [(2, cfg.hypergrad_lr * (1.0 if c > 0 else -1.0 if c < 0 else 0.0),
+                      *cfg.offset_bounds(o.dtype), cfg.lr) for c, o in zip(scales.tolist(), step.offsets)]
+        else:
+            coefs = (scales * (-index.beta_param * gamma_param)).tolist()  # c = 0: offsets stay
+            alpha = [(int(c != 0), c, *cfg.offset_bounds(o.dtype), cfg.lr) for c, o in zip(coefs, step.offsets)]
+    tau = decay_factor(cfg, t)
     unit_k = _fused_unit_factors(step, rates, index, cfg.lr) if step.unit_groups is not None else None
     for group, members, s in step.groups:                                                           # 5–6
         pick = lambda xs: [xs[m] for m in members]  # noqa: E731
@@ -705,9 +765,9 @@ def _fused_cpu_with_parameter_level(step: StepTensors, hyper: HyperState, index:
             k_rows = pick(unit_k)
             k_base = [1.0] * len(members)
         else:
-            k_rows, k_base = [None] * len(members), [-s * w[m] for m in members]
+            k_rows, k_base = [None] * len(members), [-s * rates.w[m] for m in members]
         rule.prepare_group(group)
         rule.fused_update(pick(step.params), pick(step.grads), pick(step.states), group, pick(step.dirs),
-                          pick(step.offsets), k_rows, k_base, [-s * fine] * len(members), pick(alpha),
-                          pick(step.dir_scales), -s * rates.tau)  # the kernels also store u_t's factors
+                          pick(step.offsets), k_rows, k_base, [-s * rates.fine_coef] * len(members), pick(alpha),
+                          pick(step.dir_scales), -s * tau)  # the kernels also store u_t's factors
     return diag

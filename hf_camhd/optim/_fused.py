@@ -142,6 +142,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"camhd_apply_many_{sfx}").argtypes = [N] + [P] * 11
         for kind in ("hsum", "adam", "sgd", "adam_a", "sgd_a", "apply"):
             getattr(lib, f"camhd_{kind}_many_{sfx}").restype = ctypes.c_int
+        getattr(lib, f"camhd_hyper_step_{sfx}").argtypes = [ctypes.POINTER(HyperArgs)]
+        getattr(lib, f"camhd_hyper_step_{sfx}").restype = ctypes.c_int
 
 
 def load() -> ctypes.CDLL | None:
@@ -442,3 +444,46 @@ def apply_many(params: list[Tensor], dirs: list[Tensor | None], k_rows: list[Ten
         _PerTensor(params), _PerTensor(dirs), _PerTensor(ms), _PerTensor(vs),
         None if shifts is None else _PerTensor(shifts, ctypes.c_double), _PerTensor(k_rows),
         *(_PerTensor(x, ctypes.c_double) for x in (ka, da, dd))], _rows_of(k_rows))
+
+
+# ------------------------------------------------------------------------------------------ the hyper-update
+class HyperArgs(ctypes.Structure):
+    """``camhd_hyper_args`` of the C source: what :func:`hyper_step` reads and writes (field by field documented
+    there). Pointers are data pointers of contiguous CPU tensors of the hyper-state's dtype (0: absent)."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in (
+        "nt", "channels", "levels", "adapt", "normalized", "softmax", "decay", "n_block", "n_layer", "pos_block",
+        "pos_layer", "pos_unit", "pos_param", "n_unit_groups")] + [(name, ctypes.c_void_p) for name in (
+        "totals", "scales", "block_of", "layer_of", "alpha_global", "alpha_block", "alpha_layer", "stats_global",
+        "stats_block", "stats_layer", "beta_global", "beta_block", "beta_layer", "unit_alpha", "unit_stats",
+        "unit_sizes", "unit_sums", "unit_beta", "gamma_unit_part", "gamma", "gamma_logits", "gamma_grad",
+        "skipped")] + [(name, ctypes.c_double) for name in (
+        "lr", "hypergrad_lr", "gamma_lr", "smoothing_weight", "alpha_min", "alpha_max", "alpha_inf", "tau")] + [
+        (name, ctypes.c_void_p) for name in ("node_sums", "gradient", "gamma_before", "rates")]
+
+
+def hyper_step(args: HyperArgs, dtype: torch.dtype) -> bool:
+    """Steps 2–4 of a fused CPU step in one C call (``camhd_hyper_step_*``): with ``args.adapt`` the node sums,
+    α of the coarse and unit levels and γ, updated in place, then the combined rates. Returns whether α and γ
+    moved (``False``: not asked, or the sums were not finite — then ``args.skipped`` was counted up). The caller
+    keeps the tensors and C arrays that ``args`` points to alive."""
+    code = getattr(load(), f"camhd_hyper_step_{_SUFFIX[dtype]}")(ctypes.byref(args))
+    if code < 0:
+        raise ValueError(f"the fused hyper-update takes at most 8 levels, got {args.levels}")
+    return code == 1
+
+
+def pointers(tensors: list[Tensor]) -> array:
+    """The data pointers of ``tensors`` as a C array."""
+    return _array(ctypes.c_void_p, [t.data_ptr() for t in tensors])
+
+
+def array_of(ctype, values: list) -> array:
+    """``values`` as a C array of ``ctype`` (``ctypes.c_int64``, ``ctypes.c_double``, ...)."""
+    return _array(ctype, values)
+
+
+def address(a: array) -> int:
+    """The address of a C array made by :func:`pointers` or :func:`_array`."""
+    return a.buffer_info()[0]
+

@@ -283,7 +283,6 @@ class PartialSums:
 
     tensor: Tensor                      # Σ h (and the norms)
     unit_rows: list[Tensor] | None = None    # (units held locally, C), per tensor
-    units: dict[int, Tensor] | None = None   # or, on an unsharded step, already added up: unit group -> (units, C)
     gamma_unit: Tensor | None = None    # Σ_units α_unit · Σ h (∂f/∂γ_unit's part from each tensor)
     gamma_param: Tensor | None = None   # Σ (α_param − α₀) ⊙ h
 

@@ -428,6 +428,9 @@ class CAMHDOptimizer(Optimizer):
             if self.fused is None:
                 _fused.warn_unavailable_once()
             return f"the fused kernels are unavailable ({_fused.unavailable_reason()})"
+        why = self._why_not_fused_hyper_state(step)
+        if why:
+            return why
         keys = self.rule.fused_state_keys
         offsets = step.offsets if step.offsets is not None else [None] * len(step.params)
         for k, (p, g, st, d, off) in enumerate(zip(step.params, step.grads, step.states, step.dirs, offsets)):
@@ -443,6 +446,22 @@ class CAMHDOptimizer(Optimizer):
             if why:
                 return f"{self.tree.entries[step.index[k]].name!r}: {why}"
             self._fused_checked[seen] = _fused.memory_format(p)
+        return None
+
+    def _why_not_fused_hyper_state(self, step: StepTensors) -> str | None:
+        """The C hyper-update reads the hyper-state through data pointers: every tensor of it must be a contiguous
+        CPU tensor of γ's dtype (as created; a state dict of other dtypes is cast on loading)."""
+        hyper = self._hyper_state()
+        dtype = hyper.gamma.dtype
+        tensors = [("γ", hyper.gamma), ("the γ logits", hyper.gamma_logits), ("the smoothed ∂f/∂γ", hyper.gamma_grad),
+                   *((f"α of level {lv!r}", a) for lv, a in hyper.coarse.items()),
+                   *((f"the smoothed sums of level {lv!r}", x) for lv, x in hyper.stats.items()),
+                   *(("a unit group's α", a) for a, _ in (step.unit_vectors or {}).values()),
+                   *(("a unit group's smoothed sums", x) for x in (step.unit_stats or {}).values())]
+        for what, t in tensors:
+            if t is not None and (t.dtype != dtype or not t.is_contiguous() or not t.is_cpu):
+                return f"{what} is a {t.dtype} {'' if t.is_contiguous() else 'non-contiguous '}tensor on {t.device} " \
+                       f"(the fused hyper-update takes contiguous CPU tensors of γ's dtype {dtype})"
         return None
 
     # ------------------------------------------------------------------------------------ state-creating step

@@ -76,7 +76,7 @@ class LocalTensors:
 
     def reduce(self, part: PartialSums, step: StepTensors, unit_count: list[int]) -> NodeSums:
         """Add the members' unit rows into one vector per unit group and total the γ partials."""
-        units: dict[int, Tensor] = dict(part.units or {})
+        units: dict[int, Tensor] = {}
         for gi, r in zip(step.unit_groups or (), part.unit_rows or ()):
             units[gi] = units[gi] + r if gi in units else r
         return NodeSums(part.tensor, units, _total(part.gamma_unit), _total(part.gamma_param))

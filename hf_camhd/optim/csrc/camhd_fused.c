@@ -11,6 +11,8 @@
  *   camhd_adam_a_many_<t>  pass A: pass 1's sums, the Adam state and the next dir in one loop
  *   camhd_sgd_a_many_<t>   pass A for SGD
  *   camhd_apply_many_<t>   pass B: theta <- theta + K * dir
+ *   camhd_hyper_step_<t>   between the passes: alpha of every level but the parameter level, gamma and the
+ *                          combined rates from the passes' sums (camhd_hyper_impl.h; <t>: the hyper-state dtype)
  *
  * The kernels are written once in camhd_fused_impl.h and included for float (f32) and double (f64).
  * Sums accumulate in double, in an order fixed by the shapes alone (never by the thread count or timing): each
@@ -128,10 +130,46 @@ static inline int camhd_off_code(const void *off, int do_alpha) {
     SGD_A_CASES_F(0, 2) SGD_A_CASES_F(1, 2) SGD_A_CASES_N(0, 1, 1, 1) SGD_A_CASES_N(1, 1, 1, 1)       \
     SGD_A_CASES_N(0, 0, 1, 2) SGD_A_CASES_N(1, 0, 1, 2)
 
+/* What camhd_hyper_step_<t> reads and writes (pointers to T are void *: T is the hyper-state's dtype). Sums,
+ * alpha, stats, beta and gamma are the C-contiguous buffers of the optimizer's tensors, updated in place. */
+#define CAMHD_MAX_LEVELS 8
+typedef struct {
+    int64_t nt;               /* tensors in the step */
+    int64_t channels;         /* sums per tensor and node: 1 (sum g.u), or 3 (+ sum g^2, sum u^2: normalized) */
+    int64_t levels;           /* entries of gamma; global is entry 0 */
+    int64_t adapt;            /* 1: update alpha and gamma (steps 2-3) first; 0: the rates only */
+    int64_t normalized;       /* the normalized rule (else additive) */
+    int64_t softmax;          /* gamma by a gradient step on its logits (else clamped and renormalised) */
+    int64_t decay;            /* w decays towards alpha_inf (tau given) */
+    int64_t n_block, n_layer; /* nodes of the block and layer levels (0 when absent) */
+    int64_t pos_block, pos_layer, pos_unit, pos_param; /* their entries of gamma, -1 when absent */
+    int64_t n_unit_groups;    /* unit groups with sums this step */
+    const double *totals;     /* (nt, 4) the kernels' sums: g.dir, off.g.dir, g.g, dir.dir */
+    const double *scales;     /* (nt) the factor c of u_{t-1} = c dir */
+    const int64_t *block_of, *layer_of;       /* (nt) node of each tensor */
+    void *alpha_global, *alpha_block, *alpha_layer;
+    void *stats_global, *stats_block, *stats_layer;    /* normalized: (nodes, 3) smoothed sums */
+    const void *beta_global, *beta_block, *beta_layer; /* additive: beta of each node */
+    void *const *unit_alpha;  /* (n_unit_groups) each group's alpha vector */
+    void *const *unit_stats;  /* normalized: each group's (units, 3) smoothed sums */
+    const int64_t *unit_sizes;                /* units of each group */
+    const void *unit_sums;    /* (units of all groups, channels) */
+    const void *unit_beta;    /* additive: (units of all groups) */
+    const void *gamma_unit_part;              /* 0-d: sum over units of alpha_unit * sum g.u */
+    void *gamma, *gamma_logits, *gamma_grad;  /* (levels); logits: softmax; gamma_grad: normalized, smoothed */
+    int64_t *skipped;         /* counted up when the sums are not finite */
+    double lr, hypergrad_lr, gamma_lr, smoothing_weight, alpha_min, alpha_max, alpha_inf, tau;
+    void *node_sums;          /* out: (1 + n_block + n_layer, channels) global, block and layer sums */
+    void *gradient;           /* out: (levels) dL/dgamma (when gamma_lr > 0) */
+    void *gamma_before;       /* out: (levels) gamma of step t-1 */
+    void *rates;              /* out: (nt + 2) w of every tensor, then tau gamma_unit and tau gamma_param */
+} camhd_hyper_args;
+
 #define T float
 #define SFX(name) name##_f32
 #define SQRT sqrtf
 #include "camhd_fused_impl.h"
+#include "camhd_hyper_impl.h"
 #undef T
 #undef SFX
 #undef SQRT
@@ -140,6 +178,7 @@ static inline int camhd_off_code(const void *off, int do_alpha) {
 #define SFX(name) name##_f64
 #define SQRT sqrt
 #include "camhd_fused_impl.h"
+#include "camhd_hyper_impl.h"
 #undef T
 #undef SFX
 #undef SQRT
