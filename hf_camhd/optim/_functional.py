@@ -32,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -599,7 +600,7 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
     if step.offsets is not None:
         return _fused_cpu_with_parameter_level(step, hyper, index, cfg, rule, t)
     counts = _unit_counts(step)
-    old_scales = torch.stack(step.dir_scales).to(torch.float64)  # u_{t-1}'s factors, before pass A replaces them
+    old_scales = _scalars(step.dir_scales)  # u_{t-1}'s factors, before pass A replaces them
     tau = decay_factor(cfg, t)
     passes = []  # per group, in step order (a group's members are consecutive)
     for group, members, s in step.groups:                                                           # 1, 5
@@ -629,8 +630,8 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
 
 @dataclass
 class FusedRates:
-    """Step 4 as the kernels take it: ``w`` of every tensor as Python floats and as a tensor (for the unit level's
-    per-row factors), ``τ γ_unit`` and ``τ γ_param`` (:class:`Rates`' fields, read once)."""
+    """Step 4 as the kernels take it: ``w`` of every tensor as Python floats and as a tensor (its first T entries: for
+    the unit level's per-row factors), ``τ γ_unit`` and ``τ γ_param`` (:class:`Rates`' fields, read once)."""
 
     w: list[float]
     w_tensor: Tensor
@@ -651,8 +652,9 @@ def _fused_hyper_step(step: StepTensors, hyper: HyperState, index: TreeIndex, cf
     gamma, coarse, stats = hyper.gamma, hyper.coarse, hyper.stats
     n, channels, levels = len(step.params), cfg.channels, len(cfg.levels)
     nodes = [coarse[lv].shape[0] if lv in coarse else 0 for lv in ("block", "layer")]
-    out = torch.empty(n + 2 + (1 + sum(nodes)) * channels + 2 * levels, dtype=gamma.dtype)
-    node_sums, gradient, before = out[n + 2:].split([(1 + sum(nodes)) * channels, levels, levels])
+    size = (1 + sum(nodes)) * channels
+    out = torch.empty(n + 2 + size + 2 * levels, dtype=gamma.dtype)
+    rates_at, sums_at = out.data_ptr(), out.data_ptr() + (n + 2) * out.element_size()  # where C writes them
     block_of, layer_of = index.nodes_of(step.index)
     args = _fused.HyperArgs(
         nt=n, channels=channels, levels=levels, adapt=int(adapt), normalized=int(cfg.normalized),
@@ -666,21 +668,53 @@ def _fused_hyper_step(step: StepTensors, hyper: HyperState, index: TreeIndex, cf
         gamma=gamma.data_ptr(), gamma_logits=_pointer(hyper.gamma_logits), gamma_grad=_pointer(hyper.gamma_grad),
         skipped=hyper.skipped.data_ptr(), lr=cfg.lr, hypergrad_lr=cfg.hypergrad_lr, gamma_lr=cfg.gamma_lr,
         smoothing_weight=1.0 - cfg.hypergrad_smoothing, alpha_min=cfg.alpha_min, alpha_max=cfg.alpha_max,
-        alpha_inf=cfg.alpha_inf, tau=decay_factor(cfg, t), node_sums=node_sums.data_ptr(),
-        gradient=gradient.data_ptr(), gamma_before=before.data_ptr(), rates=out.data_ptr())
+        alpha_inf=cfg.alpha_inf, tau=decay_factor(cfg, t), node_sums=sums_at,
+        gradient=sums_at + size * out.element_size(), gamma_before=sums_at + (size + levels) * out.element_size(),
+        rates=rates_at)
     held = _fused_unit_sums(step, rows, scales, gamma, cfg, index, args) if rows is not None and adapt else ()
     moved = _fused.hyper_step(args, gamma.dtype)  # (held: what args points to, alive until here)
     del held
-    values = out[:n + 2].tolist()
-    rates = FusedRates(values[:n], out[:n], values[n], values[n + 1])
+    values = out.tolist()
+    rates = FusedRates(values[:n], out, values[n], values[n + 1])
     if not adapt:
         return rates, {}, None
-    sums = dict(zip(("global", "block", "layer"), node_sums.view(-1, channels).split([1, *nodes])))
-    sums = {lv: x for lv, x in sums.items() if lv in coarse}
-    if not moved:
-        return rates, dict(finite=torch.tensor(False), G=None, sums=sums), None
-    param = float(before[cfg.levels.index("parameter")]) if "parameter" in cfg.levels else None
-    return rates, dict(finite=torch.tensor(True), G=gradient if cfg.gamma_lr > 0 else None, sums=sums), param
+
+    def diagnostics() -> dict:  # hyper_update's, as views of the C call's output
+        node_sums = out[n + 2:n + 2 + size].view(-1, channels).split([1, *nodes])
+        sums = {lv: x for lv, x in zip(("global", "block", "layer"), node_sums) if lv in coarse}
+        gradient = out[n + 2 + size:n + 2 + size + levels] if moved and cfg.gamma_lr > 0 else None
+        return dict(finite=torch.tensor(moved), G=gradient, sums=sums)
+
+    param = values[n + 2 + size + levels + cfg.levels.index("parameter")] if moved and "parameter" in cfg.levels \
+        else None
+    return rates, DeferredDict(diagnostics), param
+
+
+class DeferredDict(Mapping):
+    """A read-only dict built on first access: the fused step's diagnostics (a few tensor views, which would cost
+    more than the C hyper-update itself if made on every step; usually nobody reads them)."""
+
+    def __init__(self, build):
+        self._build, self._data = build, None
+
+    def _get(self) -> dict:
+        if self._data is None:
+            self._data = self._build()
+        return self._data
+
+    def __getitem__(self, key):
+        return self._get()[key]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+def _scalars(values: list[Tensor]) -> Tensor:
+    """0-d CPU tensors as one float64 vector (read one by one: cheaper than stacking a few dozen)."""
+    return torch.tensor([v.item() for v in values], dtype=torch.float64)
 
 
 def _pointer(t: Tensor | None) -> int | None:
@@ -736,7 +770,7 @@ def _fused_cpu_with_parameter_level(step: StepTensors, hyper: HyperState, index:
     n = len(step.params)
     alpha = [(0, 0.0, 0.0, 0.0, 0.0)] * n
     adapt = adapts_now(cfg, t)
-    scales = torch.stack(step.dir_scales).to(torch.float64)
+    scales = _scalars(step.dir_scales)
     totals = rows = None
     if adapt:
         sources = [None] * n

@@ -321,7 +321,7 @@ class AdamRule(BaseRule):
             bc2_sqrt = [_sqrt(1 - beta2 ** s) for s in values]
             scale = [torch.where(s > 0, b2 / (1 - beta1 ** s), 0.0) for s, b2 in zip(values, bc2_sqrt)]
             return scale, [torch.where(s > 0, group["eps"] * b2, 1.0) for s, b2 in zip(values, bc2_sqrt)]
-        values = torch.stack(steps).tolist()
+        values = [s.item() for s in steps]  # (CPU tensors: no sync; faster than stacking them first)
         terms = {}  # per distinct count (usually one per group): (scale, shift)
         for t in set(values) | ({t - 1 for t in values} if previous else set()):
             bc2_sqrt = math.sqrt(1 - beta2 ** t)

@@ -273,16 +273,16 @@ class CAMHDOptimizer(Optimizer):
         self._last_path = impl
         for state in step.stale_dirs or ():  # this step's direction is rebuilt from the base state from now on
             del state[DIR]
-        self._watch_rates()
+        self._watch_rates(t)
         return loss
 
-    def _watch_rates(self, *, every_step: bool = False, stacklevel: int = 5) -> None:
+    def _watch_rates(self, t=None, *, every_step: bool = False, stacklevel: int = 5) -> None:
         """Warn once when a learned rate reaches ``alpha_max``, or grows 100× above α₀ in its first 20 steps: the
         hyper-gradient rate is too large for this model. Reads the rates on the host at steps 1–20 and every 100th
         step when they live on the CPU, every 100th step elsewhere (and from ``lr_stats``): no sync per step."""
         if self._rates_warned or not self.config.adapts or torch.compiler.is_compiling():
             return
-        t = self.num_steps
+        t = self.num_steps if t is None else int(t)  # t: this step's number (a float, or a CPU tensor if compiled)
         on_cpu = self.param_groups[0][GAMMA].device.type == "cpu"
         if not (every_step or t % 100 == 0 or (on_cpu and t <= 20)):
             return
@@ -453,15 +453,17 @@ class CAMHDOptimizer(Optimizer):
         CPU tensor of γ's dtype (as created; a state dict of other dtypes is cast on loading)."""
         hyper = self._hyper_state()
         dtype = hyper.gamma.dtype
-        tensors = [("γ", hyper.gamma), ("the γ logits", hyper.gamma_logits), ("the smoothed ∂f/∂γ", hyper.gamma_grad),
-                   *((f"α of level {lv!r}", a) for lv, a in hyper.coarse.items()),
-                   *((f"the smoothed sums of level {lv!r}", x) for lv, x in hyper.stats.items()),
-                   *(("a unit group's α", a) for a, _ in (step.unit_vectors or {}).values()),
-                   *(("a unit group's smoothed sums", x) for x in (step.unit_stats or {}).values())]
-        for what, t in tensors:
-            if t is not None and (t.dtype != dtype or not t.is_contiguous() or not t.is_cpu):
-                return f"{what} is a {t.dtype} {'' if t.is_contiguous() else 'non-contiguous '}tensor on {t.device} " \
-                       f"(the fused hyper-update takes contiguous CPU tensors of γ's dtype {dtype})"
+        named = {"γ": [hyper.gamma], "the γ logits": [hyper.gamma_logits], "the smoothed ∂f/∂γ": [hyper.gamma_grad],
+                 "α of a coarse level": hyper.coarse.values(), "the smoothed sums of a coarse level": hyper.stats.values(),
+                 "a unit group's α": [a for a, _ in (step.unit_vectors or {}).values()],
+                 "a unit group's smoothed sums": (step.unit_stats or {}).values()}
+        for what, tensors in named.items():
+            for t in tensors:
+                if t is not None and (t.dtype != dtype or not t.is_contiguous() or not t.is_cpu):
+                    if what == "α of a coarse level":
+                        what = f"α of level {next(lv for lv, a in hyper.coarse.items() if a is t)!r}"
+                    return (f"{what} is a {t.dtype} {'' if t.is_contiguous() else 'non-contiguous '}tensor on "
+                            f"{t.device} (the fused hyper-update takes contiguous CPU tensors of γ's dtype {dtype})")
         return None
 
     # ------------------------------------------------------------------------------------ state-creating step
