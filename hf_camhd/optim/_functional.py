@@ -733,7 +733,7 @@ def _fused_unit_sums(step: StepTensors, rows: Tensor, scales: Tensor, home: Tens
     alphas = [step.unit_vectors[gi][0] for gi in plan.groups]
     gamma_unit = (_to(_joined(alphas), home)[plan.row_unit] * scaled[:, 0]).sum()
     units = scaled.new_zeros(sum(plan.sizes), scaled.shape[1]).index_add_(0, plan.row_unit, scaled)
-    keep = [units, gamma_unit, _fused.pointers(alphas), _fused.array_of(ctypes.c_int64, plan.sizes)]
+    keep = [units, gamma_unit, _fused.pointers(alphas), _fused.c_array(ctypes.c_int64, plan.sizes)]
     args.n_unit_groups, args.unit_sums, args.gamma_unit_part = len(plan.groups), units.data_ptr(), gamma_unit.data_ptr()
     args.unit_alpha, args.unit_sizes = _fused.address(keep[2]), _fused.address(keep[3])
     if cfg.normalized:

@@ -242,7 +242,7 @@ DirSource = tuple  # (dir, m, v, shift): see partial_sums
 _TYPECODES = {ctypes.c_void_p: "Q", ctypes.c_int64: "q", ctypes.c_int32: "i", ctypes.c_double: "d"}
 
 
-def _array(ctype, values) -> array:
+def c_array(ctype, values) -> array:
     """``values`` as a C array of ``ctype`` (an :class:`array.array`: built about 10× faster than a ctypes array;
     :func:`_run_many` passes its address and keeps it alive for the call)."""
     return array(_TYPECODES[ctype], values or [0])
@@ -258,9 +258,9 @@ class _PerTensor:
     def pick(self, idx: list[int]):
         picked = self.values if len(idx) == len(self.values) else [self.values[i] for i in idx]
         if self.ctype is not ctypes.c_void_p:
-            return _array(self.ctype, picked)
+            return c_array(self.ctype, picked)
         pointers = [0 if t is None else t.data_ptr() for t in picked]
-        return _array(ctypes.c_void_p, pointers) if any(pointers) else None
+        return c_array(ctypes.c_void_p, pointers) if any(pointers) else None
 
 
 _ROWS, _OUT = "rows", "out"  # markers: where the per-unit sum buffers and the (nt, 4) sums go in the arguments
@@ -299,10 +299,10 @@ def _run_many(kind: str, tensors: list[Tensor], args: list,
     for idx in by_dtype:
         ts = [tensors[i] for i in idx] if len(by_dtype) > 1 else tensors
         counts = [None] * len(idx) if row_counts is None else [row_counts[i] for i in idx]
-        row_lens = None if all(c is None for c in counts) else _array(
+        row_lens = None if all(c is None for c in counts) else c_array(
             ctypes.c_int64, [0 if c is None else _row_len(t, c) for t, c in zip(ts, counts)])
         out = totals if len(by_dtype) == 1 or totals is None else torch.zeros(len(idx), 4, dtype=torch.float64)
-        call = [_array(ctypes.c_int64, [t.numel() for t in ts]), row_lens]
+        call = [c_array(ctypes.c_int64, [t.numel() for t in ts]), row_lens]
         for a in args:
             if isinstance(a, _PerTensor):
                 call.append(a.pick(idx))
@@ -310,7 +310,7 @@ def _run_many(kind: str, tensors: list[Tensor], args: list,
                 call.append(out.data_ptr())
             elif a is _ROWS:
                 base = rows.data_ptr() if rows is not None else 0
-                call.append(None if row_lens is None else _array(
+                call.append(None if row_lens is None else c_array(
                     ctypes.c_void_p, [0 if row_at[i] is None else base + row_at[i] for i in idx]))
             else:
                 call.append(a)
@@ -475,15 +475,10 @@ def hyper_step(args: HyperArgs, dtype: torch.dtype) -> bool:
 
 def pointers(tensors: list[Tensor]) -> array:
     """The data pointers of ``tensors`` as a C array."""
-    return _array(ctypes.c_void_p, [t.data_ptr() for t in tensors])
-
-
-def array_of(ctype, values: list) -> array:
-    """``values`` as a C array of ``ctype`` (``ctypes.c_int64``, ``ctypes.c_double``, ...)."""
-    return _array(ctype, values)
+    return c_array(ctypes.c_void_p, [t.data_ptr() for t in tensors])
 
 
 def address(a: array) -> int:
-    """The address of a C array made by :func:`pointers` or :func:`_array`."""
+    """The address of a C array made by :func:`pointers` or :func:`c_array`."""
     return a.buffer_info()[0]
 

@@ -453,17 +453,15 @@ class CAMHDOptimizer(Optimizer):
         CPU tensor of γ's dtype (as created; a state dict of other dtypes is cast on loading)."""
         hyper = self._hyper_state()
         dtype = hyper.gamma.dtype
-        named = {"γ": [hyper.gamma], "the γ logits": [hyper.gamma_logits], "the smoothed ∂f/∂γ": [hyper.gamma_grad],
-                 "α of a coarse level": hyper.coarse.values(), "the smoothed sums of a coarse level": hyper.stats.values(),
-                 "a unit group's α": [a for a, _ in (step.unit_vectors or {}).values()],
-                 "a unit group's smoothed sums": (step.unit_stats or {}).values()}
-        for what, tensors in named.items():
-            for t in tensors:
-                if t is not None and (t.dtype != dtype or not t.is_contiguous() or not t.is_cpu):
-                    if what == "α of a coarse level":
-                        what = f"α of level {next(lv for lv, a in hyper.coarse.items() if a is t)!r}"
-                    return (f"{what} is a {t.dtype} {'' if t.is_contiguous() else 'non-contiguous '}tensor on "
-                            f"{t.device} (the fused hyper-update takes contiguous CPU tensors of γ's dtype {dtype})")
+        named = [("γ", hyper.gamma), ("the γ logits", hyper.gamma_logits), ("the smoothed ∂f/∂γ", hyper.gamma_grad),
+                 *((f"α of level {lv!r}", a) for lv, a in hyper.coarse.items()),
+                 *((f"the smoothed sums of level {lv!r}", x) for lv, x in hyper.stats.items()),
+                 *(("a unit group's α", a) for a, _ in (step.unit_vectors or {}).values()),
+                 *(("a unit group's smoothed sums", x) for x in (step.unit_stats or {}).values())]
+        for what, t in named:
+            if t is not None and (t.dtype != dtype or not t.is_contiguous() or not t.is_cpu):
+                return (f"{what} is a {t.dtype} {'' if t.is_contiguous() else 'non-contiguous '}tensor on {t.device} "
+                        f"(the fused hyper-update takes contiguous CPU tensors of γ's dtype {dtype})")
         return None
 
     # ------------------------------------------------------------------------------------ state-creating step
