@@ -84,22 +84,22 @@ def main(argv=None) -> None:
         p.grad = g
     adam = torch.optim.Adam(torch_params, lr=1e-9, fused=True)
     adam.step()  # creates its state
-    zeros, ones, none = [0.0] * k, [1.0] * k, [None] * k
+    zeros, none = [0.0] * k, [None] * k
     shift, scales = [1e-8] * k, [torch.zeros(()) for _ in range(k)]
-    sources = [(None, m, v, 1e-8) for m, v in zip(ms, vs)]
-    alpha = [(2, 1e-9, -1.0, 1.0, 1e-3)] * k  # the normalized rule's element-wise update, at a negligible rate
+    # the normalized rule's element-wise update of the parameter level, at a negligible rate
+    level = _fused.ParamLevel(offs, [1e-9] * k, [-1.0] * k, [1.0] * k, 1e-3)
     cases = {  # name: (call, four-byte streams per element)
         "torch Adam(fused=True) step": (adam.step, 7),
         "torch foreach copy_ (1 read, 1 write)": (lambda: torch._foreach_copy_(params, grads), 2),
         "torch vecdot (2 reads)": (lambda: [torch.linalg.vecdot(a, b) for a, b in zip(grads, ms)], 2),
         "torch sum (1 read)": (lambda: [g.sum() for g in grads], 1),
         "pass A, Adam, global+layer": (lambda: _fused.adam_first(
-            params, grads, none, ms, vs, None, none, True, 0.0, 0.9, 0.999, shift, shift, scales, zeros), 5),
+            params, grads, none, ms, vs, None, None, none, True, 0.0, 0.9, 0.999, shift, shift, scales, zeros), 5),
         "pass B, Adam": (lambda: _fused.apply_many(params, none, none, zeros, zeros, zeros, (ms, vs, shift)), 4),
-        "pass 1, Adam, +parameter": (lambda: _fused.partial_sums(grads, sources, offs, None, True), 4),
-        "pass 2, Adam, +parameter": (lambda: _fused.adam(
-            params, grads, none, offs, ms, vs, None, alpha, none, zeros, zeros, False, zeros, zeros, zeros, 0.0,
-            0.9, 0.999, shift, shift, none, ones), 9),
+        "pass A, Adam, +parameter": (lambda: _fused.adam_first(
+            params, grads, none, ms, vs, None, level, none, True, 0.0, 0.9, 0.999, shift, shift, scales, zeros), 7),
+        "pass B, Adam, +parameter": (lambda: _fused.apply_many(
+            params, none, none, zeros, zeros, zeros, (ms, vs, shift), (offs, zeros, zeros)), 5),
     }
     times = {name: [] for name in cases}
     for r in range(args.rounds + 1):

@@ -103,6 +103,8 @@ class ReferenceCAMHD:
         tau = math.exp(-self.r * t)
         h = g * self.u                                              # 1. h_p = g_p u_p
         node_sums = {lv: torch.bincount(self.node[lv], weights=h, minlength=self.count[lv]) for lv in self.levels}
+        # note: compared on finite steps only. On a step whose Σh is not finite the implementation still moves the
+        # parameter level where its own h is finite (tests/test_optim_behaviour.py checks that case)
         if torch.isfinite(h.sum()) and t > 1:
             old = {lv: a.clone() for lv, a in self.alpha.items()}
             G = torch.stack([(old[lv] * node_sums[lv]).sum() for lv in self.levels])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -100,17 +101,25 @@ def test_non_finite_gradients_never_poison_alpha(path, bad):
     train(m, opt, 3)
     snapshot = {lv: opt.alpha(lv) for lv in levels}
     gamma = opt.gamma
+    twin_m, twin = copy.deepcopy((m, opt))  # takes the same step without the poisoned entry
 
     def poison(t, model):
         model.features[3].weight.grad[0, 0, 0, 0] = bad
 
     train(m, opt, 1, start=3, closure_hook=poison)
+    train(twin_m, twin, 1, start=3)
     assert opt._last_path == path
     assert opt._last_hyper["finite"].item() is False
     assert opt.skipped_steps == 1 and opt.lr_stats()["camhd/skipped_steps"] == 1
-    for lv in levels:  # the hyper-update was skipped: α and γ are exactly as before
+    for lv in levels[:-1]:  # the hyper-update was skipped: α of every coarse level and γ are exactly as before
         assert torch.equal(opt.alpha(lv), snapshot[lv]), lv
     assert torch.equal(opt.gamma, gamma)
+    # the parameter level is element-wise: the poisoned entry keeps its rate, every other one moves exactly as in
+    # the twin's step (whose coefficient is the same γ_param of step t−1)
+    alpha, moved = opt.alpha("parameter"), twin.alpha("parameter")
+    differs = alpha != moved
+    assert int(differs.sum()) == 1 and torch.equal(alpha[differs], snapshot["parameter"][differs])
+    assert not torch.equal(moved, snapshot["parameter"])
     # the parameters are now non-finite (as with any optimizer); later steps still keep α sane
     train(m, opt, 3, start=4)
     for lv in levels:

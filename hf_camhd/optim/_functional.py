@@ -144,7 +144,7 @@ class HyperUpdate:
 
     ok: object                  # the hyper-gradient was finite (compiled: and t > 1): a 0-d bool tensor, or a
                                 # Python bool when decided on the host
-    gamma_param: Tensor | None  # γ_parameter of step t−1 (the γ that produced α*_{t−1})
+    gamma_param: Tensor | None  # γ_parameter of step t−1 (the γ that produced α*_{t−1}), whatever ``ok``
     diag: dict
 
 
@@ -154,7 +154,8 @@ def hyper_update(sums: NodeSums, hyper: HyperState, step: StepTensors, index: Tr
 
     Additive rule: α ← α − β_j γ_j Σh; normalized rule: α ← α (1 − β c̄) with c̄ the smoothed cosine of g and u
     over the node (§3.2). Nothing moves when the hyper-gradient is not finite (and the skip is counted in
-    ``hyper.skipped``) or, while compiling, on the first step. No host synchronisation.
+    ``hyper.skipped``) or, while compiling, on the first step. No host synchronisation. (The parameter level's
+    element-wise step 2' is not gated by this: each entry moves where its own g ⊙ u is finite.)
     """
     gamma, levels = hyper.gamma, cfg.levels
     S = sums.tensor                                        # (T, C)
@@ -164,17 +165,17 @@ def hyper_update(sums: NodeSums, hyper: HyperState, step: StepTensors, index: Tr
         if lv in hyper.coarse:
             node[lv] = S.new_zeros(hyper.coarse[lv].shape[0], S.shape[1]).index_add_(0, of, S)
     finite = torch.isfinite(node["global"]).all()
+    gamma_param = gamma[cfg.position("parameter")].clone() if "parameter" in levels else None
     if gamma.device.type == "cpu" and not torch.compiler.is_compiling():
         # note: on the host a branch is free: a skipped step changes nothing, and no update needs a mask
         ok = bool(finite)
         hyper.skipped.add_(int(not ok))
         if not ok:
-            return HyperUpdate(False, None, dict(finite=finite, G=None, sums=node))
+            return HyperUpdate(False, gamma_param, dict(finite=finite, G=None, sums=node))
     else:
         ok = finite & (t > 1) if isinstance(t, Tensor) else finite
         hyper.skipped.add_((~finite).to(hyper.skipped.dtype))
     G = _gamma_gradient(sums, node, hyper, cfg) if cfg.gamma_lr > 0 else None
-    gamma_param = gamma[cfg.position("parameter")].clone() if "parameter" in levels else None
     for lv, alpha in hyper.coarse.items():                 # step 2
         _new_alpha(alpha, node[lv], hyper.stats.get(lv), index.beta[lv], gamma[cfg.position(lv)], cfg, ok)
     if "unit" in levels and sums.units:
@@ -195,14 +196,13 @@ def on_device(ok, like: Tensor):
     return ok if ok is True else ok.to(like.device)
 
 
-def _moves(ok, k: Tensor, like: Tensor):
-    """Where the additive parameter-level step ``α_off + k · x`` may be stored: ``ok`` and ``k ≠ 0``. A zero
-    coefficient (γ_param = 0, or a zero direction scale) leaves the offsets as they are, so that ``0 · inf``
-    from a g ⊙ u that overflowed cannot write NaN into them. Decided on the host where ``ok`` was (no masked pass)."""
-    if ok is True and k.device.type == "cpu":
+def _moves(k: Tensor, like: Tensor):
+    """Whether the additive parameter-level step ``α_off + k · x`` may be stored: ``k ≠ 0``. A zero coefficient
+    (γ_param = 0, or a zero direction scale) leaves the offsets exactly as they are. Decided on the host where ``k``
+    is (no masked pass), else a 0-d mask (no host synchronisation, no graph break)."""
+    if k.device.type == "cpu" and not torch.compiler.is_compiling():
         return bool(k != 0)
-    moves = (k != 0).to(like.device)
-    return moves if ok is True else moves & on_device(ok, like)
+    return (k != 0).to(like.device)
 
 
 def _new_alpha(alpha: Tensor, sums: Tensor, stats: Tensor | None, beta, gamma_j: Tensor, cfg: HyperConfig,
@@ -381,14 +381,15 @@ def _camhd_step_reference(step: StepTensors, hyper: HyperState, index: TreeIndex
         if step.offsets is not None and cfg.gamma_lr > 0:
             part.gamma_param = torch.stack([_to((off * x).sum(), home) for off, x in zip(step.offsets, h)])
         upd = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t)  # 2–3
-        if step.offsets is not None and upd.ok is not False:  # 2'. additive α − β_p γ_p h, or α (1 − β sign h)
+        if step.offsets is not None:  # 2'. additive α − β_p γ_p h, or α (1 − β sign h), where h is finite
             for off, x in zip(step.offsets, h):
                 if cfg.normalized:
                     new = (cfg.lr + off) * (1.0 - cfg.hypergrad_lr * torch.sign(x)) - cfg.lr
-                    put(off, new.clamp(*cfg.offset_bounds(off.dtype)), on_device(upd.ok, off))
+                    put(off, _where_finite(x, new.clamp(*cfg.offset_bounds(off.dtype)), off), True)
                 else:
                     k = -index.beta_param * _to(upd.gamma_param, off)
-                    put(off, (off + k * x).clamp(*cfg.offset_bounds(off.dtype)), _moves(upd.ok, k, off))
+                    put(off, _where_finite(x, (off + k * x).clamp(*cfg.offset_bounds(off.dtype)), off),
+                        _moves(k, off))
         diag = upd.diag
     rates = combined_rates(step, hyper, index, cfg, t)                                             # 4
     for group, members, s in step.groups:                                                          # 5–6
@@ -429,7 +430,7 @@ def _camhd_step_multi_tensor(step: StepTensors, hyper: HyperState, index: TreeIn
         _rebuild_directions(step, rule)  # fresh buffers: step 1 may overwrite them, step 5 writes d into them
         part = _partial_sums_multi_tensor(step, cfg, _home(hyper))                                  # 1
         upd = hyper_update(sharding.reduce(part, step, index.unit_count), hyper, step, index, cfg, t)  # 2–3
-        if step.offsets is not None and upd.ok is not False:                                        # 2'
+        if step.offsets is not None:                                                                # 2'
             _parameter_level_multi_tensor(step, upd, index, cfg)
         diag = upd.diag
     rates = combined_rates(step, hyper, index, cfg, t)                                              # 4
@@ -494,15 +495,22 @@ def _partial_sums_multi_tensor(step: StepTensors, cfg: HyperConfig, home: Tensor
 
 def _parameter_level_multi_tensor(step: StepTensors, upd: HyperUpdate, index: TreeIndex, cfg: HyperConfig) -> None:
     """Step 2' with ``g ⊙ d_{t-1}`` in the direction buffers (u = c · d): additive
-    ``α_off ← α_off − β_p γ_p c · g ⊙ d``, normalized ``α ← α (1 − β sign(c · g ⊙ d))``; clamped."""
+    ``α_off ← α_off − β_p γ_p c · g ⊙ d``, normalized ``α ← α (1 − β sign(c · g ⊙ d))``; clamped; element-wise,
+    where ``g ⊙ d`` is finite (whether or not the rest of the hyper-update was skipped)."""
     coef = -index.beta_param * upd.gamma_param
     for off, x, c in zip(step.offsets, step.dirs, step.dir_scales):
         if cfg.normalized:
             new = torch.addcmul(off, torch.sign(x) * (cfg.lr + off), _to(-cfg.hypergrad_lr * torch.sign(c), off))
-            put(off, new.clamp_(*cfg.offset_bounds(off.dtype)), on_device(upd.ok, off))
+            put(off, _where_finite(x, new.clamp_(*cfg.offset_bounds(off.dtype)), off), True)
         else:
             k = _to(coef * c, off)
-            put(off, torch.addcmul(off, x, k).clamp_(*cfg.offset_bounds(off.dtype)), _moves(upd.ok, k, off))
+            put(off, _where_finite(x, torch.addcmul(off, x, k).clamp_(*cfg.offset_bounds(off.dtype)), off),
+                _moves(k, off))
+
+
+def _where_finite(h: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` where ``h`` is finite, else ``old``: a NaN or infinite g ⊙ u leaves its entry's rate as it is."""
+    return torch.where(torch.isfinite(h), new, old)
 
 
 def _multi_tensor_rates(step: StepTensors, rates: Rates, members: list[int], s, a0: float) -> tuple[list, list | None]:
@@ -589,31 +597,30 @@ def compiled_unavailable_reason() -> str | None:
 # ------------------------------------------------------------------------------------------ fused CPU
 def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: HyperConfig, rule, t,
                           sharding) -> dict:
-    """Steps 1–6 with the C kernels of :mod:`hf_camhd.optim._fused`, in the fewest passes over memory:
-
-    * no parameter level: pass A (the sums of step 1 from g and the previous direction, and the base rule's
-      update that overwrites it) → α / γ and the rates on those few numbers (:func:`_fused_hyper_step`, one C
-      call) → pass B (θ ← θ + K ⊙ d);
-    * with a parameter level (whose element-wise update needs the previous direction after the hyper-update):
-      pass 1 (the sums) → α / γ → pass 2 (parameter-level α, base rule, θ and the next direction).
+    """Steps 1–6 with the C kernels of :mod:`hf_camhd.optim._fused`, in two passes over memory: pass A (the sums of
+    step 1 from g and the previous direction, the parameter level's step 2', and the base rule's update that
+    overwrites the direction) → α / γ and the rates on those few numbers (:func:`_fused_hyper_step`, one C call)
+    → pass B (θ ← θ + K ⊙ d). Step 2' can run in pass A because its coefficient is known before the step (γ_param
+    of step t−1) and it is element-wise: each entry moves where its own g ⊙ u is finite, whatever Σh turns out to be.
     """
-    if step.offsets is not None:
-        return _fused_cpu_with_parameter_level(step, hyper, index, cfg, rule, t)
     counts = _unit_counts(step)
     old_scales = _scalars(step.dir_scales)  # u_{t-1}'s factors, before pass A replaces them
-    tau = decay_factor(cfg, t)
+    tau, adapt = decay_factor(cfg, t), adapts_now(cfg, t)
+    level = _fused_param_level(step, hyper, index, cfg, old_scales, adapt) if step.offsets is not None else None
     passes = []  # per group, in step order (a group's members are consecutive)
-    for group, members, s in step.groups:                                                           # 1, 5
+    for group, members, s in step.groups:                                                           # 1, 2', 5
         pick = lambda xs: [xs[m] for m in members]  # noqa: E731
         rule.prepare_group(group)
         passes.append(rule.fused_first(pick(step.params), pick(step.grads), pick(step.states), group,
-                                       pick(step.dirs), pick(counts), cfg.normalized, pick(step.dir_scales), -s * tau))
+                                       pick(step.dirs), level.pick(members) if level is not None else None,
+                                       pick(counts), cfg.normalized, pick(step.dir_scales), -s * tau))
     rows = _joined([a.rows for a in passes]) if counts[0] is not None else None
-    rates, diag, _ = _fused_hyper_step(step, hyper, index, cfg, t, _joined([a.sums for a in passes]), old_scales,
-                                       rows, adapt=adapts_now(cfg, t))                              # 2–4
+    rates, diag = _fused_hyper_step(step, hyper, index, cfg, t, _joined([a.sums for a in passes]), old_scales, rows,
+                                    adapt=adapt)                                                    # 2–4
     unit_k = _fused_unit_factors(step, rates, index, cfg.lr) if counts[0] is not None else None
     for (group, members, s), a in zip(step.groups, passes):                                        # 6
-        k_rows, ka, da, dd = [], [], [], []
+        k_rows, ka, da, dd, kb, db = [], [], [], [], [], []
+        fine = -s * rates.fine_coef  # multiplies α_param − α₀ (with a parameter level)
         for m, c in zip(members, a.scale if a.scale is not None else [1.0] * len(members)):
             if counts[m] is not None:  # the unit's rate multiplies ka and da row by row
                 k_rows.append(unit_k[m])
@@ -624,8 +631,26 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
             ka.append(k * c)
             da.append(a.decay * k)
             dd.append(a.decay / c if a.decay else 0.0)
-        _fused.apply_many([step.params[m] for m in members], a.dirs, k_rows, ka, da, dd, a.quotients)
+            kb.append(fine * c)
+            db.append(a.decay * fine)
+        _fused.apply_many([step.params[m] for m in members], a.dirs, k_rows, ka, da, dd, a.quotients,
+                          ([step.offsets[m] for m in members], kb, db) if level is not None else None)
     return diag
+
+
+def _fused_param_level(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: HyperConfig, scales: Tensor,
+                       adapt: bool) -> _fused.ParamLevel:
+    """Step 2' as pass A takes it: per tensor the coefficient of ``c · g ⊙ dir`` (``u = c · dir``) — additive
+    ``−β_p γ_p c`` with γ_p of step t−1, normalized ``β sign(c)`` — or 0 when nothing adapts (then, as at γ_p = 0,
+    the offsets stay exactly)."""
+    coefs = [0.0] * len(step.offsets)
+    if adapt and cfg.normalized:  # α (1 − β sign(c · g ⊙ dir))
+        coefs = [cfg.hypergrad_lr * (1.0 if c > 0 else -1.0 if c < 0 else 0.0) for c in scales.tolist()]
+    elif adapt:
+        gamma_param = hyper.gamma[cfg.position("parameter")].item()
+        coefs = (scales * (-index.beta_param * gamma_param)).tolist()
+    lo, hi = zip(*(cfg.offset_bounds(o.dtype) for o in step.offsets))
+    return _fused.ParamLevel(step.offsets, coefs, list(lo), list(hi), cfg.lr)
 
 
 @dataclass
@@ -640,20 +665,19 @@ class FusedRates:
 
 
 def _fused_hyper_step(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: HyperConfig, t, totals: Tensor | None,
-                      scales: Tensor, rows: Tensor | None, *, adapt: bool) -> tuple[FusedRates, dict, float | None]:
+                      scales: Tensor, rows: Tensor | None, *, adapt: bool) -> tuple[FusedRates, dict]:
     """What the torch implementation does between the passes (the node sums of step 1, :func:`hyper_update` when
     ``adapt``, :func:`combined_rates`) in one C call on the host, with the same order of operations and roundings
     (sums of many terms are added in float64): some eighty tiny tensor operations of a few microseconds each
     become one. ``totals``: the kernels' ``(T, 4)`` sums ``[Σ g·dir, Σ off·g·dir, Σ g², Σ dir²]``; ``scales``: the
     factors c of ``u_{t−1} = c · dir``; ``rows``: the same sums per unit (:func:`_fused_unit_sums`).
 
-    Returns the rates, the diagnostics of :func:`hyper_update` and, when the update ran, γ_param of step t−1 (for
-    the parameter level's element-wise update in pass 2)."""
+    Returns the rates and the diagnostics of :func:`hyper_update`."""
     gamma, coarse, stats = hyper.gamma, hyper.coarse, hyper.stats
     n, channels, levels = len(step.params), cfg.channels, len(cfg.levels)
     nodes = [coarse[lv].shape[0] if lv in coarse else 0 for lv in ("block", "layer")]
     size = (1 + sum(nodes)) * channels
-    out = torch.empty(n + 2 + size + 2 * levels, dtype=gamma.dtype)
+    out = torch.empty(n + 2 + size + levels, dtype=gamma.dtype)
     rates_at, sums_at = out.data_ptr(), out.data_ptr() + (n + 2) * out.element_size()  # where C writes them
     block_of, layer_of = index.nodes_of(step.index)
     args = _fused.HyperArgs(
@@ -669,7 +693,7 @@ def _fused_hyper_step(step: StepTensors, hyper: HyperState, index: TreeIndex, cf
         skipped=hyper.skipped.data_ptr(), lr=cfg.lr, hypergrad_lr=cfg.hypergrad_lr, gamma_lr=cfg.gamma_lr,
         smoothing_weight=1.0 - cfg.hypergrad_smoothing, alpha_min=cfg.alpha_min, alpha_max=cfg.alpha_max,
         alpha_inf=cfg.alpha_inf, tau=decay_factor(cfg, t), node_sums=sums_at,
-        gradient=sums_at + size * out.element_size(), gamma_before=sums_at + (size + levels) * out.element_size(),
+        gradient=sums_at + size * out.element_size(),
         rates=rates_at)
     held = _fused_unit_sums(step, rows, scales, gamma, cfg, index, args) if rows is not None and adapt else ()
     moved = _fused.hyper_step(args, gamma.dtype)  # (held: what args points to, alive until here)
@@ -677,7 +701,7 @@ def _fused_hyper_step(step: StepTensors, hyper: HyperState, index: TreeIndex, cf
     values = out.tolist()
     rates = FusedRates(values[:n], out, values[n], values[n + 1])
     if not adapt:
-        return rates, {}, None
+        return rates, {}
 
     def diagnostics() -> dict:  # hyper_update's, as views of the C call's output
         node_sums = out[n + 2:n + 2 + size].view(-1, channels).split([1, *nodes])
@@ -685,9 +709,7 @@ def _fused_hyper_step(step: StepTensors, hyper: HyperState, index: TreeIndex, cf
         gradient = out[n + 2 + size:n + 2 + size + levels] if moved and cfg.gamma_lr > 0 else None
         return dict(finite=torch.tensor(moved), G=gradient, sums=sums)
 
-    param = values[n + 2 + size + levels + cfg.levels.index("parameter")] if moved and "parameter" in cfg.levels \
-        else None
-    return rates, DeferredDict(diagnostics), param
+    return rates, DeferredDict(diagnostics)
 
 
 class DeferredDict(Mapping):
@@ -762,46 +784,3 @@ def _unit_counts(step: StepTensors) -> list[int | None]:
 
 def _joined(parts: list[Tensor]) -> Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-
-def _fused_cpu_with_parameter_level(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: HyperConfig,
-                                    rule, t) -> dict:
-    """Pass 1 (sums) → α / γ on those few numbers → pass 2 per param group (see :func:`_camhd_step_fused_cpu`)."""
-    n = len(step.params)
-    alpha = [(0, 0.0, 0.0, 0.0, 0.0)] * n
-    adapt = adapts_now(cfg, t)
-    scales = _scalars(step.dir_scales)
-    totals = rows = None
-    if adapt:
-        sources = [None] * n
-        for group, members, _ in step.groups:
-            for m, src in zip(members, rule.fused_sources([step.states[m] for m in members], group,
-                                                           [step.dirs[m] for m in members])):
-                sources[m] = src
-        counts = _unit_counts(step) if step.unit_groups is not None else None
-        raw = _fused.partial_sums(step.grads, sources, step.offsets if cfg.gamma_lr > 0 else None, counts,      # 1
-                                  norms=cfg.normalized)
-        totals, rows = raw.totals, raw.unit_rows
-    rates, diag, gamma_param = _fused_hyper_step(step, hyper, index, cfg, t, totals, scales, rows,                # 2–4
-                                                 adapt=adapt)
-    if gamma_param is not None:  # 2' runs inside pass 2 (it reads d_{t-1} there)
-        if cfg.normalized:  # α (1 − β sign(c · g ⊙ dir))
-            alpha = [(2, cfg.hypergrad_lr * (1.0 if c > 0 else -1.0 if c < 0 else 0.0),
-                      *cfg.offset_bounds(o.dtype), cfg.lr) for c, o in zip(scales.tolist(), step.offsets)]
-        else:
-            coefs = (scales * (-index.beta_param * gamma_param)).tolist()  # c = 0: offsets stay
-            alpha = [(int(c != 0), c, *cfg.offset_bounds(o.dtype), cfg.lr) for c, o in zip(coefs, step.offsets)]
-    tau = decay_factor(cfg, t)
-    unit_k = _fused_unit_factors(step, rates, index, cfg.lr) if step.unit_groups is not None else None
-    for group, members, s in step.groups:                                                           # 5–6
-        pick = lambda xs: [xs[m] for m in members]  # noqa: E731
-        if unit_k is not None:  # per-unit K (units along dim 0): the kernels scale these factors
-            k_rows = pick(unit_k)
-            k_base = [1.0] * len(members)
-        else:
-            k_rows, k_base = [None] * len(members), [-s * rates.w[m] for m in members]
-        rule.prepare_group(group)
-        rule.fused_update(pick(step.params), pick(step.grads), pick(step.states), group, pick(step.dirs),
-                          pick(step.offsets), k_rows, k_base, [-s * rates.fine_coef] * len(members), pick(alpha),
-                          pick(step.dir_scales), -s * tau)  # the kernels also store u_t's factors
-    return diag

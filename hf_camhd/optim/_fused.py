@@ -1,17 +1,15 @@
 """The fused CPU step: CAM-HD's per-element work and the base rule in two passes over memory.
 
 The multi-tensor path (:mod:`hf_camhd.optim._functional`) is a sequence of foreach ops, each one pass over
-the model. Here the same maths runs as two C loops (``csrc/camhd_fused.c``). Without a parameter level:
+the model. Here the same maths runs as two C loops (``csrc/camhd_fused.c``):
 
 * **pass A** (:func:`adam_first` / :func:`sgd_first`) — per element the sums
-  ``Σ g ⊙ dir_old`` (per tensor, and per unit with a unit level; and ``Σ g²``, ``Σ dir_old²`` for the
-  normalized rule), then the base rule's state (moments / momentum) and the new direction;
-* the node sums, α of every level and γ are then updated on those few numbers (the hyper-update);
-* **pass B** (:func:`apply_many`) — ``θ ← θ + K ⊙ d`` with the combined rate.
-
-With a parameter level, whose element-wise α update needs ``dir_old`` after the hyper-update has decided
-whether the step is finite: **pass 1** (:func:`partial_sums`: the sums, and ``Σ α_offset ⊙ g ⊙ dir_old``)
-and **pass 2** (:func:`adam` / :func:`sgd`: parameter-level α, base rule, θ and the new direction).
+  ``Σ g ⊙ dir_old`` (per tensor, and per unit with a unit level; ``Σ α_offset ⊙ g ⊙ dir_old`` with a parameter
+  level; ``Σ g²``, ``Σ dir_old²`` for the normalized rule), the parameter level's element-wise α update (its
+  coefficient, from γ_param of step t−1, is known before the step: :class:`ParamLevel`), then the base rule's
+  state (moments / momentum) and the new direction;
+* the node sums, α of every other level and γ are then updated on those few numbers (the hyper-update);
+* **pass B** (:func:`apply_many`) — ``θ ← θ + K ⊙ d`` with the combined rate (per element with a parameter level).
 
 Every pass is one C call per param group and dtype, whatever the number of tensors: the tensors are cut into
 chunks of 64 Ki elements that the threads share, and each chunk's sums are added in chunk order, so the sums
@@ -134,13 +132,11 @@ def _build(cc: list[str], flags: list[str], source: bytes) -> Path:
 def _declare(lib: ctypes.CDLL) -> None:
     P, N, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     for sfx in _SUFFIX.values():
-        getattr(lib, f"camhd_hsum_many_{sfx}").argtypes = [N] + [P] * 9 + [I, P]
-        getattr(lib, f"camhd_adam_many_{sfx}").argtypes = [N] + [P] * 14 + [F, P, P, I, P, P, P] + [F] * 4 + [P] * 4
-        getattr(lib, f"camhd_sgd_many_{sfx}").argtypes = [N] + [P] * 13 + [F, P, P, F, I, F, F, P, P]
-        getattr(lib, f"camhd_adam_a_many_{sfx}").argtypes = [N] + [P] * 9 + [I, P] + [F] * 4 + [P, P, P, P]
-        getattr(lib, f"camhd_sgd_a_many_{sfx}").argtypes = [N] + [P] * 8 + [I, P, F, I, F, F, P, P]
-        getattr(lib, f"camhd_apply_many_{sfx}").argtypes = [N] + [P] * 11
-        for kind in ("hsum", "adam", "sgd", "adam_a", "sgd_a", "apply"):
+        off = [P, P, P, P, F]  # a parameter level's offsets, coefficients, bounds and α₀ (see ParamLevel)
+        getattr(lib, f"camhd_adam_a_many_{sfx}").argtypes = [N] + [P] * 8 + off + [P, I, P] + [F] * 4 + [P] * 4
+        getattr(lib, f"camhd_sgd_a_many_{sfx}").argtypes = [N] + [P] * 7 + off + [P, I, P, F, I, F, F, P, P]
+        getattr(lib, f"camhd_apply_many_{sfx}").argtypes = [N] + [P] * 14
+        for kind in ("adam_a", "sgd_a", "apply"):
             getattr(lib, f"camhd_{kind}_many_{sfx}").restype = ctypes.c_int
         getattr(lib, f"camhd_hyper_step_{sfx}").argtypes = [ctypes.POINTER(HyperArgs)]
         getattr(lib, f"camhd_hyper_step_{sfx}").restype = ctypes.c_int
@@ -224,14 +220,27 @@ def ineligible_reason(tensors: list[tuple[str, Tensor | None]]) -> str | None:
 
 
 @dataclass
-class RawSums:
-    """Pass 1's output, before the per-tensor factor of ``u = scale · dir`` is applied."""
+class ParamLevel:
+    """The parameter level's element-wise update in pass A, per tensor: the offsets ``off = α − α₀`` (updated in
+    place, clamped to ``[lo, hi]``) and the coefficient ``coef`` of the rule — additive ``off + coef · g ⊙ dir_old``,
+    normalized ``α (1 − coef · sign(g ⊙ dir_old))``, chosen by pass A's ``norms`` (the normalized rule is the one
+    that takes them); ``coef = 0``: the offsets stay. Entries where ``g ⊙ dir_old`` is not finite stay too."""
 
-    totals: Tensor                      # (T, 4) float64: Σ g⊙dir, Σ α_offset⊙g⊙dir, Σ g², Σ dir² per tensor
-    unit_rows: Tensor | None = None     # (rows, 4): every tensor's units (along dim 0) end to end, in order
+    offsets: list[Tensor]
+    coefs: list[float]
+    lo: list[float]
+    hi: list[float]
+    a0: float
+
+    def args(self) -> list:
+        return [_PerTensor(self.offsets), *(_PerTensor(x, ctypes.c_double) for x in (self.coefs, self.lo, self.hi)),
+                self.a0]
+
+    def pick(self, members: list[int]) -> ParamLevel:
+        return ParamLevel(*([x[m] for m in members] for x in (self.offsets, self.coefs, self.lo, self.hi)), self.a0)
 
 
-DirSource = tuple  # (dir, m, v, shift): see partial_sums
+_NO_LEVEL = [None, None, None, None, 0.0]  # pass A's offset arguments without a parameter level
 
 
 # ------------------------------------------------------------------------------------------ calling the kernels
@@ -322,128 +331,67 @@ def _run_many(kind: str, tensors: list[Tensor], args: list,
     return totals, rows
 
 
-def _alpha_args(alpha: list[tuple]) -> list:
-    """The parameter-level α update per tensor, ``(do, c, lo, hi, α₀)`` (see :func:`adam`), as kernel arguments."""
-    do, c, lo, hi, a0 = zip(*alpha)
-    return [_PerTensor(list(do), ctypes.c_int32), *(_PerTensor(list(x), ctypes.c_double) for x in (c, lo, hi)),
-            float(a0[0])]
-
-
 def _rows_of(k_rows: list[Tensor | None]) -> list[int | None]:
     return [None if r is None else r.numel() for r in k_rows]
 
 
-# ------------------------------------------------------------------------------------------ passes 1 and 2
-# Trees with a parameter level: pass 1 (the sums), the hyper-update, then pass 2 (the parameter level's
-# element-wise α update, which reads the previous direction, the base rule, θ and the next direction).
-
-def partial_sums(grads: list[Tensor], sources: list[DirSource], offsets: list[Tensor] | None,
-                 unit_counts: list[int] | None = None, norms: bool = False) -> RawSums:
-    """Pass 1: per tensor ``Σ g ⊙ dir``, ``Σ off ⊙ g ⊙ dir`` (0 without ``offsets``) and, with ``norms``, ``Σ g²``
-    and ``Σ dir²`` (else 0), as a ``(T, 4)`` float64 tensor and, with ``unit_counts`` (units along dim 0), the same
-    per unit (a ``(units, 4)`` tensor: every tensor's units end to end). Sums accumulate in float64 in an order fixed
-    by the shapes alone.
-
-    ``sources[i] = (dir, m, v, shift)`` says where tensor i's previous direction is: ``dir`` (a kept direction,
-    or an SGD momentum buffer), else Adam's ``m / (sqrt(v) + shift)``, else (all ``None``) nowhere: 0."""
-    dirs, ms, vs, shifts = (list(x) for x in zip(*sources))
-    totals, rows = _run_many("hsum", grads, [
-        _PerTensor(grads), _PerTensor(dirs), _PerTensor(offsets if offsets is not None else [None] * len(grads)),
-        _PerTensor(ms), _PerTensor(vs), _PerTensor([float(x) for x in shifts], ctypes.c_double), _ROWS, int(norms),
-        _OUT], unit_counts)
-    return RawSums(totals, rows if unit_counts is not None else None)
-
-
-def adam(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | None], offsets: list[Tensor | None],
-         exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None,
-         alpha: list[tuple], k_rows: list[Tensor | None], ka: list[float], kb: list[float], decoupled: bool,
-         da: list[float], db: list[float], dd: list[float], wd: float, beta1: float, beta2: float,
-         shifts: list[float], prev_shifts: list[float], u_scales: list[Tensor | None],
-         u_values: list[float]) -> None:
-    """Pass 2 for Adam / AdamW on a list of tensors, in place: see ``camhd_adam_many_*`` in the C source.
-
-    ``θ ← θ (1 + da + db·off)`` (decoupled only) ``+ (ka + kb·off) · q`` with ``q = m / (sqrt(v) + shift)``;
-    ``dir ← q + dd·θ_old`` (decoupled) or ``q``; L2 decay ``wd`` enters the moments' gradient. ``alpha[i]``:
-    ``(do, c, lo, hi, α₀)``, the parameter-level update of ``off = α − α₀`` from ``g ⊙ dir_old``, clamped to
-    ``[lo, hi]``: ``do=1`` additive, ``off + c · g ⊙ dir_old``; ``do=2`` normalized, ``α (1 − c · sign(g ⊙ dir_old))``.
-    ``k_rows[i]`` (float64, one per unit along dim 0): ``ka`` and ``da`` are multiplied by the unit's factor.
-    ``u_scales[i]`` (0-d, the parameter's dtype): set to ``u_values[i]`` (the stored direction's factor).
-    ``dirs[i] = None``: the direction is not kept; ``dir_old`` is rebuilt as ``m / (sqrt(v) + prev_shift)`` (the
-    moments before this step's update) and nothing is written for the next step.
-
-    """
-    n = len(params)
-    _run_many("adam", params, [
-        _PerTensor(params), _PerTensor(grads), _PerTensor(dirs), _PerTensor(offsets), _PerTensor(exp_avgs),
-        _PerTensor(exp_avg_sqs), _PerTensor(max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * n),
-        _PerTensor(k_rows), *_alpha_args(alpha),
-        _PerTensor(ka, ctypes.c_double), _PerTensor(kb, ctypes.c_double), int(decoupled),
-        *(_PerTensor(x, ctypes.c_double) for x in (da, db, dd)), wd, 1.0 - beta1, beta2, 1.0 - beta2,
-        _PerTensor(shifts, ctypes.c_double), _PerTensor(prev_shifts, ctypes.c_double), _PerTensor(u_scales),
-        _PerTensor(u_values, ctypes.c_double)], _rows_of(k_rows))
-def sgd(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | None], offsets: list[Tensor | None],
-        bufs: list[Tensor | None], first: list[bool], alpha: list[tuple], k_rows: list[Tensor | None],
-        ka: list[float], kb: list[float], wd: float, momentum: int, mu: float, dampening: float,
-        u_scales: list[Tensor | None], u_values: list[float]) -> None:
-    """Pass 2 for SGD on a list of tensors, in place (``momentum``: 0 plain, 1 heavy ball, 2 Nesterov; ``first[i]``:
-    the momentum buffer starts as the gradient, as torch's). ``θ ← θ + (ka + kb·off) · d``, ``dir ← d``;
-    ``alpha``, ``k_rows`` and ``u_scales`` as in :func:`adam`. ``dirs[i] = None`` (heavy ball only): the direction is
-    the buffer, not kept."""
-    _run_many("sgd", params, [
-        _PerTensor(params), _PerTensor(grads), _PerTensor(dirs), _PerTensor(offsets),
-        _PerTensor(bufs if momentum else [None] * len(params)), _PerTensor([int(f) for f in first], ctypes.c_int32),
-        _PerTensor(k_rows), *_alpha_args(alpha), _PerTensor(ka, ctypes.c_double), _PerTensor(kb, ctypes.c_double),
-        wd, momentum, mu, dampening, _PerTensor(u_scales), _PerTensor(u_values, ctypes.c_double)], _rows_of(k_rows))
-
-
 # ------------------------------------------------------------------------------------------ passes A and B
-# Trees without a parameter level: pass A reads g and the previous direction once, for the sums and for the
-# base rule's update that overwrites it; pass B moves θ once the rates are known. Less memory than 1 + 2.
+# Pass A reads g and the previous direction once, for the sums, the parameter level's α and the base rule's update
+# that overwrites it; pass B moves θ once the rates are known.
 
 def adam_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | None], exp_avgs: list[Tensor],
-               exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None, unit_counts: list[int | None],
-               norms: bool, wd: float, beta1: float, beta2: float, shifts: list[float], prev_shifts: list[float],
-               u_scales: list[Tensor], u_values: list[float]) -> tuple[Tensor, Tensor | None]:
-    """Pass A for Adam / AdamW on a list of tensors: returns the sums ``[Σ g·dir_old, 0, Σ g², Σ dir_old²]`` of
-    every tensor as a ``(T, 4)`` float64 tensor (the norms with ``norms``) and per unit (``(units, 4)``: the units of
-    every tensor with ``unit_counts[i]`` end to end), then updates the moments (L2 decay ``wd`` enters the gradient)
-    and writes ``dir ← q = m / (sqrt(v) + shift)``; ``u_scales[i] ← u_values[i]``. ``dirs[i] = None``: the direction
-    is not kept; ``dir_old`` is rebuilt as ``m / (sqrt(v) + prev_shift)`` from the moments before the update."""
+               exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None, level: ParamLevel | None,
+               unit_counts: list[int | None], norms: bool, wd: float, beta1: float, beta2: float,
+               shifts: list[float], prev_shifts: list[float], u_scales: list[Tensor],
+               u_values: list[float]) -> tuple[Tensor, Tensor | None]:
+    """Pass A for Adam / AdamW on a list of tensors: returns the sums ``[Σ g·dir_old, Σ off·g·dir_old, Σ g²,
+    Σ dir_old²]`` of every tensor as a ``(T, 4)`` float64 tensor (the second with a parameter ``level``, the norms
+    with ``norms``) and per unit (``(units, 4)``: the units of every tensor with ``unit_counts[i]`` end to end), then
+    the parameter level's offsets (:class:`ParamLevel`), the moments (L2 decay ``wd`` enters the gradient) and
+    ``dir ← q = m / (sqrt(v) + shift)``; ``u_scales[i] ← u_values[i]``. ``dirs[i] = None``: the direction is not
+    kept; ``dir_old`` is rebuilt as ``m / (sqrt(v) + prev_shift)`` from the moments before the update."""
     n = len(params)
     return _run_many("adam_a", params, [
         _PerTensor(params), _PerTensor(grads), _PerTensor(dirs), _PerTensor(exp_avgs), _PerTensor(exp_avg_sqs),
-        _PerTensor(max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * n), _ROWS, int(norms), _OUT,
+        _PerTensor(max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * n),
+        *(level.args() if level is not None else _NO_LEVEL), _ROWS, int(norms), _OUT,
         wd, 1.0 - beta1, beta2, 1.0 - beta2, _PerTensor(shifts, ctypes.c_double),
         _PerTensor(prev_shifts, ctypes.c_double), _PerTensor(u_scales), _PerTensor(u_values, ctypes.c_double)],
         unit_counts)
 
 
 def sgd_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor], bufs: list[Tensor | None],
-              first: list[bool], unit_counts: list[int | None], norms: bool, wd: float, momentum: int, mu: float,
-              dampening: float, u_scales: list[Tensor],
+              first: list[bool], level: ParamLevel | None, unit_counts: list[int | None], norms: bool, wd: float,
+              momentum: int, mu: float, dampening: float, u_scales: list[Tensor],
               u_values: list[float]) -> tuple[Tensor, Tensor | None]:
     """Pass A for SGD on a list of tensors (``momentum``: 0 plain, 1 heavy ball, 2 Nesterov; ``first[i]``: the
-    buffer starts as the gradient, as torch's): the sums as :func:`adam_first`, then the buffers and ``dir ← d``.
-    ``dirs[i] = None`` (heavy ball only): the direction is the buffer, not kept (``dir_old`` = the buffer before
-    the update, 0 on the first step)."""
+    buffer starts as the gradient, as torch's): the sums and the parameter ``level`` as :func:`adam_first`, then the
+    buffers and ``dir ← d``. ``dirs[i] = None`` (heavy ball only): the direction is the buffer, not kept
+    (``dir_old`` = the buffer before the update, 0 on the first step)."""
     return _run_many("sgd_a", params, [
         _PerTensor(params), _PerTensor(grads), _PerTensor(dirs), _PerTensor(bufs if momentum else [None] * len(params)),
-        _PerTensor([int(f) for f in first], ctypes.c_int32), _ROWS, int(norms), _OUT, wd, momentum, mu, dampening,
-        _PerTensor(u_scales), _PerTensor(u_values, ctypes.c_double)], unit_counts)
+        _PerTensor([int(f) for f in first], ctypes.c_int32), *(level.args() if level is not None else _NO_LEVEL),
+        _ROWS, int(norms), _OUT, wd, momentum, mu, dampening, _PerTensor(u_scales),
+        _PerTensor(u_values, ctypes.c_double)], unit_counts)
 
 
 def apply_many(params: list[Tensor], dirs: list[Tensor | None], k_rows: list[Tensor | None], ka: list[float],
-               da: list[float], dd: list[float], quotients: tuple[list, list, list] | None = None) -> None:
+               da: list[float], dd: list[float], quotients: tuple[list, list, list] | None = None,
+               fine: tuple[list[Tensor], list[float], list[float]] | None = None) -> None:
     """Pass B on a list of tensors: ``θ ← θ (1 + da) + ka · dir`` (``k_rows[i]``: float64, one factor per unit
     along dim 0 multiplying ka and da, or ``None``); with ``dd`` (decoupled decay) the stored direction becomes
     ``dir + dd · θ_old``. ``dirs[i] = None``: the direction is Adam's ``m / (sqrt(v) + shift)`` from
-    ``quotients = (ms, vs, shifts)`` (not kept; ``dd[i]`` must be 0)."""
+    ``quotients = (ms, vs, shifts)`` (not kept; ``dd[i]`` must be 0). ``fine = (offsets, kb, db)`` (a parameter
+    level): the rates are per element, ``ka + kb · off`` and ``da + db · off``."""
     n = len(params)
     ms, vs, shifts = quotients if quotients is not None else ([None] * n, [None] * n, None)
+    offsets, kb, db = fine if fine is not None else ([None] * n, None, None)
     _run_many("apply", params, [
-        _PerTensor(params), _PerTensor(dirs), _PerTensor(ms), _PerTensor(vs),
+        _PerTensor(params), _PerTensor(dirs), _PerTensor(ms), _PerTensor(vs), _PerTensor(offsets),
         None if shifts is None else _PerTensor(shifts, ctypes.c_double), _PerTensor(k_rows),
-        *(_PerTensor(x, ctypes.c_double) for x in (ka, da, dd))], _rows_of(k_rows))
+        _PerTensor(ka, ctypes.c_double), _PerTensor(da, ctypes.c_double),
+        *(None if x is None else _PerTensor(x, ctypes.c_double) for x in (kb, db)),
+        _PerTensor(dd, ctypes.c_double)], _rows_of(k_rows))
 
 
 # ------------------------------------------------------------------------------------------ the hyper-update
@@ -459,7 +407,7 @@ class HyperArgs(ctypes.Structure):
         "unit_sizes", "unit_sums", "unit_beta", "gamma_unit_part", "gamma", "gamma_logits", "gamma_grad",
         "skipped")] + [(name, ctypes.c_double) for name in (
         "lr", "hypergrad_lr", "gamma_lr", "smoothing_weight", "alpha_min", "alpha_max", "alpha_inf", "tau")] + [
-        (name, ctypes.c_void_p) for name in ("node_sums", "gradient", "gamma_before", "rates")]
+        (name, ctypes.c_void_p) for name in ("node_sums", "gradient", "rates")]
 
 
 def hyper_step(args: HyperArgs, dtype: torch.dtype) -> bool:

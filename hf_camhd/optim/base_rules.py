@@ -46,9 +46,9 @@ class Directions:
 class PassA:
     """What a rule's fused pass A (:meth:`BaseRule.fused_first`) returns for the hyper-update and for pass B.
 
-    ``sums``: ``[Σ g·dir_old, 0, Σ g², Σ dir_old²]`` per tensor, a ``(T, 4)`` float64 tensor; ``rows``: the same per
-    unit, a ``(units, 4)`` tensor with every tensor's units end to end (``None`` without a unit level). ``scale``: the
-    per-tensor factor of :class:`Directions` that pass B multiplies the rate by (``None``: 1). ``dirs`` /
+    ``sums``: ``[Σ g·dir_old, Σ off·g·dir_old, Σ g², Σ dir_old²]`` per tensor, a ``(T, 4)`` float64 tensor;
+    ``rows``: the same per unit, a ``(units, 4)`` tensor with every tensor's units end to end (``None`` without a unit
+    level). ``scale``: the per-tensor factor of :class:`Directions` that pass B multiplies the rate by (``None``: 1). ``dirs`` /
     ``quotients``: the directions pass B applies, as :func:`hf_camhd.optim._fused.apply_many` takes them
     (``quotients = (ms, vs, shifts)`` where ``dirs[i]`` is ``None``: Adam's ``m / (sqrt(v) + shift)``, not kept).
     ``decay``: decoupled weight decay λ — pass B moves ``θ ← θ (1 + λK) + K · scale · dir`` and the stored direction
@@ -129,31 +129,16 @@ class BaseRule:
         raise NotImplementedError
 
     fused_state_keys: tuple[str, ...] | None = None
-    """State tensors shaped like the parameter that :meth:`fused_update` reads (``None``: no fused kernel)."""
-
-    def fused_update(self, params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
-                     dirs: list[Tensor], offsets: list[Tensor | None], k_rows: list[Tensor | None],
-                     k_base: list[float], k_fine: list[float], alpha: list[tuple], dir_scales: list[Tensor],
-                     u_factor: float) -> None:
-        """The fused CPU pass 2 (:mod:`hf_camhd.optim._fused`): update the base state, move
-        ``θ ← θ + K ⊙ d`` with ``K = k_base · k_row + k_fine · α_offset`` (``k_row``: one factor per unit along
-        dim 0, or 1), write ``d`` over ``dirs`` (after the parameter-level α update ``alpha[i]`` has read the
-        previous direction) and set ``dir_scales[i]`` to ``u_factor`` × the direction's ``scale`` (see
-        :class:`Directions`), so that ``u = dir_scale · dir``."""
-        raise NotImplementedError(f"the {self.name} rule has no fused kernel")
-
-    def fused_sources(self, states: list[dict], group: dict, dirs: list[Tensor | None]) -> list[tuple]:
-        """Where the fused pass 1 finds each tensor's previous direction, ``(dir, m, v, shift)`` (see
-        :func:`hf_camhd.optim._fused.partial_sums`): the kept one by default."""
-        return [(d, None, None, 0.0) for d in dirs]
+    """State tensors shaped like the parameter that :meth:`fused_first` reads (``None``: no fused kernel)."""
 
     def fused_first(self, params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
-                    dirs: list[Tensor], unit_counts: list[int | None], norms: bool, dir_scales: list[Tensor],
+                    dirs: list[Tensor], level, unit_counts: list[int | None], norms: bool, dir_scales: list[Tensor],
                     u_factor: float) -> PassA:
-        """The fused CPU pass A (trees without a parameter level, :mod:`hf_camhd.optim._fused`): per tensor, the
-        sums ``[Σ g·dir, 0, Σ g², Σ dir²]`` of the previous direction (per unit too, with a unit count), then the
-        base state and the new direction written over ``dirs``, and ``dir_scales[i] ← u_factor · scale_i``.
-        Returns the sums and what pass B needs (:class:`PassA`)."""
+        """The fused CPU pass A (:mod:`hf_camhd.optim._fused`): per tensor, the sums ``[Σ g·dir, Σ off·g·dir, Σ g²,
+        Σ dir²]`` of the previous direction (per unit too, with a unit count), the parameter level's offsets
+        (``level``, a :class:`~hf_camhd.optim._fused.ParamLevel`, or ``None``), then the base state and the new
+        direction written over ``dirs``, and ``dir_scales[i] ← u_factor · scale_i``. Returns the sums and what
+        pass B needs (:class:`PassA`)."""
         raise NotImplementedError(f"the {self.name} rule has no fused kernel")
 
 
@@ -211,25 +196,14 @@ class SGDRule(BaseRule):
 
     fused_state_keys = ("momentum_buffer",)
 
-    def fused_update(self, params, grads, states, group, dirs, offsets, k_rows, k_base, k_fine, alpha, dir_scales,
-                     u_factor):
+    def fused_first(self, params, grads, states, group, dirs, level, unit_counts, norms, dir_scales, u_factor):
         wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
         kind = 0 if mu == 0 else (2 if group["nesterov"] else 1)
         bufs, first = zip(*(self._momentum_buffer(p, s, kind) for p, s in zip(params, states)))
-        _fused.sgd(params, grads, dirs, offsets, list(bufs), list(first), alpha, k_rows, k_base, k_fine, wd, kind,
-                   mu, damp, dir_scales, [u_factor] * len(params))
-
-    def fused_first(self, params, grads, states, group, dirs, unit_counts, norms, dir_scales, u_factor):
-        wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
-        kind = 0 if mu == 0 else (2 if group["nesterov"] else 1)
-        bufs, first = zip(*(self._momentum_buffer(p, s, kind) for p, s in zip(params, states)))
-        sums, rows = _fused.sgd_first(params, grads, dirs, list(bufs), list(first), unit_counts, norms, wd, kind, mu,
-                                      damp, dir_scales, [u_factor] * len(params))
+        sums, rows = _fused.sgd_first(params, grads, dirs, list(bufs), list(first), level, unit_counts, norms, wd,
+                                      kind, mu, damp, dir_scales, [u_factor] * len(params))
         # the directions pass B applies: the kept ones, else the momentum buffers (just updated)
         return PassA(sums, rows, None, [b if d is None else d for d, b in zip(dirs, bufs)])
-
-    def fused_sources(self, states, group, dirs):
-        return [(s.get("momentum_buffer") if d is None else d, None, None, 0.0) for d, s in zip(dirs, states)]
 
     @staticmethod
     def _momentum_buffer(p: Tensor, state: dict, kind: int) -> tuple[Tensor | None, bool]:
@@ -386,41 +360,17 @@ class AdamRule(BaseRule):
 
     fused_state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
-    def fused_update(self, params, grads, states, group, dirs, offsets, k_rows, k_base, k_fine, alpha, dir_scales,
-                     u_factor):
-        beta1, beta2 = group["betas"]
-        wd = group["weight_decay"]
-        scale, shift, prev_shift = self._bias_terms(states, group, previous=True)
-        decoupled = self.decoupled and wd != 0
-        l2 = 0.0 if self.decoupled else wd
-        # θ ← θ (1 + λK) + K · c ⊙ q and d = q + (λ / c) θ_old (see apply_update_foreach), K = ka + kb · α_offset
-        ka = [k * c for k, c in zip(k_base, scale)]
-        kb = [k * c for k, c in zip(k_fine, scale)]
-        zeros = [0.0] * len(params)
-        _fused.adam(params, grads, dirs, offsets, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                    [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None, alpha, k_rows, ka, kb,
-                    decoupled, [wd * k for k in k_base] if decoupled else zeros,
-                    [wd * k for k in k_fine] if decoupled else zeros, [wd / c for c in scale] if decoupled else zeros,
-                    l2, beta1, beta2, shift, prev_shift, dir_scales, [u_factor * c for c in scale])
-
-    def fused_first(self, params, grads, states, group, dirs, unit_counts, norms, dir_scales, u_factor):
+    def fused_first(self, params, grads, states, group, dirs, level, unit_counts, norms, dir_scales, u_factor):
         beta1, beta2 = group["betas"]
         scale, shift, prev_shift = self._bias_terms(states, group, previous=True)
         # dir = q here; with decoupled decay pass B adds (λ / c) θ_old to it (see PassA)
         sums, rows = _fused.adam_first(
             params, grads, dirs, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None, unit_counts, norms,
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None, level, unit_counts, norms,
             0.0 if self.decoupled else group["weight_decay"], beta1, beta2, shift, prev_shift, dir_scales,
             [u_factor * c for c in scale])
         quotients = None if all(d is not None for d in dirs) else (*self._moments(states, group), shift)
         return PassA(sums, rows, scale, dirs, quotients, group["weight_decay"] if self.decoupled else 0.0)
-
-    def fused_sources(self, states, group, dirs):
-        if all(d is not None for d in dirs):
-            return super().fused_sources(states, group, dirs)
-        _, shift = self._bias_terms(states, group, count=False)
-        ms, vs = self._moments(states, group)
-        return [(d, None, None, 0.0) if d is not None else (None, m, v, sh) for d, m, v, sh in zip(dirs, ms, vs, shift)]
 
 
 def _sqrt(x):

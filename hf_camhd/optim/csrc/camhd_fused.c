@@ -2,17 +2,16 @@
  * Fused CPU kernels of the CAM-HD step (hf_camhd.optim._fused). Plain C99 + OpenMP, no Python or
  * torch headers: the Python side passes data pointers of contiguous CPU tensors through ctypes.
  *
- * Trees with a parameter level take pass 1 and pass 2, trees without one pass A and pass B; every entry point
- * runs over all tensors of a param group (and dtype) in one call:
- *   camhd_hsum_many_<t>    pass 1: sum g*dir, sum off*g*dir and (normalized rule) sum g*g, sum dir*dir, per tensor
- *                          and (units along dim 0, rows of row_len elements) per unit
- *   camhd_adam_many_<t>    pass 2: parameter-level alpha update, Adam/AdamW moments, theta update, next dir
- *   camhd_sgd_many_<t>     pass 2: the same with SGD / momentum / Nesterov
- *   camhd_adam_a_many_<t>  pass A: pass 1's sums, the Adam state and the next dir in one loop
- *   camhd_sgd_a_many_<t>   pass A for SGD
- *   camhd_apply_many_<t>   pass B: theta <- theta + K * dir
+ * Every step takes two passes over memory (pass A, the hyper-update, pass B); every entry point runs over all
+ * tensors of a param group (and dtype) in one call:
+ *   camhd_adam_a_many_<t>  pass A: sum g*dir_old (and sum off*g*dir_old with a parameter level, sum g*g and
+ *                          sum dir_old^2 for the normalized rule), per tensor and (units along dim 0, rows of row_len
+ *                          elements) per unit; the parameter level's element-wise alpha update; the Adam state and
+ *                          the next dir, in one loop
+ *   camhd_sgd_a_many_<t>   pass A for SGD / momentum / Nesterov
  *   camhd_hyper_step_<t>   between the passes: alpha of every level but the parameter level, gamma and the
- *                          combined rates from the passes' sums (camhd_hyper_impl.h; <t>: the hyper-state dtype)
+ *                          combined rates from pass A's sums (camhd_hyper_impl.h; <t>: the hyper-state dtype)
+ *   camhd_apply_many_<t>   pass B: theta <- theta + K * dir
  *
  * The kernels are written once in camhd_fused_impl.h and included for float (f32) and double (f64).
  * Sums accumulate in double, in an order fixed by the shapes alone (never by the thread count or timing): each
@@ -66,66 +65,30 @@ static camhd_chunk *camhd_chunks(int64_t nt, const int64_t *sizes, const int64_t
     return c;
 }
 
-/* the flag bits of a parameter-level alpha update (off: the offsets, or NULL; do_alpha: 0 none, 1 additive,
- * 2 normalized): OFF | UPD << 1 of the pass-2 codes */
-static inline int camhd_off_code(const void *off, int do_alpha) {
-    return off ? 1 | (do_alpha < 0 ? 0 : (do_alpha > 2 ? 2 : do_alpha)) << 1 : 0;
-}
-
-/* Every flag combination of a loop as a switch case with constant flags (branch-free loops that vectorise).
- * DRV: where the previous direction comes from (see CAMHD_OLD_DIR in camhd_fused_impl.h); in the SGD codes it
- * is stored as 0 (stored), 1 (none: 0) or 2 (the heavy-ball buffer) and mapped back to 0 / 2 / 3. */
-#define HSUM_CASE(OFF, NORMS, DRV)                                                                   \
-    case (OFF | NORMS << 1 | DRV << 2):                                                            \
-        SFX(hsum_loop)(g, dir, off, mq, vq, sp, lo, hi, OFF, NORMS, DRV, s);                        \
+/* Every flag combination of a pass-A loop as a switch case with constant flags (branch-free loops that vectorise):
+ * norms, decoupled, amsgrad, L2, derived, offsets / norms, L2, first, momentum, derived, offsets. DRV: where the
+ * previous direction comes from (see CAMHD_OLD_DIR in camhd_fused_impl.h); in the SGD codes it is stored as
+ * 0 (stored), 1 (none: 0) or 2 (the heavy-ball buffer) and mapped back to 0 / 2 / 3. */
+#define ADAM_A_CASE(NORMS, DEC, AMS, L2, DRV, OFF)                                                   \
+    case (NORMS | DEC << 1 | AMS << 2 | L2 << 3 | DRV << 4 | OFF << 5):                            \
+        SFX(adam_a_loop)(p, g, dir, m, v, vmax, off, oc, olo, ohi, oa0, lo, hi, NORMS, DEC, AMS, L2, DRV, OFF, \
+                         dd, wd, w1, b2, w2, shift, sp, s);                                         \
         break;
-#define HSUM_CASES_D(DRV) HSUM_CASE(0, 0, DRV) HSUM_CASE(1, 0, DRV) HSUM_CASE(0, 1, DRV) HSUM_CASE(1, 1, DRV)
-#define HSUM_CASES HSUM_CASES_D(0) HSUM_CASES_D(1) HSUM_CASES_D(2)
-
-/* pass 2 (OFF=0 implies UPD=0) */
-#define ADAM_CASE(OFF, UPD, DEC, AMS, L2, DRV)                                                       \
-    case (OFF | UPD << 1 | DEC << 3 | AMS << 4 | L2 << 5 | DRV << 6):                              \
-        SFX(adam_loop)(p, g, dir, off, m, v, vmax, lo, hi, OFF, UPD, DEC, AMS, L2, DRV, c, olo, ohi, oa0, \
-                       ka, kb, da, db, dd, wd, w1, b2, w2, shift, sp);                              \
-        break;
-#define ADAM_CASES_OFF(DEC, AMS, L2, DRV) ADAM_CASE(0, 0, DEC, AMS, L2, DRV)                          \
-    ADAM_CASE(1, 0, DEC, AMS, L2, DRV) ADAM_CASE(1, 1, DEC, AMS, L2, DRV) ADAM_CASE(1, 2, DEC, AMS, L2, DRV)
-#define ADAM_CASES_D(DRV) ADAM_CASES_OFF(0, 0, 0, DRV) ADAM_CASES_OFF(1, 0, 0, DRV)                   \
-    ADAM_CASES_OFF(0, 1, 0, DRV) ADAM_CASES_OFF(1, 1, 0, DRV) ADAM_CASES_OFF(0, 0, 1, DRV)              \
-    ADAM_CASES_OFF(1, 0, 1, DRV) ADAM_CASES_OFF(0, 1, 1, DRV) ADAM_CASES_OFF(1, 1, 1, DRV)
-#define ADAM_CASES ADAM_CASES_D(0) ADAM_CASES_D(1)
-
-#define SGD_CASE(OFF, UPD, L2, FIRST, MOM, DRV)                                                      \
-    case (OFF | UPD << 1 | L2 << 3 | FIRST << 4 | MOM << 5 | DRV << 7):                            \
-        SFX(sgd_loop)(p, g, dir, off, buf, lo, hi, OFF, UPD, MOM, FIRST, L2, DRV ? DRV + 1 : 0, c, olo, \
-                      ohi, oa0, ka, kb, wd, mu, dm);                                                \
-        break;
-#define SGD_CASES_OFF(L2, FIRST, MOM, DRV) SGD_CASE(0, 0, L2, FIRST, MOM, DRV)                        \
-    SGD_CASE(1, 0, L2, FIRST, MOM, DRV) SGD_CASE(1, 1, L2, FIRST, MOM, DRV) SGD_CASE(1, 2, L2, FIRST, MOM, DRV)
-#define SGD_CASES_MOM(L2, MOM, DRV) SGD_CASES_OFF(L2, 0, MOM, DRV) SGD_CASES_OFF(L2, 1, MOM, DRV)
-#define SGD_CASES_D(DRV) SGD_CASES_MOM(0, 0, DRV) SGD_CASES_MOM(1, 0, DRV) SGD_CASES_MOM(0, 1, DRV)    \
-    SGD_CASES_MOM(1, 1, DRV) SGD_CASES_MOM(0, 2, DRV) SGD_CASES_MOM(1, 2, DRV)
-/* the derived codes only with heavy ball (MOM 1): a zero direction (1) on its first step, the buffer (2) after */
-#define SGD_CASES SGD_CASES_D(0) SGD_CASES_OFF(0, 1, 1, 1) SGD_CASES_OFF(1, 1, 1, 1)                  \
-    SGD_CASES_OFF(0, 0, 1, 2) SGD_CASES_OFF(1, 0, 1, 2)
-
-/* pass A: every flag combination (norms, decoupled, amsgrad, L2, derived / norms, L2, first, momentum, derived) */
-#define ADAM_A_CASE(NORMS, DEC, AMS, L2, DRV)                                                        \
-    case (NORMS | DEC << 1 | AMS << 2 | L2 << 3 | DRV << 4):                                       \
-        SFX(adam_a_loop)(p, g, dir, m, v, vmax, lo, hi, NORMS, DEC, AMS, L2, DRV, dd, wd, w1, b2, w2, shift, \
-                         sp, s);                                                                    \
-        break;
-#define ADAM_A_CASES_N(DEC, AMS, L2, DRV) ADAM_A_CASE(0, DEC, AMS, L2, DRV) ADAM_A_CASE(1, DEC, AMS, L2, DRV)
+#define ADAM_A_CASES_N(DEC, AMS, L2, DRV) ADAM_A_CASE(0, DEC, AMS, L2, DRV, 0)                        \
+    ADAM_A_CASE(1, DEC, AMS, L2, DRV, 0) ADAM_A_CASE(0, DEC, AMS, L2, DRV, 1) ADAM_A_CASE(1, DEC, AMS, L2, DRV, 1)
 #define ADAM_A_CASES_D(DRV) ADAM_A_CASES_N(0, 0, 0, DRV) ADAM_A_CASES_N(1, 0, 0, DRV)                 \
     ADAM_A_CASES_N(0, 1, 0, DRV) ADAM_A_CASES_N(1, 1, 0, DRV) ADAM_A_CASES_N(0, 0, 1, DRV)              \
     ADAM_A_CASES_N(1, 0, 1, DRV) ADAM_A_CASES_N(0, 1, 1, DRV) ADAM_A_CASES_N(1, 1, 1, DRV)
 #define ADAM_A_CASES ADAM_A_CASES_D(0) ADAM_A_CASES_D(1)
-#define SGD_A_CASE(NORMS, L2, FIRST, MOM, DRV)                                                       \
-    case (NORMS | L2 << 1 | FIRST << 2 | MOM << 3 | DRV << 5):                                     \
-        SFX(sgd_a_loop)(p, g, dir, buf, lo, hi, NORMS, MOM, FIRST, L2, DRV ? DRV + 1 : 0, wd, mu, dm, s); \
+#define SGD_A_CASE(NORMS, L2, FIRST, MOM, DRV, OFF)                                                  \
+    case (NORMS | L2 << 1 | FIRST << 2 | MOM << 3 | DRV << 5 | OFF << 7):                          \
+        SFX(sgd_a_loop)(p, g, dir, buf, off, oc, olo, ohi, oa0, lo, hi, NORMS, MOM, FIRST, L2,          \
+                        DRV ? DRV + 1 : 0, OFF, wd, mu, dm, s);                                     \
         break;
-#define SGD_A_CASES_N(L2, FIRST, MOM, DRV) SGD_A_CASE(0, L2, FIRST, MOM, DRV) SGD_A_CASE(1, L2, FIRST, MOM, DRV)
+#define SGD_A_CASES_N(L2, FIRST, MOM, DRV) SGD_A_CASE(0, L2, FIRST, MOM, DRV, 0)                      \
+    SGD_A_CASE(1, L2, FIRST, MOM, DRV, 0) SGD_A_CASE(0, L2, FIRST, MOM, DRV, 1) SGD_A_CASE(1, L2, FIRST, MOM, DRV, 1)
 #define SGD_A_CASES_F(L2, MOM) SGD_A_CASES_N(L2, 0, MOM, 0) SGD_A_CASES_N(L2, 1, MOM, 0)
+/* the derived codes only with heavy ball (MOM 1): a zero direction (1) on its first step, the buffer (2) after */
 #define SGD_A_CASES SGD_A_CASES_F(0, 0) SGD_A_CASES_F(1, 0) SGD_A_CASES_F(0, 1) SGD_A_CASES_F(1, 1)       \
     SGD_A_CASES_F(0, 2) SGD_A_CASES_F(1, 2) SGD_A_CASES_N(0, 1, 1, 1) SGD_A_CASES_N(1, 1, 1, 1)       \
     SGD_A_CASES_N(0, 0, 1, 2) SGD_A_CASES_N(1, 0, 1, 2)
@@ -161,7 +124,6 @@ typedef struct {
     double lr, hypergrad_lr, gamma_lr, smoothing_weight, alpha_min, alpha_max, alpha_inf, tau;
     void *node_sums;          /* out: (1 + n_block + n_layer, channels) global, block and layer sums */
     void *gradient;           /* out: (levels) dL/dgamma (when gamma_lr > 0) */
-    void *gamma_before;       /* out: (levels) gamma of step t-1 */
     void *rates;              /* out: (nt + 2) w of every tensor, then tau gamma_unit and tau gamma_param */
 } camhd_hyper_args;
 

@@ -1,5 +1,5 @@
 /* The hyper-update of a fused CPU step for one hyper-state dtype: included by camhd_fused.c with T, SFX(name) and
- * SQRT defined. Steps 2-4 of docs/algorithm.md on the few numbers pass A / pass 1 leave (a handful per tensor and
+ * SQRT defined. Steps 2-4 of docs/algorithm.md on the few numbers pass A leaves (a handful per tensor and
  * node), in the order and with the roundings of the torch implementation (hf_camhd.optim._functional.hyper_update
  * and combined_rates): one call instead of some eighty tiny tensor operations. */
 
@@ -139,7 +139,6 @@ int SFX(camhd_hyper_step)(const camhd_hyper_args *a) {
                 if (a->pos_param >= 0) G[a->pos_param] = (T)param_part + (T)a->lr * node[0];
                 for (int64_t j = 0; j < L; j++) G[j] = SFX(hyper_finite_or_0)(G[j]);
             }
-            for (int64_t j = 0; j < L; j++) ((T *)a->gamma_before)[j] = gamma[j];
             SFX(hyper_new_alpha)(ag, node, (T *)a->stats_global, (const T *)a->beta_global, 1, gamma[0], a);
             if (a->pos_block >= 0)
                 SFX(hyper_new_alpha)(ab, blocks, (T *)a->stats_block, (const T *)a->beta_block, nb,
