@@ -545,7 +545,8 @@ class CAMHDOptimizer(Optimizer):
 
     @property
     def skipped_steps(self) -> int:
-        """Number of steps whose hyper-update was skipped because the hyper-gradient was not finite."""
+        """Number of steps whose hyper-update was skipped because the hyper-gradient Σh was not finite (α of the
+        node levels and γ kept their values; the parameter level, element-wise, moved where its own h was finite)."""
         return int(self.param_groups[0][SKIPPED])
 
     def hypergrad_direction(self, p: Tensor) -> Tensor | None:
