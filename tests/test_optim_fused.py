@@ -3,6 +3,9 @@ they apply, a clear error where ``fused=True`` cannot be honoured, and a silent 
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+
 import pytest
 import torch
 from torch import nn
@@ -284,13 +287,19 @@ def test_kernels_compile_once_into_the_cache(monkeypatch, tmp_path):
         monkeypatch.setattr(_fused, "_loaded", False)
         monkeypatch.setattr(_fused, "_lib", None)
         assert _fused.load() is not None, _fused.unavailable_reason()
-    assert [p.name.startswith("camhd_fused-") and p.suffix == ".so" for p in tmp_path.iterdir()] == [True]
+    built = list(tmp_path.iterdir())  # one library, no objects or temporary files left behind
+    assert [p.name.startswith("camhd_fused-") and p.suffix == ".so" for p in built] == [True]
     blocked = tmp_path / "a-file"  # a cache path that cannot be created: the per-user temporary folder is used
     blocked.write_text("")
     monkeypatch.setenv("HF_CAMHD_CACHE", str(blocked / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    fallback = _fused._writable_dirs()[1]
+    fallback.mkdir(parents=True)
+    shutil.copy(built[0], fallback / built[0].name)  # found there: no second build
     monkeypatch.setattr(_fused, "_loaded", False)
     monkeypatch.setattr(_fused, "_lib", None)
     assert _fused.load() is not None, _fused.unavailable_reason()
+    assert _fused._lib._name == str(fallback / built[0].name)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(_fused, "_loaded", False)
     monkeypatch.setattr(_fused, "_lib", None)

@@ -127,6 +127,9 @@ typedef struct {
     void *rates;              /* out: (nt + 2) w of every tensor, then tau gamma_unit and tau gamma_param */
 } camhd_hyper_args;
 
+/* CAMHD_PART 1: the float kernels only, 2: the double ones only (two objects the build compiles at the same time,
+ * then links); undefined: both */
+#if !defined(CAMHD_PART) || CAMHD_PART == 1
 #define T float
 #define SFX(name) name##_f32
 #define SQRT sqrtf
@@ -135,7 +138,9 @@ typedef struct {
 #undef T
 #undef SFX
 #undef SQRT
+#endif
 
+#if !defined(CAMHD_PART) || CAMHD_PART == 2
 #define T double
 #define SFX(name) name##_f64
 #define SQRT sqrt
@@ -144,3 +149,4 @@ typedef struct {
 #undef T
 #undef SFX
 #undef SQRT
+#endif
