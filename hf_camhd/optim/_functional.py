@@ -619,7 +619,8 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
                                     adapt=adapt)                                                    # 2–4
     unit_k = _fused_unit_factors(step, rates, index, cfg.lr) if counts[0] is not None else None
     for (group, members, s), a in zip(step.groups, passes):                                        # 6
-        k_rows, ka, da, dd, kb, db = [], [], [], [], [], []
+        k_rows, ka, da, dd = [], [], [], []
+        kb, db = ([], []) if level is not None else (None, None)
         fine = -s * rates.fine_coef  # multiplies α_param − α₀ (with a parameter level)
         for m, c in zip(members, a.scale if a.scale is not None else [1.0] * len(members)):
             if counts[m] is not None:  # the unit's rate multiplies ka and da row by row
@@ -631,8 +632,9 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
             ka.append(k * c)
             da.append(a.decay * k)
             dd.append(a.decay / c if a.decay else 0.0)
-            kb.append(fine * c)
-            db.append(a.decay * fine)
+            if level is not None:
+                kb.append(fine * c)
+                db.append(a.decay * fine)
         _fused.apply_many([step.params[m] for m in members], a.dirs, k_rows, ka, da, dd, a.quotients,
                           ([step.offsets[m] for m in members], kb, db) if level is not None else None)
     return diag
@@ -649,7 +651,8 @@ def _fused_param_level(step: StepTensors, hyper: HyperState, index: TreeIndex, c
     elif adapt:
         gamma_param = hyper.gamma[cfg.position("parameter")].item()
         coefs = (scales * (-index.beta_param * gamma_param)).tolist()
-    lo, hi = zip(*(cfg.offset_bounds(o.dtype) for o in step.offsets))
+    bounds = {dtype: cfg.offset_bounds(dtype) for dtype in {o.dtype for o in step.offsets}}
+    lo, hi = zip(*(bounds[o.dtype] for o in step.offsets))
     return _fused.ParamLevel(step.offsets, coefs, list(lo), list(hi), cfg.lr)
 
 

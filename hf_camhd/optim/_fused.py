@@ -23,11 +23,11 @@ Schedule-Free keep it.
 
 The C source is compiled on first use with the system C compiler (``$CC``, else ``cc`` / ``gcc``), with
 OpenMP when the compiler has it, into ``$HF_CAMHD_CACHE`` (default ``~/.cache/hf_camhd``), keyed by a hash
-of the source, the compiler and the flags — once per machine (about 1.5 minutes with gcc on 2 cores, the float and
-the double kernels compiled at the same time: every specialisation is built for AVX-512, AVX2 and baseline x86-64). ``-O2`` with the vectoriser on (what ``-O3``
-adds that these kernels use) and ``-ffp-contract=off``. Without a compiler
-:func:`load` returns ``None`` (and :func:`unavailable_reason` says why): ``fused=None`` falls back to the
-foreach path, ``fused=True`` raises. It needs no Python or torch headers: tensors are passed as data
+of the source, the compiler and the flags — once per machine (about 1.5 minutes with gcc on 2 cores, the float
+and the double kernels compiled at the same time: every specialisation is built for AVX-512, AVX2 and baseline
+x86-64). ``-O2`` with the vectoriser on (what ``-O3`` adds that these kernels use) and ``-ffp-contract=off``.
+Without a compiler :func:`load` returns ``None`` (and :func:`unavailable_reason` says why): ``fused=None`` falls
+back to the foreach path, ``fused=True`` raises. It needs no Python or torch headers: tensors are passed as data
 pointers through :mod:`ctypes` (which releases the GIL during the call).
 
 Eligible steps: CPU tensors, float32 or float64, stored densely (contiguous or channels-last), with gradients
