@@ -135,8 +135,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet18,bert-base")
     ap.add_argument("--bases", default="adam,adamw,sgd")
-    ap.add_argument("--steps", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=3)
+    # note: 40 steps: on a shared 2-core machine one step's time varies by ±25 %, and the median of 15 moved the
+    # ratios by ±0.1 between runs; the first few steps of torch's fused step run slower, hence 5 warm-up
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--gamma-lr", type=float, default=0.01, help="δ used by the CAM-HD runs (0 = fixed γ)")
     ap.add_argument("--compiled", action="store_true", help="add torch.compile(opt.step) rows")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA CAM-HD's default is its compiled step)")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from array import array
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -607,18 +608,21 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
     old_scales = _scalars(step.dir_scales)  # u_{t-1}'s factors, before pass A replaces them
     tau, adapt = decay_factor(cfg, t), adapts_now(cfg, t)
     level = _fused_param_level(step, hyper, index, cfg, old_scales, adapt) if step.offsets is not None else None
-    passes = []  # per group, in step order (a group's members are consecutive)
+    passes, levels = [], []  # per group, in step order (a group's members are consecutive)
     for group, members, s in step.groups:                                                           # 1, 2', 5
         pick = lambda xs: [xs[m] for m in members]  # noqa: E731
         rule.prepare_group(group)
+        levels.append(level.pick(members) if level is not None else None)
         passes.append(rule.fused_first(pick(step.params), pick(step.grads), pick(step.states), group,
-                                       pick(step.dirs), level.pick(members) if level is not None else None,
-                                       pick(counts), cfg.normalized, pick(step.dir_scales), -s * tau))
+                                       pick(step.dirs), levels[-1], pick(counts), cfg.normalized,
+                                       pick(step.dir_scales), -s * tau))
     rows = _joined([a.rows for a in passes]) if counts[0] is not None else None
-    rates, diag = _fused_hyper_step(step, hyper, index, cfg, t, _joined([a.sums for a in passes]), old_scales, rows,
-                                    adapt=adapt)                                                    # 2–4
+    sums = passes[0].sums
+    for a in passes[1:]:
+        sums = sums + a.sums  # (C arrays: joined end to end)
+    rates, diag = _fused_hyper_step(step, hyper, index, cfg, t, sums, old_scales, rows, adapt=adapt)  # 2–4
     unit_k = _fused_unit_factors(step, rates, index, cfg.lr) if counts[0] is not None else None
-    for (group, members, s), a in zip(step.groups, passes):                                        # 6
+    for (group, members, s), a, lv in zip(step.groups, passes, levels):                            # 6
         k_rows, ka, da, dd = [], [], [], []
         kb, db = ([], []) if level is not None else (None, None)
         fine = -s * rates.fine_coef  # multiplies α_param − α₀ (with a parameter level)
@@ -635,22 +639,23 @@ def _camhd_step_fused_cpu(step: StepTensors, hyper: HyperState, index: TreeIndex
             if level is not None:
                 kb.append(fine * c)
                 db.append(a.decay * fine)
-        _fused.apply_many([step.params[m] for m in members], a.dirs, k_rows, ka, da, dd, a.quotients,
-                          ([step.offsets[m] for m in members], kb, db) if level is not None else None)
+        _fused.apply_many(a.params, a.dirs, k_rows, ka, da, dd, a.quotients,
+                          (lv.offset_list, kb, db) if lv is not None else None)
     return diag
 
 
-def _fused_param_level(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: HyperConfig, scales: Tensor,
+def _fused_param_level(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: HyperConfig, scales: array,
                        adapt: bool) -> _fused.ParamLevel:
     """Step 2' as pass A takes it: per tensor the coefficient of ``c · g ⊙ dir`` (``u = c · dir``) — additive
     ``−β_p γ_p c`` with γ_p of step t−1, normalized ``β sign(c)`` — or 0 when nothing adapts (then, as at γ_p = 0,
     the offsets stay exactly)."""
     coefs = [0.0] * len(step.offsets)
     if adapt and cfg.normalized:  # α (1 − β sign(c · g ⊙ dir))
-        coefs = [cfg.hypergrad_lr * (1.0 if c > 0 else -1.0 if c < 0 else 0.0) for c in scales.tolist()]
+        coefs = [cfg.hypergrad_lr * (1.0 if c > 0 else -1.0 if c < 0 else 0.0) for c in scales]
     elif adapt:
         gamma_param = hyper.gamma[cfg.position("parameter")].item()
-        coefs = (scales * (-index.beta_param * gamma_param)).tolist()
+        coef = -index.beta_param * gamma_param
+        coefs = [c * coef for c in scales]
     bounds = {dtype: cfg.offset_bounds(dtype) for dtype in {o.dtype for o in step.offsets}}
     lo, hi = zip(*(bounds[o.dtype] for o in step.offsets))
     return _fused.ParamLevel(step.offsets, coefs, list(lo), list(hi), cfg.lr)
@@ -658,37 +663,46 @@ def _fused_param_level(step: StepTensors, hyper: HyperState, index: TreeIndex, c
 
 @dataclass
 class FusedRates:
-    """Step 4 as the kernels take it: ``w`` of every tensor as Python floats and as a tensor (its first T entries: for
-    the unit level's per-row factors), ``τ γ_unit`` and ``τ γ_param`` (:class:`Rates`' fields, read once)."""
+    """Step 4 as the kernels take it: ``w`` of every tensor as Python floats (and :attr:`w_tensor`, a tensor whose
+    first T entries are ``w``: for the unit level's per-row factors), ``τ γ_unit`` and ``τ γ_param``
+    (:class:`Rates`' fields, read once). ``out``: the C array the hyper-update wrote them to."""
 
     w: list[float]
-    w_tensor: Tensor
+    out: array
+    dtype: torch.dtype
     unit_coef: float
     fine_coef: float
 
+    @property
+    def w_tensor(self) -> Tensor:
+        return torch.frombuffer(self.out, dtype=self.dtype)
 
-def _fused_hyper_step(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: HyperConfig, t, totals: Tensor | None,
-                      scales: Tensor, rows: Tensor | None, *, adapt: bool) -> tuple[FusedRates, dict]:
+
+def _fused_hyper_step(step: StepTensors, hyper: HyperState, index: TreeIndex, cfg: HyperConfig, t, totals: array,
+                      scales: array, rows: Tensor | None, *, adapt: bool) -> tuple[FusedRates, dict]:
     """What the torch implementation does between the passes (the node sums of step 1, :func:`hyper_update` when
     ``adapt``, :func:`combined_rates`) in one C call on the host, with the same order of operations and roundings
     (sums of many terms are added in float64): some eighty tiny tensor operations of a few microseconds each
-    become one. ``totals``: the kernels' ``(T, 4)`` sums ``[Σ g·dir, Σ off·g·dir, Σ g², Σ dir²]``; ``scales``: the
-    factors c of ``u_{t−1} = c · dir``; ``rows``: the same sums per unit (:func:`_fused_unit_sums`).
+    become one. ``totals``: the kernels' ``T × 4`` sums ``[Σ g·dir, Σ off·g·dir, Σ g², Σ dir²]`` (a float64 C array);
+    ``scales``: the factors c of ``u_{t−1} = c · dir`` (ditto); ``rows``: the same sums per unit
+    (:func:`_fused_unit_sums`). Its output is a C array too: between the passes every cache is cold, and each
+    kind of torch operation then costs some 100 µs.
 
     Returns the rates and the diagnostics of :func:`hyper_update`."""
     gamma, coarse, stats = hyper.gamma, hyper.coarse, hyper.stats
     n, channels, levels = len(step.params), cfg.channels, len(cfg.levels)
     nodes = [coarse[lv].shape[0] if lv in coarse else 0 for lv in ("block", "layer")]
     size = (1 + sum(nodes)) * channels
-    out = torch.empty(n + 2 + size + levels, dtype=gamma.dtype)
-    rates_at, sums_at = out.data_ptr(), out.data_ptr() + (n + 2) * out.element_size()  # where C writes them
+    out = array(_ARRAY_CODES[gamma.dtype], bytes(gamma.element_size() * (n + 2 + size + levels)))
+    rates_at, sums_at = _fused.address(out), _fused.address(out) + (n + 2) * out.itemsize  # where C writes them
     block_of, layer_of = index.nodes_of(step.index)
     args = _fused.HyperArgs(
         nt=n, channels=channels, levels=levels, adapt=int(adapt), normalized=int(cfg.normalized),
         softmax=int(cfg.gamma_update == "softmax"), decay=int(cfg.decay_rate != 0), n_block=nodes[0], n_layer=nodes[1],
         **{f"pos_{lv}": cfg.levels.index(lv) if lv in cfg.levels else -1 for lv in ("block", "layer", "unit")},
         pos_param=cfg.levels.index("parameter") if "parameter" in cfg.levels else -1,
-        totals=_pointer(totals), scales=scales.data_ptr(), block_of=_pointer(block_of), layer_of=_pointer(layer_of),
+        totals=_fused.address(totals), scales=_fused.address(scales), block_of=_pointer(block_of),
+        layer_of=_pointer(layer_of),
         **{f"alpha_{lv}": _pointer(coarse.get(lv)) for lv in ("global", "block", "layer")},
         **{f"stats_{lv}": _pointer(stats.get(lv)) for lv in ("global", "block", "layer")},
         **{f"beta_{lv}": _pointer(index.beta.get(lv)) for lv in ("global", "block", "layer")},
@@ -696,20 +710,21 @@ def _fused_hyper_step(step: StepTensors, hyper: HyperState, index: TreeIndex, cf
         skipped=hyper.skipped.data_ptr(), lr=cfg.lr, hypergrad_lr=cfg.hypergrad_lr, gamma_lr=cfg.gamma_lr,
         smoothing_weight=1.0 - cfg.hypergrad_smoothing, alpha_min=cfg.alpha_min, alpha_max=cfg.alpha_max,
         alpha_inf=cfg.alpha_inf, tau=decay_factor(cfg, t), node_sums=sums_at,
-        gradient=sums_at + size * out.element_size(),
+        gradient=sums_at + size * out.itemsize,
         rates=rates_at)
     held = _fused_unit_sums(step, rows, scales, gamma, cfg, index, args) if rows is not None and adapt else ()
     moved = _fused.hyper_step(args, gamma.dtype)  # (held: what args points to, alive until here)
     del held
     values = out.tolist()
-    rates = FusedRates(values[:n], out, values[n], values[n + 1])
+    rates = FusedRates(values[:n], out, gamma.dtype, values[n], values[n + 1])
     if not adapt:
         return rates, {}
 
     def diagnostics() -> dict:  # hyper_update's, as views of the C call's output
-        node_sums = out[n + 2:n + 2 + size].view(-1, channels).split([1, *nodes])
+        written = torch.frombuffer(out, dtype=gamma.dtype)
+        node_sums = written[n + 2:n + 2 + size].view(-1, channels).split([1, *nodes])
         sums = {lv: x for lv, x in zip(("global", "block", "layer"), node_sums) if lv in coarse}
-        gradient = out[n + 2 + size:n + 2 + size + levels] if moved and cfg.gamma_lr > 0 else None
+        gradient = written[n + 2 + size:n + 2 + size + levels] if moved and cfg.gamma_lr > 0 else None
         return dict(finite=torch.tensor(moved), G=gradient, sums=sums)
 
     return rates, DeferredDict(diagnostics)
@@ -737,22 +752,26 @@ class DeferredDict(Mapping):
         return len(self._get())
 
 
-def _scalars(values: list[Tensor]) -> Tensor:
-    """0-d CPU tensors as one float64 vector (read one by one: cheaper than stacking a few dozen)."""
-    return torch.tensor([v.item() for v in values], dtype=torch.float64)
+def _scalars(values: list[Tensor]) -> array:
+    """0-d CPU tensors as a float64 C array (read one by one: cheaper than stacking a few dozen)."""
+    return array("d", [v.item() for v in values])
+
+
+_ARRAY_CODES = {torch.float32: "f", torch.float64: "d"}  # the fused hyper-update's dtypes as array typecodes
 
 
 def _pointer(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _fused_unit_sums(step: StepTensors, rows: Tensor, scales: Tensor, home: Tensor, cfg: HyperConfig,
+def _fused_unit_sums(step: StepTensors, rows: Tensor, scales: array, home: Tensor, cfg: HyperConfig,
                      index: TreeIndex, args) -> tuple:
     """The unit level's part of step 1 for :func:`_fused_hyper_step` (which ``args`` it fills in): the kernels'
     per-unit rows of every tensor (end to end) scaled by c (Σ g·u = c Σ g·dir; Σ u² = c² Σ dir²), added into their
     unit groups and, weighted by α_unit, into ∂f/∂γ_unit's part — a few ops for all tensors at once (the fused
     path is never sharded: every tensor is whole). Returns what ``args`` points to (to keep alive)."""
     plan = index.unit_plan(step.unit_groups, _unit_counts(step), rows.device)
+    scales = torch.frombuffer(scales, dtype=torch.float64)
     factors = torch.stack([scales, torch.ones_like(scales), scales * scales], 1)[:, :cfg.channels]
     scaled = _to(rows[:, [0, 2, 3][:cfg.channels]] * factors[plan.row_tensor], home)
     alphas = [step.unit_vectors[gi][0] for gi in plan.groups]

@@ -52,6 +52,7 @@ import warnings
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -251,7 +252,8 @@ class ParamLevel:
     """The parameter level's element-wise update in pass A, per tensor: the offsets ``off = α − α₀`` (updated in
     place, clamped to ``[lo, hi]``) and the coefficient ``coef`` of the rule — additive ``off + coef · g ⊙ dir_old``,
     normalized ``α (1 − coef · sign(g ⊙ dir_old))``, chosen by pass A's ``norms`` (the normalized rule is the one
-    that takes them); ``coef = 0``: the offsets stay. Entries where ``g ⊙ dir_old`` is not finite stay too."""
+    that takes them); ``coef = 0``: the offsets stay. Entries where ``g ⊙ dir_old`` is not finite stay too.
+    Pass B reads the same offsets (:attr:`offset_list`: their pointers are taken once per step)."""
 
     offsets: list[Tensor]
     coefs: list[float]
@@ -259,9 +261,11 @@ class ParamLevel:
     hi: list[float]
     a0: float
 
+    def __post_init__(self):
+        self.offset_list = PerTensor(self.offsets)
+
     def args(self) -> list:
-        return [_PerTensor(self.offsets), *(_PerTensor(x, ctypes.c_double) for x in (self.coefs, self.lo, self.hi)),
-                self.a0]
+        return [self.offset_list, *(PerTensor(x, ctypes.c_double) for x in (self.coefs, self.lo, self.hi)), self.a0]
 
     def pick(self, members: list[int]) -> ParamLevel:
         return ParamLevel(*([x[m] for m in members] for x in (self.offsets, self.coefs, self.lo, self.hi)), self.a0)
@@ -284,19 +288,49 @@ def c_array(ctype, values) -> array:
     return array(_TYPECODES[ctype], values or [0])
 
 
-class _PerTensor:
+class PerTensor:
     """One argument given per tensor, as a C array: tensors (or ``None``) → pointers (the whole argument ``NULL``
-    when every one is ``None``), or numbers of ``ctype``."""
+    when every one is ``None``), or numbers of ``ctype``. The arrays are built on first use and kept, so an
+    argument that both passes of a step take (the parameters, the moments, the offsets) is read once per step;
+    build a new one per step (the tensors' memory may move between steps)."""
 
     def __init__(self, values: list, ctype=ctypes.c_void_p):
         self.values, self.ctype = values, ctype
+        self._memo: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.values)
 
     def pick(self, idx: list[int]):
-        picked = self.values if len(idx) == len(self.values) else [self.values[i] for i in idx]
+        """The C array of the values at ``idx`` (pointers, or numbers of ``ctype``)."""
+        return self._memoized("pick", idx, self._array)
+
+    def sizes(self, idx: list[int]) -> array:
+        """The element counts of the tensors at ``idx``, as a C array."""
+        return self._memoized("sizes", idx, lambda ts: c_array(ctypes.c_int64, [t.numel() for t in ts]))
+
+    def by_dtype(self) -> list[list[int]]:
+        """Indices of the tensors grouped by dtype (a kernel call takes one), in order."""
+        return self._memoized("dtypes", range(len(self.values)), _by_dtype)
+
+    def _memoized(self, what: str, idx, build):
+        key = (what, None if len(idx) == len(self.values) else tuple(idx))
+        if key not in self._memo:
+            self._memo[key] = build(self.values if key[1] is None else [self.values[i] for i in idx])
+        return self._memo[key]
+
+    def _array(self, picked: list):
         if self.ctype is not ctypes.c_void_p:
             return c_array(self.ctype, picked)
         pointers = [0 if t is None else t.data_ptr() for t in picked]
         return c_array(ctypes.c_void_p, pointers) if any(pointers) else None
+
+
+TensorList = Union[list, PerTensor]  # a list of tensors (or None), or a PerTensor taken earlier in this step
+
+
+def _per_tensor(values: TensorList) -> PerTensor:
+    return values if isinstance(values, PerTensor) else PerTensor(values)
 
 
 _ROWS, _OUT = "rows", "out"  # markers: where the per-unit sum buffers and the (nt, 4) sums go in the arguments
@@ -316,15 +350,15 @@ def _row_len(p: Tensor, count: int) -> int:
     return p.numel() // count if count else 1
 
 
-def _run_many(kind: str, tensors: list[Tensor], args: list,
-              row_counts: list[int | None] | None = None) -> tuple[Tensor | None, Tensor | None]:
+def _run_many(kind: str, tensors: PerTensor, args: list,
+              row_counts: list[int | None] | None = None) -> tuple[array | None, Tensor | None]:
     """Call ``camhd_<kind>_many`` once per dtype of ``tensors`` with ``(nt, sizes, row_lens, *args)``.
-    ``args``: :class:`_PerTensor` lists, plain values, and the markers ``_ROWS`` / ``_OUT`` (per-unit and
-    per-tensor sum buffers, returned: a ``(T, 4)`` float64 tensor, and a ``(rows, 4)`` one holding the rows of
-    every tensor with ``row_counts[i]`` end to end, in order; else ``None``). ``row_counts[i]``: tensor i's rows
-    along dim 0 (units, or the rows of a per-unit rate), or ``None``."""
-    by_dtype = _by_dtype(tensors)
-    totals = torch.zeros(len(tensors), 4, dtype=torch.float64) if _OUT in args else None
+    ``args``: :class:`PerTensor` lists, plain values, and the markers ``_ROWS`` / ``_OUT`` (per-unit and
+    per-tensor sum buffers, returned: the sums of every tensor as a float64 C array of ``T × 4`` (row-major), and a
+    ``(rows, 4)`` float64 tensor holding the rows of every tensor with ``row_counts[i]`` end to end, in order; else
+    ``None``). ``row_counts[i]``: tensor i's rows along dim 0 (units, or the rows of a per-unit rate), or ``None``."""
+    by_dtype, values = tensors.by_dtype(), tensors.values
+    totals = sum_array(len(values)) if _OUT in args else None
     rows = row_at = None
     if _ROWS in args and row_counts is not None and any(c is not None for c in row_counts):
         row_at, n = [], 0
@@ -333,17 +367,17 @@ def _run_many(kind: str, tensors: list[Tensor], args: list,
             n += c or 0
         rows = torch.zeros(n, 4, dtype=torch.float64)
     for idx in by_dtype:
-        ts = [tensors[i] for i in idx] if len(by_dtype) > 1 else tensors
+        ts = [values[i] for i in idx] if len(by_dtype) > 1 else values
         counts = [None] * len(idx) if row_counts is None else [row_counts[i] for i in idx]
         row_lens = None if all(c is None for c in counts) else c_array(
             ctypes.c_int64, [0 if c is None else _row_len(t, c) for t, c in zip(ts, counts)])
-        out = totals if len(by_dtype) == 1 or totals is None else torch.zeros(len(idx), 4, dtype=torch.float64)
-        call = [c_array(ctypes.c_int64, [t.numel() for t in ts]), row_lens]
+        out = totals if len(by_dtype) == 1 or totals is None else sum_array(len(idx))
+        call = [tensors.sizes(idx), row_lens]
         for a in args:
-            if isinstance(a, _PerTensor):
+            if isinstance(a, PerTensor):
                 call.append(a.pick(idx))
             elif a is _OUT:
-                call.append(out.data_ptr())
+                call.append(address(out))
             elif a is _ROWS:
                 base = rows.data_ptr() if rows is not None else 0
                 call.append(None if row_lens is None else c_array(
@@ -354,8 +388,15 @@ def _run_many(kind: str, tensors: list[Tensor], args: list,
         if fn(len(idx), *(a.buffer_info()[0] if isinstance(a, array) else a for a in call)) != 0:
             raise MemoryError(f"camhd_{kind}_many could not allocate its chunk list ({len(idx)} tensors)")
         if out is not totals:
-            totals[idx] = out
+            for j, i in enumerate(idx):
+                totals[4 * i:4 * i + 4] = out[4 * j:4 * j + 4]
     return totals, rows
+
+
+def sum_array(n: int) -> array:
+    """A zeroed float64 C array for the ``(n, 4)`` sums of pass A. Not a tensor: around the passes every cache is
+    cold, and each kind of torch operation then costs some 100 µs."""
+    return array("d", bytes(32 * n))
 
 
 def _rows_of(k_rows: list[Tensor | None]) -> list[int | None]:
@@ -366,59 +407,63 @@ def _rows_of(k_rows: list[Tensor | None]) -> list[int | None]:
 # Pass A reads g and the previous direction once, for the sums, the parameter level's α and the base rule's update
 # that overwrites it; pass B moves θ once the rates are known.
 
-def adam_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor | None], exp_avgs: list[Tensor],
-               exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None, level: ParamLevel | None,
-               unit_counts: list[int | None], norms: bool, wd: float, beta1: float, beta2: float,
-               shifts: list[float], prev_shifts: list[float], u_scales: list[Tensor],
-               u_values: list[float]) -> tuple[Tensor, Tensor | None]:
+def adam_first(params: TensorList, grads: list[Tensor], dirs: TensorList, exp_avgs: TensorList, exp_avg_sqs: TensorList,
+               max_exp_avg_sqs: TensorList | None, level: ParamLevel | None, unit_counts: list[int | None],
+               norms: bool, wd: float, beta1: float, beta2: float, shifts: list[float], prev_shifts: list[float],
+               u_scales: list[Tensor], u_values: list[float]) -> tuple[array, Tensor | None]:
     """Pass A for Adam / AdamW on a list of tensors: returns the sums ``[Σ g·dir_old, Σ off·g·dir_old, Σ g²,
-    Σ dir_old²]`` of every tensor as a ``(T, 4)`` float64 tensor (the second with a parameter ``level``, the norms
-    with ``norms``) and per unit (``(units, 4)``: the units of every tensor with ``unit_counts[i]`` end to end), then
-    the parameter level's offsets (:class:`ParamLevel`), the moments (L2 decay ``wd`` enters the gradient) and
-    ``dir ← q = m / (sqrt(v) + shift)``; ``u_scales[i] ← u_values[i]``. ``dirs[i] = None``: the direction is not
-    kept; ``dir_old`` is rebuilt as ``m / (sqrt(v) + prev_shift)`` from the moments before the update."""
+    Σ dir_old²]`` of every tensor as a float64 C array of ``T × 4`` (the second with a parameter ``level``, the
+    norms with ``norms``) and per unit (a ``(units, 4)`` tensor: the units of every tensor with ``unit_counts[i]``
+    end to end), then the parameter level's offsets (:class:`ParamLevel`), the moments (L2 decay ``wd`` enters the
+    gradient) and ``dir ← q = m / (sqrt(v) + shift)``; ``u_scales[i] ← u_values[i]``. ``dirs[i] = None``: the
+    direction is not kept; ``dir_old`` is rebuilt as ``m / (sqrt(v) + prev_shift)`` from the moments before the
+    update. Tensor lists may be given as :class:`PerTensor` (pass B then reuses their pointers)."""
+    params = _per_tensor(params)
     n = len(params)
     return _run_many("adam_a", params, [
-        _PerTensor(params), _PerTensor(grads), _PerTensor(dirs), _PerTensor(exp_avgs), _PerTensor(exp_avg_sqs),
-        _PerTensor(max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * n),
+        params, PerTensor(grads), _per_tensor(dirs), _per_tensor(exp_avgs), _per_tensor(exp_avg_sqs),
+        _per_tensor(max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * n),
         *(level.args() if level is not None else _NO_LEVEL), _ROWS, int(norms), _OUT,
-        wd, 1.0 - beta1, beta2, 1.0 - beta2, _PerTensor(shifts, ctypes.c_double),
-        _PerTensor(prev_shifts, ctypes.c_double), _PerTensor(u_scales), _PerTensor(u_values, ctypes.c_double)],
+        wd, 1.0 - beta1, beta2, 1.0 - beta2, PerTensor(shifts, ctypes.c_double),
+        PerTensor(prev_shifts, ctypes.c_double), PerTensor(u_scales), PerTensor(u_values, ctypes.c_double)],
         unit_counts)
 
 
-def sgd_first(params: list[Tensor], grads: list[Tensor], dirs: list[Tensor], bufs: list[Tensor | None],
-              first: list[bool], level: ParamLevel | None, unit_counts: list[int | None], norms: bool, wd: float,
-              momentum: int, mu: float, dampening: float, u_scales: list[Tensor],
-              u_values: list[float]) -> tuple[Tensor, Tensor | None]:
+def sgd_first(params: TensorList, grads: list[Tensor], dirs: TensorList, bufs: TensorList, first: list[bool],
+              level: ParamLevel | None, unit_counts: list[int | None], norms: bool, wd: float, momentum: int,
+              mu: float, dampening: float, u_scales: list[Tensor], u_values: list[float]) -> tuple[array, Tensor | None]:
     """Pass A for SGD on a list of tensors (``momentum``: 0 plain, 1 heavy ball, 2 Nesterov; ``first[i]``: the
     buffer starts as the gradient, as torch's): the sums and the parameter ``level`` as :func:`adam_first`, then the
     buffers and ``dir ← d``. ``dirs[i] = None`` (heavy ball only): the direction is the buffer, not kept
     (``dir_old`` = the buffer before the update, 0 on the first step)."""
+    params = _per_tensor(params)
+    n = len(params)
     return _run_many("sgd_a", params, [
-        _PerTensor(params), _PerTensor(grads), _PerTensor(dirs), _PerTensor(bufs if momentum else [None] * len(params)),
-        _PerTensor([int(f) for f in first], ctypes.c_int32), *(level.args() if level is not None else _NO_LEVEL),
-        _ROWS, int(norms), _OUT, wd, momentum, mu, dampening, _PerTensor(u_scales),
-        _PerTensor(u_values, ctypes.c_double)], unit_counts)
+        params, PerTensor(grads), _per_tensor(dirs), _per_tensor(bufs) if momentum else PerTensor([None] * n),
+        PerTensor([int(f) for f in first], ctypes.c_int32), *(level.args() if level is not None else _NO_LEVEL),
+        _ROWS, int(norms), _OUT, wd, momentum, mu, dampening, PerTensor(u_scales),
+        PerTensor(u_values, ctypes.c_double)], unit_counts)
 
 
-def apply_many(params: list[Tensor], dirs: list[Tensor | None], k_rows: list[Tensor | None], ka: list[float],
-               da: list[float], dd: list[float], quotients: tuple[list, list, list] | None = None,
-               fine: tuple[list[Tensor], list[float], list[float]] | None = None) -> None:
+def apply_many(params: TensorList, dirs: TensorList, k_rows: list[Tensor | None], ka: list[float], da: list[float],
+               dd: list[float], quotients: tuple[TensorList, TensorList, list] | None = None,
+               fine: tuple[TensorList, list[float], list[float]] | None = None) -> None:
     """Pass B on a list of tensors: ``θ ← θ (1 + da) + ka · dir`` (``k_rows[i]``: float64, one factor per unit
     along dim 0 multiplying ka and da, or ``None``); with ``dd`` (decoupled decay) the stored direction becomes
     ``dir + dd · θ_old``. ``dirs[i] = None``: the direction is Adam's ``m / (sqrt(v) + shift)`` from
     ``quotients = (ms, vs, shifts)`` (not kept; ``dd[i]`` must be 0). ``fine = (offsets, kb, db)`` (a parameter
-    level): the rates are per element, ``ka + kb · off`` and ``da + db · off``."""
-    n = len(params)
-    ms, vs, shifts = quotients if quotients is not None else ([None] * n, [None] * n, None)
-    offsets, kb, db = fine if fine is not None else ([None] * n, None, None)
+    level): the rates are per element, ``ka + kb · off`` and ``da + db · off``. Tensor lists may be the
+    :class:`PerTensor` objects that pass A took."""
+    params = _per_tensor(params)
+    none = PerTensor([None] * len(params))
+    ms, vs, shifts = quotients if quotients is not None else (none, none, None)
+    offsets, kb, db = fine if fine is not None else (none, None, None)
     _run_many("apply", params, [
-        _PerTensor(params), _PerTensor(dirs), _PerTensor(ms), _PerTensor(vs), _PerTensor(offsets),
-        None if shifts is None else _PerTensor(shifts, ctypes.c_double), _PerTensor(k_rows),
-        _PerTensor(ka, ctypes.c_double), _PerTensor(da, ctypes.c_double),
-        *(None if x is None else _PerTensor(x, ctypes.c_double) for x in (kb, db)),
-        _PerTensor(dd, ctypes.c_double)], _rows_of(k_rows))
+        params, _per_tensor(dirs), _per_tensor(ms), _per_tensor(vs), _per_tensor(offsets),
+        None if shifts is None else PerTensor(shifts, ctypes.c_double), PerTensor(k_rows),
+        PerTensor(ka, ctypes.c_double), PerTensor(da, ctypes.c_double),
+        *(None if x is None else PerTensor(x, ctypes.c_double) for x in (kb, db)),
+        PerTensor(dd, ctypes.c_double)], _rows_of(k_rows))
 
 
 # ------------------------------------------------------------------------------------------ the hyper-update

@@ -15,6 +15,7 @@ agree, and one optimizer class that picks it.
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -46,19 +47,21 @@ class Directions:
 class PassA:
     """What a rule's fused pass A (:meth:`BaseRule.fused_first`) returns for the hyper-update and for pass B.
 
-    ``sums``: ``[Σ g·dir_old, Σ off·g·dir_old, Σ g², Σ dir_old²]`` per tensor, a ``(T, 4)`` float64 tensor;
+    ``sums``: ``[Σ g·dir_old, Σ off·g·dir_old, Σ g², Σ dir_old²]`` per tensor, a float64 C array of ``T × 4``;
     ``rows``: the same per unit, a ``(units, 4)`` tensor with every tensor's units end to end (``None`` without a unit
-    level). ``scale``: the per-tensor factor of :class:`Directions` that pass B multiplies the rate by (``None``: 1). ``dirs`` /
-    ``quotients``: the directions pass B applies, as :func:`hf_camhd.optim._fused.apply_many` takes them
-    (``quotients = (ms, vs, shifts)`` where ``dirs[i]`` is ``None``: Adam's ``m / (sqrt(v) + shift)``, not kept).
-    ``decay``: decoupled weight decay λ — pass B moves ``θ ← θ (1 + λK) + K · scale · dir`` and the stored direction
-    gains ``(λ / scale) θ_old``.
+    level). ``scale``: the per-tensor factor of :class:`Directions` that pass B multiplies the rate by (``None``: 1).
+    ``params`` / ``dirs`` / ``quotients``: what pass B moves and the directions it applies, as
+    :func:`hf_camhd.optim._fused.apply_many` takes them (``quotients = (ms, vs, shifts)`` where ``dirs[i]`` is
+    ``None``: Adam's ``m / (sqrt(v) + shift)``, not kept), the tensor lists as the :class:`~hf_camhd.optim._fused.
+    PerTensor` objects pass A took (their pointers are read once per step). ``decay``: decoupled weight decay λ —
+    pass B moves ``θ ← θ (1 + λK) + K · scale · dir`` and the stored direction gains ``(λ / scale) θ_old``.
     """
 
-    sums: Tensor
+    sums: array
     rows: Tensor | None
     scale: list[float] | None
-    dirs: list[Tensor | None]
+    params: _fused.PerTensor
+    dirs: _fused.TensorList
     quotients: tuple | None = None
     decay: float = 0.0
 
@@ -200,10 +203,11 @@ class SGDRule(BaseRule):
         wd, mu, damp = group["weight_decay"], group["momentum"], group["dampening"]
         kind = 0 if mu == 0 else (2 if group["nesterov"] else 1)
         bufs, first = zip(*(self._momentum_buffer(p, s, kind) for p, s in zip(params, states)))
+        params = _fused.PerTensor(params)
         sums, rows = _fused.sgd_first(params, grads, dirs, list(bufs), list(first), level, unit_counts, norms, wd,
-                                      kind, mu, damp, dir_scales, [u_factor] * len(params))
+                                      kind, mu, damp, dir_scales, [u_factor] * len(grads))
         # the directions pass B applies: the kept ones, else the momentum buffers (just updated)
-        return PassA(sums, rows, None, [b if d is None else d for d, b in zip(dirs, bufs)])
+        return PassA(sums, rows, None, params, [b if d is None else d for d, b in zip(dirs, bufs)])
 
     @staticmethod
     def _momentum_buffer(p: Tensor, state: dict, kind: int) -> tuple[Tensor | None, bool]:
@@ -289,7 +293,7 @@ class AdamRule(BaseRule):
         steps = [s["step"] for s in states]
         if count:
             # note: a tensor 1 on the steps' (CPU) device, as torch's Adam does: one fast multi-tensor add
-            torch._foreach_add_(steps, torch.ones((), dtype=steps[0].dtype, device=steps[0].device), alpha=1.0)
+            torch._foreach_add_(steps, _one(steps[0]), alpha=1.0)
         if torch.compiler.is_compiling():
             values = [s.double() for s in steps]
             bc2_sqrt = [_sqrt(1 - beta2 ** s) for s in values]
@@ -363,14 +367,31 @@ class AdamRule(BaseRule):
     def fused_first(self, params, grads, states, group, dirs, level, unit_counts, norms, dir_scales, u_factor):
         beta1, beta2 = group["betas"]
         scale, shift, prev_shift = self._bias_terms(states, group, previous=True)
+        params, dirs = _fused.PerTensor(params), _fused.PerTensor(dirs)
+        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+        ms, vs, *vmax = (_fused.PerTensor([s[key] for s in states]) for key in keys)
         # dir = q here; with decoupled decay pass B adds (λ / c) θ_old to it (see PassA)
         sums, rows = _fused.adam_first(
-            params, grads, dirs, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None, level, unit_counts, norms,
+            params, grads, dirs, ms, vs, vmax[0] if vmax else None, level, unit_counts, norms,
             0.0 if self.decoupled else group["weight_decay"], beta1, beta2, shift, prev_shift, dir_scales,
             [u_factor * c for c in scale])
-        quotients = None if all(d is not None for d in dirs) else (*self._moments(states, group), shift)
-        return PassA(sums, rows, scale, dirs, quotients, group["weight_decay"] if self.decoupled else 0.0)
+        quotients = None
+        if any(d is None for d in dirs.values):  # pass B rebuilds q from the moments pass A just updated
+            quotients = (ms, vmax[0] if vmax else vs, shift)
+        return PassA(sums, rows, scale, params, dirs, quotients, group["weight_decay"] if self.decoupled else 0.0)
+
+
+_ONES: dict = {}
+
+
+def _one(like: Tensor) -> Tensor:
+    """A 0-d tensor 1 of ``like``'s dtype and device, made once (eager; a fresh one while compiling)."""
+    if torch.compiler.is_compiling():
+        return torch.ones((), dtype=like.dtype, device=like.device)
+    key = (like.dtype, like.device)
+    if key not in _ONES:
+        _ONES[key] = torch.ones((), dtype=like.dtype, device=like.device)
+    return _ONES[key]
 
 
 def _sqrt(x):

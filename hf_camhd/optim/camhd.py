@@ -292,7 +292,7 @@ class CAMHDOptimizer(Optimizer):
             if lv == "parameter" and t % 100 and not every_step:
                 continue  # reading every parameter's rate costs a pass over memory: every 100th step only
             if lv in COARSE_LEVELS:
-                top = float(self.param_groups[0][alpha_key(lv)].max())
+                top = max(self.param_groups[0][alpha_key(lv)].tolist())  # (one op: a few nodes)
             else:
                 key, add = (ALPHA_UNIT, 0.0) if lv == "unit" else (ALPHA_OFFSET, lr)
                 held = [local(st[key]) for st in self.state.values() if key in st]
