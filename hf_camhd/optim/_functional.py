@@ -653,7 +653,7 @@ def _fused_param_level(step: StepTensors, hyper: HyperState, index: TreeIndex, c
     if adapt and cfg.normalized:  # α (1 − β sign(c · g ⊙ dir))
         coefs = [cfg.hypergrad_lr * (1.0 if c > 0 else -1.0 if c < 0 else 0.0) for c in scales]
     elif adapt:
-        gamma_param = hyper.gamma[cfg.position("parameter")].item()
+        gamma_param = hyper.gamma.tolist()[cfg.position("parameter")]  # (one op, not an index and an item)
         coef = -index.beta_param * gamma_param
         coefs = [c * coef for c in scales]
     bounds = {dtype: cfg.offset_bounds(dtype) for dtype in {o.dtype for o in step.offsets}}
