@@ -156,7 +156,8 @@ def main(argv=None) -> None:
     if args.allocator == "no-trim" and "MALLOC_TRIM_THRESHOLD_" not in os.environ:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 32), MALLOC_TRIM_THRESHOLD_=str(1 << 36))
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
-    where = (torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads")
+    where = (torch.cuda.get_device_name() if args.device == "cuda" else
+             f"{torch.get_num_threads()} CPU threads ({torch.backends.cpu.get_cpu_capability()})")
     print(f"torch {torch.__version__}, {where}, {args.dtype} parameters, median of {args.steps} steps after "
           f"{args.warmup} warm-up, gamma_lr={args.gamma_lr}, allocator={args.allocator}\n")
     print("| parameters | base | tree | kernels | step (ms) | × torch fused | × torch foreach | state bytes / param bytes |")
