@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import ctypes
 import math
-from array import array
 import warnings
+from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass
 
