@@ -23,7 +23,7 @@ Schedule-Free keep it.
 
 The C source is compiled on first use with the system C compiler (``$CC``, else ``cc`` / ``gcc``), with
 OpenMP when the compiler has it, into ``$HF_CAMHD_CACHE`` (default ``~/.cache/hf_camhd``), keyed by a hash
-of the source, the compiler and the flags — once per machine (about 1.5 minutes with gcc on 2 cores, the float
+of the source, the compiler and the flags — once per machine (2½–4 minutes with gcc on 2 cores, the float
 and the double kernels compiled at the same time: every specialisation is built for AVX-512, AVX2 and baseline
 x86-64). ``-O2`` with the vectoriser on (what ``-O3`` adds that these kernels use) and ``-ffp-contract=off``.
 Without a compiler :func:`load` returns ``None`` (and :func:`unavailable_reason` says why): ``fused=None`` falls
@@ -61,7 +61,7 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("csrc") / "camhd_fused.c"
 # note: -ffp-contract=off keeps a·b + c two roundings, as torch's kernels round them (no FMA contraction in the
 # AVX-512 clones), so a CAM-HD step that adapts nothing stays within a few ulps of torch.optim's
-_COMPILE_TIMEOUT_S = 600  # a loaded 2-core machine takes a few minutes; past this the foreach path is used
+_COMPILE_TIMEOUT_S = 900  # a loaded 2-core machine takes a few minutes; past this the foreach path is used
 # -O2 + the vectoriser: the kernels run as fast as with -O3, which takes twice as long to compile (about 2 min)
 _FLAGS = ["-O2", "-ftree-vectorize", "-fvect-cost-model=dynamic", "-std=gnu99", "-fPIC", "-shared",
           "-fno-math-errno", "-ffp-contract=off"]

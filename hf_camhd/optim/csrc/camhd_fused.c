@@ -15,7 +15,8 @@
  *
  * The kernels are written once in camhd_fused_impl.h and included for float (f32) and double (f64).
  * Sums accumulate in double, in an order fixed by the shapes alone (never by the thread count or timing): each
- * chunk is summed with CAMHD_LANES independent accumulators and the chunks' sums are added in chunk order;
+ * chunk is summed with CAMHD_LANES independent accumulators (short blocks in the element type, then double) and the
+ * chunks' sums are added in chunk order;
  * per-unit sums are computed whole, row by row. So results are bitwise reproducible on any number of threads
  * (built without OpenMP the chunks simply run in order). The element loops are always-inline bodies instantiated per flag
  * combination (branch-free, so they vectorise); `target_clones` adds AVX-512 and AVX2 builds picked at load time.
@@ -65,20 +66,20 @@ static camhd_chunk *camhd_chunks(int64_t nt, const int64_t *sizes, const int64_t
     return c;
 }
 
-/* Every flag combination of a pass-A loop as a switch case with constant flags (branch-free loops that vectorise):
- * norms, decoupled, amsgrad, L2, derived, offsets / norms, L2, first, momentum, derived, offsets. DRV: where the
- * previous direction comes from (see CAMHD_OLD_DIR in camhd_fused_impl.h); in the SGD codes it is stored as
- * 0 (stored), 1 (none: 0) or 2 (the heavy-ball buffer) and mapped back to 0 / 2 / 3. */
-#define ADAM_A_CASE(NORMS, DEC, AMS, L2, DRV, OFF)                                                   \
-    case (NORMS | DEC << 1 | AMS << 2 | L2 << 3 | DRV << 4 | OFF << 5):                            \
-        SFX(adam_a_loop)(p, g, dir, m, v, vmax, off, oc, olo, ohi, oa0, lo, hi, NORMS, DEC, AMS, L2, DRV, OFF, \
-                         dd, wd, w1, b2, w2, shift, sp, s);                                         \
+/* Every flag combination of a pass-A loop that the entry points select, as a switch case with constant flags
+ * (branch-free loops that vectorise): norms, amsgrad, L2, derived, offsets / norms, L2, first, momentum, derived,
+ * offsets. DRV: where the previous direction comes from (see CAMHD_OLD_DIR in camhd_fused_impl.h); in the SGD codes it
+ * is stored as 0 (stored), 1 (none: 0) or 2 (the heavy-ball buffer) and mapped back to 0 / 2 / 3. (Bit 1 of the Adam
+ * code is unused: AdamW's decoupled decay enters in pass B.) */
+#define ADAM_A_CASE(NORMS, AMS, L2, DRV, OFF)                                                        \
+    case (NORMS | AMS << 2 | L2 << 3 | DRV << 4 | OFF << 5):                                       \
+        SFX(adam_a_loop)(p, g, dir, m, v, vmax, off, oc, olo, ohi, oa0, lo, hi, NORMS, AMS, L2, DRV, OFF, wd, \
+                         w1, b2, w2, shift, sp, s);                                                 \
         break;
-#define ADAM_A_CASES_N(DEC, AMS, L2, DRV) ADAM_A_CASE(0, DEC, AMS, L2, DRV, 0)                        \
-    ADAM_A_CASE(1, DEC, AMS, L2, DRV, 0) ADAM_A_CASE(0, DEC, AMS, L2, DRV, 1) ADAM_A_CASE(1, DEC, AMS, L2, DRV, 1)
-#define ADAM_A_CASES_D(DRV) ADAM_A_CASES_N(0, 0, 0, DRV) ADAM_A_CASES_N(1, 0, 0, DRV)                 \
-    ADAM_A_CASES_N(0, 1, 0, DRV) ADAM_A_CASES_N(1, 1, 0, DRV) ADAM_A_CASES_N(0, 0, 1, DRV)              \
-    ADAM_A_CASES_N(1, 0, 1, DRV) ADAM_A_CASES_N(0, 1, 1, DRV) ADAM_A_CASES_N(1, 1, 1, DRV)
+#define ADAM_A_CASES_N(AMS, L2, DRV) ADAM_A_CASE(0, AMS, L2, DRV, 0)                                  \
+    ADAM_A_CASE(1, AMS, L2, DRV, 0) ADAM_A_CASE(0, AMS, L2, DRV, 1) ADAM_A_CASE(1, AMS, L2, DRV, 1)
+#define ADAM_A_CASES_D(DRV) ADAM_A_CASES_N(0, 0, DRV) ADAM_A_CASES_N(1, 0, DRV) ADAM_A_CASES_N(0, 1, DRV) \
+    ADAM_A_CASES_N(1, 1, DRV)
 #define ADAM_A_CASES ADAM_A_CASES_D(0) ADAM_A_CASES_D(1)
 #define SGD_A_CASE(NORMS, L2, FIRST, MOM, DRV, OFF)                                                  \
     case (NORMS | L2 << 1 | FIRST << 2 | MOM << 3 | DRV << 5 | OFF << 7):                          \
@@ -88,8 +89,9 @@ static camhd_chunk *camhd_chunks(int64_t nt, const int64_t *sizes, const int64_t
 #define SGD_A_CASES_N(L2, FIRST, MOM, DRV) SGD_A_CASE(0, L2, FIRST, MOM, DRV, 0)                      \
     SGD_A_CASE(1, L2, FIRST, MOM, DRV, 0) SGD_A_CASE(0, L2, FIRST, MOM, DRV, 1) SGD_A_CASE(1, L2, FIRST, MOM, DRV, 1)
 #define SGD_A_CASES_F(L2, MOM) SGD_A_CASES_N(L2, 0, MOM, 0) SGD_A_CASES_N(L2, 1, MOM, 0)
-/* the derived codes only with heavy ball (MOM 1): a zero direction (1) on its first step, the buffer (2) after */
-#define SGD_A_CASES SGD_A_CASES_F(0, 0) SGD_A_CASES_F(1, 0) SGD_A_CASES_F(0, 1) SGD_A_CASES_F(1, 1)       \
+/* plain SGD (MOM 0) has no buffer, so never a first step; the derived codes only with heavy ball (MOM 1): a zero
+ * direction (1) on its first step, the buffer (2) after */
+#define SGD_A_CASES SGD_A_CASES_N(0, 0, 0, 0) SGD_A_CASES_N(1, 0, 0, 0) SGD_A_CASES_F(0, 1) SGD_A_CASES_F(1, 1) \
     SGD_A_CASES_F(0, 2) SGD_A_CASES_F(1, 2) SGD_A_CASES_N(0, 1, 1, 1) SGD_A_CASES_N(1, 1, 1, 1)       \
     SGD_A_CASES_N(0, 0, 1, 2) SGD_A_CASES_N(1, 0, 1, 2)
 

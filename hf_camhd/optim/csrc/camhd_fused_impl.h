@@ -37,32 +37,47 @@ INLINE void SFX(alpha_off)(T *restrict off, T gi, T di, T hq, int64_t i, const i
  * ------------------------------------------------------------------------------------------------------ */
 
 /* the sums of element k (lane j): g*dir_old, off*g*dir_old (OFF, the offset before its update), and g*g,
- * dir_old*dir_old when NORMS; then (OFF) the offset's update (see alpha_off; for Adam's rebuilt quotient the
- * normalized rule takes the sign of m) */
+ * dir_old*dir_old when NORMS, each product rounded to T; then (OFF) the offset's update (see alpha_off; for Adam's
+ * rebuilt quotient the normalized rule takes the sign of m) */
 #define CAMHD_A_SUMS(k, j)                                                                                \
     T dq_ = CAMHD_OLD_DIR(k);                                                                            \
-    double gv_ = (double)g[k], dv_ = (double)dq_, h_ = gv_ * dv_;                                        \
+    T gq_ = g[k], h_ = gq_ * dq_;                                                                        \
     a[j] += h_;                                                                                          \
-    if (OFF) b[j] += (double)off[k] * h_;                                                                \
-    if (NORMS) { c[j] += gv_ * gv_; d[j] += dv_ * dv_; }                                                 \
-    if (OFF) SFX(alpha_off)(off, g[k], NORMS && DRV == 1 ? mq[k] : dq_, g[k] * dq_, k, NORMS ? 2 : 1, oc, olo, \
+    if (OFF) b[j] += off[k] * h_;                                                                        \
+    if (NORMS) { c[j] += gq_ * gq_; d[j] += dq_ * dq_; }                                                 \
+    if (OFF) SFX(alpha_off)(off, g[k], NORMS && DRV == 1 ? mq[k] : dq_, h_, k, NORMS ? 2 : 1, oc, olo,   \
                             ohi, oa0);
 
-/* pass A's loop over [lo, hi): BODY(k, j) on CAMHD_LANES interleaved partial sums a, b, c, d (lane j), then the
-   tail on lane 0, then the lanes added in lane order into s (the order is fixed by lo and hi alone) */
+/* pass A's loop over [lo, hi) in blocks of CAMHD_BLOCK * CAMHD_LANES elements: within a block BODY(k, j) adds into
+ * CAMHD_LANES interleaved partial sums a, b, c, d in T (lane j; the block's tail on lane 0), then the block's
+ * partials go into float64 lane sums; at the end the lanes are added in lane order into s. The order is fixed by
+ * lo and hi alone. (Partials in T: half the vector work of summing in float64 throughout, which on AVX2 made pass A
+ * with a parameter level compute-bound; a block of 32 terms per lane rounds each sum by at most ~2e-6 of its
+ * magnitude, below the float32 inputs' own rounding after a few steps.) */
+#define CAMHD_BLOCK 32
 #define CAMHD_A_LANES(BODY)                                                                              \
-    double a[CAMHD_LANES] = {0}, b[CAMHD_LANES] = {0}, c[CAMHD_LANES] = {0}, d[CAMHD_LANES] = {0};       \
+    double sa_[CAMHD_LANES] = {0}, sb_[CAMHD_LANES] = {0}, sc_[CAMHD_LANES] = {0}, sd_[CAMHD_LANES] = {0}; \
     int64_t i = lo, end = lo + (hi - lo) / CAMHD_LANES * CAMHD_LANES;                                    \
-    for (; i < end; i += CAMHD_LANES)                                                                    \
-        for (int j = 0; j < CAMHD_LANES; j++) BODY(i + j, j)                                             \
-    for (; i < hi; i++) BODY(i, 0)                                                                       \
+    while (i < hi) {                                                                                     \
+        T a[CAMHD_LANES] = {0}, b[CAMHD_LANES] = {0}, c[CAMHD_LANES] = {0}, d[CAMHD_LANES] = {0};        \
+        if (i < end) {                                                                                   \
+            int64_t bend = end - i > CAMHD_LANES * CAMHD_BLOCK ? i + CAMHD_LANES * CAMHD_BLOCK : end;    \
+            for (; i < bend; i += CAMHD_LANES)                                                           \
+                for (int j = 0; j < CAMHD_LANES; j++) BODY(i + j, j)                                     \
+        } else {                                                                                         \
+            for (; i < hi; i++) BODY(i, 0)                                                               \
+        }                                                                                                \
+        for (int j = 0; j < CAMHD_LANES; j++) {                                                          \
+            sa_[j] += (double)a[j]; sb_[j] += (double)b[j]; sc_[j] += (double)c[j]; sd_[j] += (double)d[j];  \
+        }                                                                                                \
+    }                                                                                                    \
     s[0] = s[1] = s[2] = s[3] = 0.0;                                                                     \
-    for (int j = 0; j < CAMHD_LANES; j++) { s[0] += a[j]; s[1] += b[j]; s[2] += c[j]; s[3] += d[j]; }
+    for (int j = 0; j < CAMHD_LANES; j++) { s[0] += sa_[j]; s[1] += sb_[j]; s[2] += sc_[j]; s[3] += sd_[j]; }
 
 #define CAMHD_ADAM_A_BODY(k, j)                                                                           \
     {                                                                                                    \
         CAMHD_A_SUMS(k, j)                                                                               \
-        T gi = g[k], th = (DEC || L2) ? p[k] : (T)0;                                                     \
+        T gi = g[k], th = L2 ? p[k] : (T)0;                                                              \
         T gg = L2 ? gi + wd * th : gi;                                                                   \
         T mi = m[k] + w1 * (gg - m[k]);                                                                  \
         T vi = b2 * v[k] + w2 * gg * gg;                                                                 \
@@ -74,7 +89,7 @@ INLINE void SFX(alpha_off)(T *restrict off, T gi, T di, T hq, int64_t i, const i
             vmax[k] = vi;                                                                                \
         }                                                                                                \
         T q = mi / (SQRT(vi) + shift);                                                                   \
-        if (DRV == 0) dir[k] = DEC ? q + dd * th : q;                                                    \
+        if (DRV == 0) dir[k] = q;                                                                        \
     }
 
 /* the offsets' arguments of pass A: off, the coefficient oc, the bounds olo, ohi and a0 = alpha_0 */
@@ -83,15 +98,14 @@ INLINE void SFX(alpha_off)(T *restrict off, T gi, T di, T hq, int64_t i, const i
 /* pass A for Adam / AdamW over [lo, hi): s = [sum g*dir_old, sum off*g*dir_old (OFF), sum g*g, sum dir_old^2 (NORMS)] */
 INLINE void SFX(adam_a_loop)(const T *restrict p, const T *restrict g, T *restrict dir, T *restrict m,
                              T *restrict v, T *restrict vmax, CAMHD_OFF_PARAMS, int64_t lo, int64_t hi,
-                             const int NORMS, const int DEC, const int AMS, const int L2, const int DRV, const int OFF,
-                             T dd, T wd, T w1, T b2, T w2, T shift, T sp, double *s) {
+                             const int NORMS, const int AMS, const int L2, const int DRV, const int OFF, T wd, T w1, T b2, T w2, T shift, T sp, double *s) {
     const T *mq = m, *vq = AMS ? vmax : v, *buf = 0;
     (void)buf;
     CAMHD_A_LANES(CAMHD_ADAM_A_BODY)
 }
 
 INLINE void SFX(adam_a_range)(const T *p, const T *g, T *dir, T *m, T *v, T *vmax, CAMHD_OFF_PARAMS, int64_t lo,
-                              int64_t hi, int code, T dd, T wd, T w1, T b2, T w2, T shift, T sp, double *s) {
+                              int64_t hi, int code, T wd, T w1, T b2, T w2, T shift, T sp, double *s) {
     switch (code) { ADAM_A_CASES }
 }
 
@@ -217,7 +231,7 @@ CAMHD_CLONES int SFX(camhd_adam_a_many)(int64_t nt, const int64_t *sizes, const 
     int code = (norms != 0) | (vmax != 0) << 2 | (wd != 0.0) << 3;
     CAMHD_RUN_SUMS_MANY(SFX(adam_a_range)(p[t], g[t], dir ? dir[t] : 0, m[t], v[t], vmax ? vmax[t] : 0,
                                           CAMHD_OFF_AT(t), lo, hi,
-                                          code | (dir && dir[t] ? 0 : 1) << 4 | CAMHD_HAS_OFF(t) << 5, 0, wd, w1, b2,
+                                          code | (dir && dir[t] ? 0 : 1) << 4 | CAMHD_HAS_OFF(t) << 5, wd, w1, b2,
                                           w2, (T)shift[t], (T)(prev_shift ? prev_shift[t] : 1.0), s))
 }
 
@@ -233,7 +247,7 @@ CAMHD_CLONES int SFX(camhd_sgd_a_many)(int64_t nt, const int64_t *sizes, const i
     int code = (norms != 0) | (wd != 0.0) << 1 | MOM << 3;
     T dm = (T)(1.0 - damp);
     CAMHD_RUN_SUMS_MANY(SFX(sgd_a_range)(p[t], g[t], dir ? dir[t] : 0, buf ? buf[t] : 0, CAMHD_OFF_AT(t), lo, hi,
-                                         code | (first && first[t]) << 2 |
+                                         code | (MOM && first && first[t]) << 2 |
                                              (dir && dir[t] ? 0 : (first && first[t]) || MOM != 1 ? 1 : 2) << 5 |
                                              CAMHD_HAS_OFF(t) << 7,
                                          wd, mu, dm, s))
