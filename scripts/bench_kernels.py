@@ -11,6 +11,7 @@ memory-bound: only fewer passes make it faster.
     python scripts/bench_kernels.py                         # 40 tensors of 2.75 M elements (BERT-base size)
     python scripts/bench_kernels.py --tensors 62 --numel 190000   # ResNet-18 size
     python scripts/bench_kernels.py --overhead      # the step's cost outside the kernels (ResNet-18's tensors)
+    python scripts/bench_kernels.py --threads 1     # one thread: where a pass's arithmetic, not memory, limits it
 
 ``--overhead`` times whole steps of CAMHDAdam (global+layer) and torch's fused Adam on the 62 tensors of a timm
 ResNet-18 shrunk to 8 elements each, so that what remains is each step's fixed cost (Python, tiny hyper-update
@@ -65,7 +66,13 @@ def main(argv=None) -> None:
     ap.add_argument("--numel", type=int, default=2_750_000)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--overhead", action="store_true", help="time whole steps on tiny tensors instead (see above)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (the kernels share its OpenMP "
+                    "runtime); default: torch's")
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads {args.threads}: give a positive number of threads")
+        torch.set_num_threads(args.threads)
     if _fused.load() is None:
         raise SystemExit(f"the fused kernels are unavailable: {_fused.unavailable_reason()}")
     if args.overhead:

@@ -320,6 +320,17 @@ def test_bench_kernels_script_times_every_pass(capsys, monkeypatch):
         "torch sum (1 read)", "pass A, Adam, global+layer", "pass B, Adam", "pass A, Adam, +parameter",
         "pass B, Adam, +parameter"]
     assert all(float(r.split(" | ")[-1].rstrip(" |")) > 0 for r in rows)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--tensors", "2", "--numel", "100", "--rounds", "1",
+                                      "--threads", "1"])
+    try:
+        runpy.run_path("scripts/bench_kernels.py", run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    assert ", 1 threads, 2 float32 tensors of 100 elements" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--threads", "0"])
+    with pytest.raises(SystemExit, match="--threads 0: give a positive number"):
+        runpy.run_path("scripts/bench_kernels.py", run_name="__main__")
     monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--overhead"])
     runpy.run_path("scripts/bench_kernels.py", run_name="__main__")
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and " ms " not in line]
