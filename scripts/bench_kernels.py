@@ -11,7 +11,7 @@ memory-bound: only fewer passes make it faster.
     python scripts/bench_kernels.py                         # 40 tensors of 2.75 M elements (BERT-base size)
     python scripts/bench_kernels.py --tensors 62 --numel 190000   # ResNet-18 size
     python scripts/bench_kernels.py --overhead      # the step's cost outside the kernels (ResNet-18's tensors)
-    python scripts/bench_kernels.py --threads 1     # one thread: where a pass's arithmetic, not memory, limits it
+    python scripts/bench_kernels.py --threads 1     # every pass on one thread (torch.set_num_threads)
 
 ``--overhead`` times whole steps of CAMHDAdam (global+layer) and torch's fused Adam on the 62 tensors of a timm
 ResNet-18 shrunk to 8 elements each, so that what remains is each step's fixed cost (Python, tiny hyper-update
