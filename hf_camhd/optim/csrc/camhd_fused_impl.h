@@ -51,9 +51,9 @@ INLINE void SFX(alpha_off)(T *restrict off, T gi, T di, T hq, int64_t i, const i
 /* pass A's loop over [lo, hi) in blocks of CAMHD_BLOCK * CAMHD_LANES elements: within a block BODY(k, j) adds into
  * CAMHD_LANES interleaved partial sums a, b, c, d in T (lane j; the block's tail on lane 0), then the block's
  * partials go into float64 lane sums; at the end the lanes are added in lane order into s. The order is fixed by
- * lo and hi alone. (Partials in T: half the vector work of summing in float64 throughout, which on AVX2 made pass A
- * with a parameter level compute-bound; a block of 32 terms per lane rounds each sum by at most ~2e-6 of its
- * magnitude, below the float32 inputs' own rounding after a few steps.) */
+ * lo and hi alone. (Partials in T: half the vector work of summing in float64 throughout, which kept pass A with a
+ * parameter level below the other passes' GB/s on AVX2; in float32 a block's partial of 32 terms per lane is off by
+ * at most ~31 * 2^-24, about 2e-6, of the sum of its terms' magnitudes.) */
 #define CAMHD_BLOCK 32
 #define CAMHD_A_LANES(BODY)                                                                              \
     double sa_[CAMHD_LANES] = {0}, sb_[CAMHD_LANES] = {0}, sc_[CAMHD_LANES] = {0}, sd_[CAMHD_LANES] = {0}; \
@@ -98,7 +98,8 @@ INLINE void SFX(alpha_off)(T *restrict off, T gi, T di, T hq, int64_t i, const i
 /* pass A for Adam / AdamW over [lo, hi): s = [sum g*dir_old, sum off*g*dir_old (OFF), sum g*g, sum dir_old^2 (NORMS)] */
 INLINE void SFX(adam_a_loop)(const T *restrict p, const T *restrict g, T *restrict dir, T *restrict m,
                              T *restrict v, T *restrict vmax, CAMHD_OFF_PARAMS, int64_t lo, int64_t hi,
-                             const int NORMS, const int AMS, const int L2, const int DRV, const int OFF, T wd, T w1, T b2, T w2, T shift, T sp, double *s) {
+                             const int NORMS, const int AMS, const int L2, const int DRV, const int OFF, T wd,
+                             T w1, T b2, T w2, T shift, T sp, double *s) {
     const T *mq = m, *vq = AMS ? vmax : v, *buf = 0;
     (void)buf;
     CAMHD_A_LANES(CAMHD_ADAM_A_BODY)
